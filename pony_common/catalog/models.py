@@ -1,0 +1,275 @@
+"""SQLAlchemy 2 models of the catalog. Every produced value records the model and version that produced it."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+TS = DateTime(timezone=True)
+IMAGE_FK = "images.id"
+
+
+class ImageRow(Base):
+    """An image, keyed by the sha256 of its bytes; a re-ingest of the same bytes finds this row."""
+
+    __tablename__ = "images"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    blob_key: Mapped[str] = mapped_column(String(255))
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    format: Mapped[str | None] = mapped_column(String(16))
+    source_uri: Mapped[str | None] = mapped_column(Text)
+    source_site: Mapped[str | None] = mapped_column(String(64))
+    artist: Mapped[str | None] = mapped_column(String(255), index=True)
+    category: Mapped[str] = mapped_column(String(32), default="other", index=True)
+    tags: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    characters: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    phash: Mapped[str | None] = mapped_column(String(32))
+    dup_group: Mapped[str | None] = mapped_column(String(64), index=True)
+    is_duplicate: Mapped[bool] = mapped_column(Boolean, default=False)
+    # ingested -> processing -> done | failed
+    status: Mapped[str] = mapped_column(String(16), default="ingested", index=True)
+    error: Mapped[str | None] = mapped_column(Text)
+    ingested_at: Mapped[dt.datetime] = mapped_column(TS, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(TS, default=utcnow, onupdate=utcnow)
+
+
+class CaptionRow(Base):
+    __tablename__ = "captions"
+    __table_args__ = (UniqueConstraint("image_id", "kind", name="uq_captions_image_kind"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    image_id: Mapped[str] = mapped_column(ForeignKey(IMAGE_FK, ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    text: Mapped[str] = mapped_column(Text)
+    model: Mapped[str] = mapped_column(String(255))
+    model_version: Mapped[str] = mapped_column(String(64))
+    template_version: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(TS, default=utcnow)
+
+
+class AestheticScoreRow(Base):
+    __tablename__ = "aesthetic_scores"
+    image_id: Mapped[str] = mapped_column(ForeignKey(IMAGE_FK, ondelete="CASCADE"), primary_key=True)
+    raw: Mapped[float] = mapped_column(Float)
+    score: Mapped[float] = mapped_column(Float, index=True)
+    score_tag: Mapped[str] = mapped_column(String(16))
+    model: Mapped[str] = mapped_column(String(255))
+    model_version: Mapped[str] = mapped_column(String(64))
+    head_version: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(TS, default=utcnow)
+
+
+class EmbeddingRow(Base):
+    """A stored embedding (float32 little-endian bytes); kind is `clip` (scorer) or `style`."""
+
+    __tablename__ = "embeddings"
+    image_id: Mapped[str] = mapped_column(ForeignKey(IMAGE_FK, ondelete="CASCADE"), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    dim: Mapped[int] = mapped_column(Integer)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+    model: Mapped[str] = mapped_column(String(255))
+    model_version: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(TS, default=utcnow)
+
+
+class AestheticHeadRow(Base):
+    __tablename__ = "aesthetic_heads"
+    version: Mapped[str] = mapped_column(String(64), primary_key=True)
+    path: Mapped[str] = mapped_column(Text)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    active: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(TS, default=utcnow)
+
+
+class ComparisonRow(Base):
+    """One human preference judgement; (rater, image_a, image_b) with image_a < image_b is unique."""
+
+    __tablename__ = "comparisons"
+    __table_args__ = (UniqueConstraint("rater", "image_a", "image_b", name="uq_comparisons_rater_pair"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    rater: Mapped[str] = mapped_column(String(128), index=True)
+    image_a: Mapped[str] = mapped_column(ForeignKey(IMAGE_FK, ondelete="CASCADE"))
+    image_b: Mapped[str] = mapped_column(ForeignKey(IMAGE_FK, ondelete="CASCADE"))
+    # "a", "b" or "tie"
+    outcome: Mapped[str] = mapped_column(String(8))
+    created_at: Mapped[dt.datetime] = mapped_column(TS, default=utcnow)
+
+
+class EloRatingRow(Base):
+    __tablename__ = "elo_ratings"
+    image_id: Mapped[str] = mapped_column(ForeignKey(IMAGE_FK, ondelete="CASCADE"), primary_key=True)
+    rating: Mapped[float] = mapped_column(Float, default=1500.0, index=True)
+    games: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class StyleClusterSetRow(Base):
+    __tablename__ = "style_cluster_sets"
+    version: Mapped[str] = mapped_column(String(64), primary_key=True)
+    k: Mapped[int] = mapped_column(Integer)
+    per_family: Mapped[bool] = mapped_column(Boolean, default=False)
+    dim: Mapped[int] = mapped_column(Integer)
+    # float32 centroids, row-major (clusters x dim)
+    centroids: Mapped[bytes] = mapped_column(LargeBinary)
+    # per cluster: id, tag, family, size, top_artist, share, status, reason
+    clusters: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    model: Mapped[str] = mapped_column(String(255), default="")
+    model_version: Mapped[str] = mapped_column(String(64), default="")
+    active: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(TS, default=utcnow)
+
+
+class StyleAssignmentRow(Base):
+    __tablename__ = "style_assignments"
+    image_id: Mapped[str] = mapped_column(ForeignKey(IMAGE_FK, ondelete="CASCADE"), primary_key=True)
+    cluster_set_version: Mapped[str] = mapped_column(String(64), primary_key=True)
+    cluster_id: Mapped[int] = mapped_column(Integer, index=True)
+    tag: Mapped[str] = mapped_column(String(64))
+    distance: Mapped[float] = mapped_column(Float)
+    palette_tags: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    created_at: Mapped[dt.datetime] = mapped_column(TS, default=utcnow)
+
+
+class SafetyDecisionRow(Base):
+    __tablename__ = "safety_decisions"
+    image_id: Mapped[str] = mapped_column(ForeignKey(IMAGE_FK, ondelete="CASCADE"), primary_key=True)
+    rating: Mapped[str] = mapped_column(String(16), index=True)
+    decision: Mapped[str] = mapped_column(String(8), index=True)
+    reasons: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    flags: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    unknown_characters: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    codex_version: Mapped[int] = mapped_column(Integer, default=0)
+    model: Mapped[str] = mapped_column(String(255))
+    model_version: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(TS, default=utcnow)
+
+
+class CodexVersionRow(Base):
+    __tablename__ = "codex_versions"
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    note: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[dt.datetime] = mapped_column(TS, default=utcnow)
+
+
+class CodexCharacterRow(Base):
+    """A character in the codex; `key` is the normalised name (lower case, single spaces, underscores as spaces)."""
+
+    __tablename__ = "codex_characters"
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    name: Mapped[str] = mapped_column(String(255))
+    aliases: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    franchise: Mapped[str] = mapped_column(String(255), default="")
+    # adult | minor | ambiguous
+    age_class: Mapped[str] = mapped_column(String(16))
+    real_person: Mapped[bool] = mapped_column(Boolean, default=False)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+
+
+class StageRow(Base):
+    """The idempotency ledger of the curation workflow: one row per (image, stage)."""
+
+    __tablename__ = "stages"
+    image_id: Mapped[str] = mapped_column(ForeignKey(IMAGE_FK, ondelete="CASCADE"), primary_key=True)
+    stage: Mapped[str] = mapped_column(String(16), primary_key=True)
+    # pending | running | done | failed
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    writes: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[dt.datetime | None] = mapped_column(TS)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(TS)
+
+
+class SelectionRow(Base):
+    __tablename__ = "selections"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    image_id: Mapped[str] = mapped_column(ForeignKey(IMAGE_FK, ondelete="CASCADE"), primary_key=True)
+    rank: Mapped[int] = mapped_column(Integer)
+    category: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[dt.datetime] = mapped_column(TS, default=utcnow)
+
+
+class TrainingRunRow(Base):
+    __tablename__ = "training_runs"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    executor: Mapped[str] = mapped_column(String(16))
+    # Pending | Running | Succeeded | Failed | Cancelled
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    namespace: Mapped[str] = mapped_column(String(64), default="")
+    job_name: Mapped[str] = mapped_column(String(128), default="")
+    step: Mapped[int] = mapped_column(Integer, default=0)
+    last_loss: Mapped[float | None] = mapped_column(Float)
+    checkpoint_uri: Mapped[str] = mapped_column(Text, default="")
+    model_version: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[dt.datetime] = mapped_column(TS, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(TS, default=utcnow, onupdate=utcnow)
+
+
+class RunEventRow(Base):
+    __tablename__ = "run_events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("training_runs.id", ondelete="CASCADE"), index=True)
+    # state | loss | log
+    kind: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), default="")
+    step: Mapped[int] = mapped_column(Integer, default=0)
+    loss: Mapped[float | None] = mapped_column(Float)
+    message: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[dt.datetime] = mapped_column(TS, default=utcnow)
+
+
+class ModelVersionRow(Base):
+    """A published model version (e.g. `pony_v7` version 3) and where its weights are."""
+
+    __tablename__ = "model_versions"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    uri: Mapped[str] = mapped_column(Text)
+    source_run_id: Mapped[str] = mapped_column(String(64), default="")
+    active: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(TS, default=utcnow)
+
+
+class GenerationJobRow(Base):
+    __tablename__ = "generation_jobs"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # queued | running | succeeded | failed | cancelled | blocked
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    priority: Mapped[int] = mapped_column(Integer, default=5)
+    request: Mapped[dict[str, Any]] = mapped_column(JSON)
+    result: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    error: Mapped[str] = mapped_column(Text, default="")
+    progress_step: Mapped[int] = mapped_column(Integer, default=0)
+    progress_total: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[dt.datetime] = mapped_column(TS, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(TS, default=utcnow, onupdate=utcnow)
+
+
+Index("ix_comparisons_pair", ComparisonRow.image_a, ComparisonRow.image_b)

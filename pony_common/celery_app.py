@@ -1,0 +1,137 @@
+"""The one Celery app: the table of queues, broker settings from config, and the house task decorator."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+from celery import Celery, Task
+from kombu import Queue
+
+from pony_common.config import Settings
+from pony_common.errors import DependencyUnavailable
+
+log = logging.getLogger(__name__)
+
+# One queue per step; workers are scaled per queue (KEDA on queue length in the cluster).
+QUEUES: dict[str, str] = {
+    "caption": "captioner gRPC calls",
+    "score": "scorer gRPC calls",
+    "style": "style-tagger gRPC calls",
+    "safety": "safety gRPC calls",
+    "persist": "catalog writes that join the parallel steps",
+    "generate": "asynchronous text-to-image jobs for app backends",
+    "train": "training run submission and tracking",
+    "default": "anything else",
+}
+
+# Modules whose tasks every worker registers. A module that defines tasks adds itself here.
+TASK_MODULES: list[str] = [
+    "pony_common.workflows.tasks",
+]
+
+app = Celery("pony")
+_routes: dict[str, dict[str, str]] = {}
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class RetryableRpcError(DependencyUnavailable):
+    """A gRPC call failed with a status worth retrying (UNAVAILABLE, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED)."""
+
+
+RETRYABLE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+
+def is_retryable(exc: BaseException) -> bool:
+    if isinstance(exc, DependencyUnavailable):
+        return True
+    return isinstance(exc, grpc.RpcError) and exc.code() in RETRYABLE_CODES  # type: ignore[attr-defined]
+
+
+class PonyTask(Task):
+    """Base task: retries with exponential backoff on a dependency being down; everything else fails."""
+
+    abstract = True
+    max_retries = 8
+    retry_backoff_s = 1.0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except Exception as exc:
+            if not is_retryable(exc) or self.request.called_directly:
+                raise
+            retries = self.request.retries
+            countdown = min(60.0, self.retry_backoff_s * (2**retries))
+            log.warning(
+                "retrying task",
+                extra={"task": self.name, "retries": retries, "countdown": countdown, "error": str(exc)},
+            )
+            raise self.retry(exc=exc, countdown=countdown, max_retries=self.max_retries) from exc
+
+
+def pony_task(name: str, queue: str, *, idempotent: bool = True, **options: Any) -> Callable[[F], F]:
+    """Registers a task with an explicit name on its queue. Idempotent tasks are acks_late and are
+    redelivered when their worker dies; only mark a task idempotent when a re-run is harmless."""
+    if queue not in QUEUES:
+        raise ValueError(f"unknown queue {queue!r}; add it to QUEUES")
+    _routes[name] = {"queue": queue}
+
+    def decorate(fn: F) -> F:
+        return app.task(
+            name=name,
+            base=PonyTask,
+            bind=options.pop("bind", True),
+            acks_late=idempotent,
+            reject_on_worker_lost=idempotent,
+            **options,
+        )(fn)
+
+    return decorate
+
+
+def configure_app(settings: Settings) -> Celery:
+    """Points the app at the configured broker and result backend. Call once per process."""
+    transport_options: dict[str, Any] = {}
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        # Unacked messages of a dead worker come back after this long.
+        transport_options["visibility_timeout"] = float(settings.extra.get("PONY_BROKER_VISIBILITY_TIMEOUT_S", 300))
+    app.conf.update(
+        broker_url=settings.broker_url,
+        result_backend=settings.result_backend,
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        task_queues=[Queue(q, routing_key=q) for q in QUEUES],
+        task_default_queue="default",
+        task_routes=_routes,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        task_acks_late=False,
+        task_acks_on_failure_or_timeout=True,
+        task_reject_on_worker_lost=False,
+        worker_prefetch_multiplier=1,
+        worker_concurrency=settings.worker_concurrency,
+        worker_hijack_root_logger=False,
+        result_extended=True,
+        task_track_started=True,
+        include=list(TASK_MODULES),
+        task_queue_max_priority=10,
+        task_default_priority=5,
+    )
+    app.conf.pony_settings = settings
+    PonyTask.max_retries = settings.task_max_retries
+    PonyTask.retry_backoff_s = settings.task_retry_backoff_s
+    return app
+
+
+def current_settings() -> Settings:
+    """The settings the worker was configured with (tasks read them here, not from the environment)."""
+    settings = app.conf.get("pony_settings")
+    if settings is None:
+        settings = Settings.from_env()
+        configure_app(settings)
+    return settings

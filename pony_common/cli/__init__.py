@@ -1,0 +1,1 @@
+"""`ponyctl`: the command line of the platform."""

@@ -1,0 +1,1 @@
+"""gRPC transport shared by every service: server bootstrap, interceptors, client channels."""

@@ -1,0 +1,141 @@
+"""Client channels to our services: deadlines, retries on UNAVAILABLE, bearer token, TLS, message limits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from pony_common.config import Settings
+
+
+def _service_config(settings: Settings) -> str:
+    return json.dumps(
+        {
+            "methodConfig": [
+                {
+                    "name": [{}],
+                    "timeout": f"{settings.rpc_timeout_s:.3f}s",
+                    "retryPolicy": {
+                        "maxAttempts": max(2, min(settings.rpc_retries, 5)),
+                        "initialBackoff": "0.2s",
+                        "maxBackoff": "5s",
+                        "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"],
+                    },
+                }
+            ]
+        }
+    )
+
+
+def _options(settings: Settings) -> list[tuple[str, Any]]:
+    limit = settings.max_message_mb * 1024 * 1024
+    return [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", _service_config(settings)),
+    ]
+
+
+def _credentials(settings: Settings) -> grpc.ChannelCredentials | None:
+    if not settings.tls_ca:
+        return None
+    return grpc.ssl_channel_credentials(root_certificates=Path(settings.tls_ca).read_bytes())
+
+
+class _Auth(grpc.AuthMetadataPlugin):
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    def __call__(self, context: grpc.AuthMetadataContext, callback: grpc.AuthMetadataPluginCallback) -> None:
+        callback((("authorization", f"Bearer {self.token}"),), None)
+
+
+class _TokenInterceptor(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds the bearer token on plaintext channels (call credentials need TLS)."""
+
+    def __init__(self, token: str) -> None:
+        self.pair = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        meta = [*(details.metadata or ()), self.pair]
+        return details._replace(metadata=meta) if hasattr(details, "_replace") else _Details(details, meta)
+
+    def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        return continuation(self._details(details), request)
+
+    intercept_unary_stream = intercept_unary_unary
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):  # type: ignore[no-untyped-def]
+        return continuation(self._details(details), request_iterator)
+
+    intercept_stream_stream = intercept_stream_unary
+
+
+class _Details(grpc.ClientCallDetails):
+    def __init__(self, base: grpc.ClientCallDetails, metadata: list[tuple[str, str]]) -> None:
+        self.method = base.method
+        self.timeout = base.timeout
+        self.metadata = metadata
+        self.credentials = base.credentials
+        self.wait_for_ready = getattr(base, "wait_for_ready", None)
+        self.compression = getattr(base, "compression", None)
+
+
+def channel(settings: Settings, target: str) -> grpc.Channel:
+    """A blocking channel to `target` (host:port) or to a service name (`scorer`, `style-tagger`, …)."""
+    address = _address(settings, target)
+    creds = _credentials(settings)
+    if creds is not None:
+        if settings.auth_token:
+            creds = grpc.composite_channel_credentials(
+                creds, grpc.metadata_call_credentials(_Auth(settings.auth_token))
+            )
+        return grpc.secure_channel(address, creds, options=_options(settings))
+    ch = grpc.insecure_channel(address, options=_options(settings))
+    if settings.auth_token:
+        ch = grpc.intercept_channel(ch, _TokenInterceptor(settings.auth_token))
+    return ch
+
+
+class _AioToken(aio.UnaryUnaryClientInterceptor, aio.UnaryStreamClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self.pair = ("authorization", f"Bearer {token}")
+
+    async def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        meta = aio.Metadata(*(details.metadata or ()), self.pair)
+        return await continuation(details._replace(metadata=meta), request)
+
+    async def intercept_unary_stream(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        meta = aio.Metadata(*(details.metadata or ()), self.pair)
+        return await continuation(details._replace(metadata=meta), request)
+
+
+def aio_channel(settings: Settings, target: str) -> aio.Channel:
+    """An asyncio channel, configured like `channel`."""
+    address = _address(settings, target)
+    creds = _credentials(settings)
+    interceptors = [_AioToken(settings.auth_token)] if settings.auth_token and creds is None else None
+    if creds is not None:
+        if settings.auth_token:
+            creds = grpc.composite_channel_credentials(
+                creds, grpc.metadata_call_credentials(_Auth(settings.auth_token))
+            )
+        return aio.secure_channel(address, creds, options=_options(settings), interceptors=interceptors)
+    return aio.insecure_channel(address, options=_options(settings), interceptors=interceptors)
+
+
+def _address(settings: Settings, target: str) -> str:
+    if ":" in target:
+        return target
+    return settings.addr(target)

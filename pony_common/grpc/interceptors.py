@@ -1,0 +1,194 @@
+"""Server interceptors: request id and structured logs, bearer auth, metrics, domain error -> status code."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import inspect
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from pony_common import errors
+from pony_common.logs import new_request_id, request_id_var
+from pony_common.metrics import RPC_IN_FLIGHT, RPC_LATENCY
+
+log = logging.getLogger(__name__)
+
+# Health and reflection stay open without a token: Kubernetes probes and grpcurl send none.
+OPEN_SERVICES = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
+
+STATUS_OF: list[tuple[type[BaseException], grpc.StatusCode]] = [
+    (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.DependencyUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (errors.Cancelled, grpc.StatusCode.CANCELLED),
+]
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and the caller-safe message for an exception; unknown errors hide their internals."""
+    for kind, code in STATUS_OF:
+        if isinstance(exc, kind):
+            return code, str(exc)
+    return grpc.StatusCode.INTERNAL, "internal error (see server logs with the request id)"
+
+
+def _metadata(details: grpc.HandlerCallDetails) -> dict[str, str]:
+    return {k.lower(): v for k, v in (details.invocation_metadata or ()) if isinstance(v, str)}
+
+
+class ServerInterceptor(aio.ServerInterceptor):
+    """One interceptor for the cross-cutting concerns, so their order is explicit and fixed."""
+
+    def __init__(self, service: str, auth_token: str = "") -> None:
+        self.service = service
+        self.auth_token = auth_token
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Any], details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method = details.method
+        meta = _metadata(details)
+        is_open = method.startswith(OPEN_SERVICES)
+        rid = meta.get("x-request-id") or new_request_id()
+        denied = None
+        if self.auth_token and not is_open:
+            supplied = meta.get("authorization", "")
+            if not supplied.lower().startswith("bearer "):
+                denied = "missing bearer token"
+            elif not hmac.compare_digest(supplied[7:].strip().encode(), self.auth_token.encode()):
+                denied = "invalid bearer token"
+        return _wrap(handler, self.service, method, rid, denied, quiet=is_open)
+
+
+def _wrap(
+    handler: grpc.RpcMethodHandler, service: str, method: str, rid: str, denied: str | None, quiet: bool
+) -> grpc.RpcMethodHandler:
+    short = method.rsplit("/", 1)[-1]
+
+    async def begin(context: aio.ServicerContext) -> float:
+        request_id_var.set(rid)
+        await context.send_initial_metadata((("x-request-id", rid),))
+        if denied:
+            RPC_LATENCY.labels(service, short, "UNAUTHENTICATED").observe(0.0)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, denied)
+        RPC_IN_FLIGHT.labels(service, short).inc()
+        return time.perf_counter()
+
+    async def fail(context: aio.ServicerContext, exc: BaseException) -> None:
+        code, message = status_for(exc)
+        if code is grpc.StatusCode.INTERNAL:
+            log.exception("rpc failed", extra={"method": method})
+        else:
+            log.info("rpc error", extra={"method": method, "code": code.name, "error": message})
+        context.set_code(code)
+        context.set_details(message)
+
+    def finish(context: aio.ServicerContext, started: float) -> None:
+        RPC_IN_FLIGHT.labels(service, short).dec()
+        code = context.code() or grpc.StatusCode.OK
+        if isinstance(code, int):
+            code = grpc.StatusCode.OK if code == 0 else grpc.StatusCode.UNKNOWN
+        elapsed = time.perf_counter() - started
+        RPC_LATENCY.labels(service, short, code.name).observe(elapsed)
+        if not quiet:
+            log.info("rpc", extra={"method": method, "code": code.name, "ms": round(elapsed * 1000, 2)})
+
+    def guard(exc: BaseException) -> bool:
+        # aio.AbortError is how context.abort() unwinds; it must pass through untouched.
+        return not isinstance(exc, (aio.AbortError, KeyboardInterrupt, SystemExit)) and not _is_cancel(exc)
+
+    if handler.unary_unary:
+        inner_uu = handler.unary_unary
+
+        async def unary_unary(request: Any, context: aio.ServicerContext) -> Any:
+            started = await begin(context)
+            try:
+                return await _maybe_await(inner_uu(request, context))
+            except BaseException as exc:
+                if not guard(exc):
+                    raise
+                await fail(context, exc)
+                return None
+            finally:
+                finish(context, started)
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary_unary, handler.request_deserializer, handler.response_serializer
+        )
+    if handler.unary_stream:
+        inner_us = handler.unary_stream
+
+        async def unary_stream(request: Any, context: aio.ServicerContext) -> Any:
+            started = await begin(context)
+            try:
+                async for item in inner_us(request, context):
+                    yield item
+            except BaseException as exc:
+                if not guard(exc):
+                    raise
+                await fail(context, exc)
+            finally:
+                finish(context, started)
+
+        return grpc.unary_stream_rpc_method_handler(
+            unary_stream, handler.request_deserializer, handler.response_serializer
+        )
+    if handler.stream_unary:
+        inner_su = handler.stream_unary
+
+        async def stream_unary(request_iter: Any, context: aio.ServicerContext) -> Any:
+            started = await begin(context)
+            try:
+                return await _maybe_await(inner_su(request_iter, context))
+            except BaseException as exc:
+                if not guard(exc):
+                    raise
+                await fail(context, exc)
+                return None
+            finally:
+                finish(context, started)
+
+        return grpc.stream_unary_rpc_method_handler(
+            stream_unary, handler.request_deserializer, handler.response_serializer
+        )
+    inner_ss = handler.stream_stream
+
+    async def stream_stream(request_iter: Any, context: aio.ServicerContext) -> Any:
+        started = await begin(context)
+        try:
+            async for item in inner_ss(request_iter, context):
+                yield item
+        except BaseException as exc:
+            if not guard(exc):
+                raise
+            await fail(context, exc)
+        finally:
+            finish(context, started)
+
+    return grpc.stream_stream_rpc_method_handler(
+        stream_stream, handler.request_deserializer, handler.response_serializer
+    )
+
+
+def _is_cancel(exc: BaseException) -> bool:
+    return isinstance(exc, asyncio.CancelledError)
+
+
+async def _maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value

@@ -1,0 +1,39 @@
+"""Prometheus metrics every process exports: RPC latency and counts, in-flight calls, batches, models, failures."""
+
+from __future__ import annotations
+
+import logging
+
+from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
+
+log = logging.getLogger(__name__)
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+RPC_LATENCY = Histogram(
+    "pony_rpc_latency_seconds",
+    "gRPC server call latency",
+    ("service", "method", "code"),
+    buckets=_LATENCY_BUCKETS,
+)
+RPC_IN_FLIGHT = Gauge("pony_rpc_in_flight", "gRPC calls being served", ("service", "method"))
+BATCH_SIZE = Histogram(
+    "pony_batch_size",
+    "items per model batch",
+    ("service", "stage"),
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+MODEL_LOAD_SECONDS = Gauge("pony_model_load_seconds", "time the last model load took", ("service", "model"))
+MODEL_INFO = Info("pony_model", "the model and version a service runs", ("service",))
+ITEM_FAILURES = Counter("pony_item_failures", "per-item failures inside a batch call", ("service", "reason"))
+
+_started: set[int] = set()
+
+
+def start_metrics_server(port: int, addr: str = "0.0.0.0") -> int:
+    """Serves /metrics on `port` once per process (0 = off). Returns the port."""
+    if port and port not in _started:
+        start_http_server(port, addr=addr)
+        _started.add(port)
+        log.info("metrics endpoint up", extra={"port": port})
+    return port

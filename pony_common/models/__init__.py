@@ -1,0 +1,1 @@
+"""Model loading shared by the services: the registry of which model each service uses, tiny models, heads."""

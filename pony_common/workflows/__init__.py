@@ -1,0 +1,1 @@
+"""Celery workflows: each task a thin gRPC call plus an idempotent catalog write."""
