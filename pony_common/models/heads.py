@@ -7,6 +7,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -68,9 +69,9 @@ class Calibration:
         elif self.kind == "percentile":
             if len(self.raw) < 2 or len(self.raw) != len(self.score):
                 raise ValueError("percentile calibration needs >= 2 raw points and as many scores")
-            if any(b <= a for a, b in zip(self.raw, self.raw[1:], strict=False)):
+            if any(b <= a for a, b in pairwise(self.raw)):
                 raise ValueError("percentile calibration raw points must be strictly increasing")
-            if any(b < a for a, b in zip(self.score, self.score[1:], strict=False)):
+            if any(b < a for a, b in pairwise(self.score)):
                 raise ValueError("percentile calibration scores must be non-decreasing")
         else:
             raise ValueError(f"unknown calibration kind {self.kind!r} (affine or percentile)")
