@@ -92,30 +92,49 @@ class Settings:
 
     # --- captioner ---
     captioner_batch_size: int = 8
-    captioner_max_new_tokens: int = 96
-    captioner_fewshot_path: str = ""
-    captioner_filler_path: str = ""
-    artist_blocklist_path: str = ""
+    captioner_max_new_tokens: int = 320  # cap on new tokens for every kind (each kind has its own budget below it)
+    captioner_fewshot_path: str = ""  # empty = the default examples shipped in services/captioner/data
+    captioner_filler_path: str = ""  # empty = the default filler openings shipped in services/captioner/data
+    artist_blocklist_path: str = ""  # one artist name per line; empty = no blocklist
+    captioner_fewshot_per_prompt: int = 2  # curated example captions put in each prompt
+    captioner_max_items: int = 256  # items per Caption/CaptionStream call
 
     # --- scorer ---
     scorer_batch_size: int = 32
+    scorer_max_batch: int = 1024  # images or embeddings per call
+    scorer_head_from_catalog: bool = True  # at start, load the head marked active in aesthetic_heads if any
+    scorer_elo_k: float = 32.0
+    scorer_pair_sample: int = 256  # candidates NextPair looks at per try
+    scorer_fit_epochs: int = 60
+    scorer_fit_holdout: float = 0.2
+    scorer_fit_max_rated: int = 20000  # images with a score but no comparison used for regression in FitHead
 
     # --- style tagger ---
     style_k: int = 16
     style_tag_format: str = "style_cluster_{n}"
     style_max_artist_share: float = 0.5
     style_index: str = "faiss"  # faiss | pgvector
+    style_max_batch: int = 256  # images per Embed/Tag/Palette call
+    style_fit_max_points: int = 200_000  # k-means runs on at most this many embeddings (all are assigned)
+    style_palette_colors: int = 3  # palette tags per image in Tag
+    style_examples: int = 4  # example image ids per cluster in SimilarStyles
 
     # --- safety ---
     safety_blocked_tags_path: str = ""
     safety_explicit_threshold: float = 0.5
     safety_questionable_threshold: float = 0.5
+    safety_ambiguous_explicit: str = "block"  # block | flag: explicit content with an age-ambiguous character
+    safety_max_batch: int = 256  # items per Check call
 
     # --- trainer ---
     trainer_executor: str = "local"  # local | kubernetes
     trainer_namespace: str = "pony"
     trainer_pool_label: str = "pony.ai/pool"
     trainer_image: str = "pony-platform/cuda:0.1.0"
+    trainer_output_dir: str = ""  # run outputs (checkpoints, final pipeline); default <state_dir>/runs
+    trainer_kube_url: str = ""  # Kubernetes API URL; empty = in-cluster config, else the kubeconfig
+    trainer_resync_s: float = 10.0  # the controller relists Jobs at least this often
+    trainer_publish_model: str = "pony_v7"  # model_versions name a finished run publishes
 
     # --- sampler / Triton ---
     triton_url: str = "127.0.0.1:8001"

@@ -1,0 +1,1 @@
+"""gRPC services of the Pony Platform, one package each."""

@@ -1,0 +1,1 @@
+"""Style tagger service: style embeddings, artist-guarded style clusters, similar styles and palette tags."""

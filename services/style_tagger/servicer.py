@@ -1,0 +1,210 @@
+"""`pony.v1.StyleTagger` over gRPC: converts protos to and from the `StyleTagger` backend's domain objects."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from grpc import aio
+
+from pony.v1 import common_pb2, style_tagger_pb2, style_tagger_pb2_grpc
+from pony_common.config import Settings
+from pony_common.errors import DependencyUnavailable, InvalidArgument
+from pony_common.imagerefs import ImageResolver, LoadedImage
+from pony_common.metrics import ITEM_FAILURES
+from services.style_tagger.clusters import ClusterSet
+from services.style_tagger.tagger import SERVICE, FitParams, StyleTagger
+
+
+def _item_error(exc: InvalidArgument) -> common_pb2.ItemError:
+    ITEM_FAILURES.labels(SERVICE, "invalid_image").inc()
+    return common_pb2.ItemError(reason="invalid_image", message=exc.message, field=exc.field)
+
+
+class StyleTaggerServicer(style_tagger_pb2_grpc.StyleTaggerServicer):
+    def __init__(self, settings: Settings, backend: StyleTagger) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.resolver = ImageResolver(settings)
+
+    def _check(self, images: Sequence[common_pb2.ImageRef], field: str = "images") -> None:
+        if not self.backend.ready:
+            raise DependencyUnavailable("the style tagger is still loading its model")
+        if not images:
+            raise InvalidArgument(field, "at least one image is required")
+        if len(images) > self.settings.style_max_batch:
+            raise InvalidArgument(field, f"at most {self.settings.style_max_batch} images per call, got {len(images)}")
+
+    def _resolve(
+        self, refs: Sequence[common_pb2.ImageRef], field: str
+    ) -> tuple[list[tuple[int, LoadedImage]], dict[int, common_pb2.ItemError]]:
+        loaded, errors = [], {}
+        for i, ref in enumerate(refs):
+            try:
+                loaded.append((i, self.resolver.load(ref, f"{field}[{i}]")))
+            except InvalidArgument as exc:
+                errors[i] = _item_error(exc)
+        return loaded, errors
+
+    def _provenance(self, component: str = "") -> common_pb2.Provenance:
+        return common_pb2.Provenance(
+            model=self.backend.model_id, model_version=self.backend.model_version, component_version=component
+        )
+
+    async def Embed(
+        self, request: style_tagger_pb2.StyleTaggerEmbedRequest, context: aio.ServicerContext
+    ) -> style_tagger_pb2.StyleTaggerEmbedResponse:
+        self._check(request.images)
+
+        def work() -> style_tagger_pb2.StyleTaggerEmbedResponse:
+            loaded, errors = self._resolve(request.images, "images")
+            vectors = self.backend.embed([li.image for _, li in loaded]) if loaded else []
+            by_index = {i: (li, vec) for (i, li), vec in zip(loaded, vectors, strict=True)}
+            results = []
+            for i, ref in enumerate(request.images):
+                if i in errors:
+                    results.append(style_tagger_pb2.StyleEmbedResult(image_id=ref.image_id, error=errors[i]))
+                else:
+                    li, vec = by_index[i]
+                    results.append(style_tagger_pb2.StyleEmbedResult(image_id=li.image_id, embedding=vec.tolist()))
+            return style_tagger_pb2.StyleTaggerEmbedResponse(
+                results=results, provenance=self._provenance(), dim=self.backend.encoder.dim
+            )
+
+        return await asyncio.to_thread(work)
+
+    async def FitClusters(
+        self, request: style_tagger_pb2.FitClustersRequest, context: aio.ServicerContext
+    ) -> style_tagger_pb2.FitClustersResponse:
+        if not self.backend.ready:
+            raise DependencyUnavailable("the style tagger is still loading its model")
+        params = FitParams(
+            k=request.k,
+            per_family=request.per_family,
+            max_artist_share=request.max_artist_share,
+            seed=request.seed,
+            activate=request.activate,
+        )
+        cluster_set = await asyncio.to_thread(self.backend.fit_clusters, params)
+        return fit_response(cluster_set, request.activate)
+
+    async def Tag(
+        self, request: style_tagger_pb2.TagRequest, context: aio.ServicerContext
+    ) -> style_tagger_pb2.TagResponse:
+        self._check(request.images)
+
+        def work() -> style_tagger_pb2.TagResponse:
+            version = self.backend.active().cluster_set.version
+            loaded, errors = self._resolve(request.images, "images")
+            tagged = (
+                self.backend.tag([li.image for _, li in loaded], [li.image_id for _, li in loaded]) if loaded else []
+            )
+            by_index = {i: r for (i, _), r in zip(loaded, tagged, strict=True)}
+            results = []
+            for i, ref in enumerate(request.images):
+                if i in errors:
+                    results.append(style_tagger_pb2.StyleTag(image_id=ref.image_id, error=errors[i]))
+                    continue
+                r = by_index[i]
+                version = r.cluster_set_version
+                results.append(
+                    style_tagger_pb2.StyleTag(
+                        image_id=r.image_id,
+                        cluster_id=r.cluster_id,
+                        tag=r.tag,
+                        distance=r.distance,
+                        cluster_set_version=r.cluster_set_version,
+                        palette_tags=r.palette_tags,
+                        embedding=r.embedding.tolist() if request.include_embedding and r.embedding is not None else [],
+                        flagged=r.flagged,
+                        family=r.family,
+                    )
+                )
+            return style_tagger_pb2.TagResponse(results=results, provenance=self._provenance(version))
+
+        return await asyncio.to_thread(work)
+
+    async def SimilarStyles(
+        self, request: style_tagger_pb2.SimilarStylesRequest, context: aio.ServicerContext
+    ) -> style_tagger_pb2.SimilarStylesResponse:
+        if not self.backend.ready:
+            raise DependencyUnavailable("the style tagger is still loading its model")
+        which = request.WhichOneof("query")
+        if which is None:
+            raise InvalidArgument("query", "give an image or a cluster_id")
+
+        def work() -> style_tagger_pb2.SimilarStylesResponse:
+            if which == "image":
+                loaded = self.resolver.load(request.image, "image")
+                vector = self.backend.embed([loaded.image])[0]
+                version, found = self.backend.similar_styles(vector=vector, k=request.k, examples=request.examples)
+            else:
+                version, found = self.backend.similar_styles(
+                    cluster_id=request.cluster_id, k=request.k, examples=request.examples
+                )
+            return style_tagger_pb2.SimilarStylesResponse(
+                clusters=[
+                    style_tagger_pb2.SimilarCluster(
+                        cluster_id=s.cluster.id,
+                        tag=s.cluster.tag,
+                        distance=s.distance,
+                        example_image_ids=s.examples,
+                        family=s.cluster.family,
+                        size=s.cluster.size,
+                    )
+                    for s in found
+                ],
+                cluster_set_version=version,
+            )
+
+        return await asyncio.to_thread(work)
+
+    async def Palette(
+        self, request: style_tagger_pb2.PaletteRequest, context: aio.ServicerContext
+    ) -> style_tagger_pb2.PaletteResponse:
+        self._check(request.images)
+
+        def work() -> style_tagger_pb2.PaletteResponse:
+            loaded, errors = self._resolve(request.images, "images")
+            palettes = self.backend.palette([li.image for _, li in loaded], request.colors) if loaded else []
+            by_index = {i: (li, p) for (i, li), p in zip(loaded, palettes, strict=True)}
+            results = []
+            for i, ref in enumerate(request.images):
+                if i in errors:
+                    results.append(style_tagger_pb2.PaletteResult(image_id=ref.image_id, error=errors[i]))
+                    continue
+                li, colors = by_index[i]
+                results.append(
+                    style_tagger_pb2.PaletteResult(
+                        image_id=li.image_id,
+                        colors=[
+                            style_tagger_pb2.PaletteColor(name=c.name, tag=c.tag, share=c.share, hex=c.hex)
+                            for c in colors
+                        ],
+                    )
+                )
+            return style_tagger_pb2.PaletteResponse(results=results)
+
+        return await asyncio.to_thread(work)
+
+
+def fit_response(cluster_set: ClusterSet, activated: bool) -> style_tagger_pb2.FitClustersResponse:
+    return style_tagger_pb2.FitClustersResponse(
+        cluster_set_version=cluster_set.version,
+        clusters=len(cluster_set.clusters),
+        embeddings=cluster_set.embeddings,
+        reports=[
+            style_tagger_pb2.ClusterReport(
+                cluster_id=c.id,
+                tag=c.tag,
+                size=c.size,
+                top_artist=c.top_artist,
+                top_artist_share=c.top_artist_share,
+                status=c.status,
+                reason=c.reason,
+                family=c.family,
+            )
+            for c in cluster_set.clusters
+        ],
+        activated=activated,
+    )

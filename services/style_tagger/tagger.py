@@ -1,0 +1,287 @@
+"""The style tagger backend (no gRPC): embeds images, fits cluster sets, tags, finds similar styles, names palettes."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from pony_common.catalog.db import Catalog, catalog_for
+from pony_common.config import ConfigError, Settings
+from pony_common.errors import FailedPrecondition, InvalidArgument
+from pony_common.metrics import BATCH_SIZE, MODEL_INFO
+from services.style_tagger.clusters import STORED_EXAMPLES, ClusterSet, StyleCluster, fit_cluster_set
+from services.style_tagger.clusters import validate_tag_format as _validate_tag_format
+from services.style_tagger.encoder import ImageEncoder, create_encoder, torch_dtype
+from services.style_tagger.index import StyleIndex, check_index_kind, create_index
+from services.style_tagger.palette import MAX_COLORS, PaletteColor, palette
+from services.style_tagger.store import StyleAssignment, StyleStore
+
+logger = logging.getLogger(__name__)
+
+SERVICE = "style_tagger"
+DEFAULT_SIMILAR_K = 5
+MAX_SIMILAR_K = 100
+
+
+@dataclass(frozen=True)
+class FitParams:
+    """FitClusters' knobs; 0 means the configured value."""
+
+    k: int = 0
+    per_family: bool = False
+    max_artist_share: float = 0.0
+    seed: int = 0
+    activate: bool = True
+
+
+@dataclass
+class TagResult:
+    image_id: str
+    cluster_id: int
+    tag: str  # empty when the nearest cluster is flagged by the artist guard
+    distance: float
+    cluster_set_version: str
+    family: str
+    flagged: bool
+    palette_tags: list[str] = field(default_factory=list)
+    embedding: np.ndarray | None = None
+
+    def assignment(self) -> StyleAssignment:
+        """This result as a `style_assignments` row (see `StyleStore.save_assignments`)."""
+        return StyleAssignment(
+            self.image_id, self.cluster_set_version, self.cluster_id, self.tag, self.distance, tuple(self.palette_tags)
+        )
+
+
+@dataclass(frozen=True)
+class SimilarStyle:
+    cluster: StyleCluster
+    distance: float
+    examples: list[str]
+
+
+@dataclass
+class _ActiveSet:
+    cluster_set: ClusterSet
+    nearest: StyleIndex  # every cluster (Tag)
+    discoverable: StyleIndex  # clusters with a tag (SimilarStyles)
+
+
+class StyleTagger:
+    """KServe-style model object: `load()` once, then `embed`, `fit_clusters`, `tag`, `similar_styles`, `palette`.
+
+    The CLIP encoder is `ClipImageTower.shared`, so a scorer or safety backend in the same process uses the
+    same weights. Pass `catalog`/`encoder` to use ones you hold; by default they come from `settings`.
+    """
+
+    def __init__(self, settings: Settings, catalog: Catalog | None = None, encoder: ImageEncoder | None = None) -> None:
+        self.settings = settings
+        self._catalog = catalog
+        self._encoder = encoder
+        self._lock = threading.Lock()
+        self._active: _ActiveSet | None = None
+
+    # --- lifecycle ---
+    def load(self) -> None:
+        """Checks the style config, loads the encoder and opens (migrates) the catalog."""
+        s = self.settings
+        try:
+            _validate_tag_format(s.style_tag_format)
+        except ValueError as exc:
+            raise ConfigError(f"PONY_STYLE_TAG_FORMAT: {exc}") from None
+        check_index_kind(s.style_index)
+        if not 0.0 < s.style_max_artist_share <= 1.0:
+            raise ConfigError(f"PONY_STYLE_MAX_ARTIST_SHARE={s.style_max_artist_share} must be in (0, 1]")
+        if self._encoder is None:
+            self._encoder = create_encoder(s.model_path(SERVICE), s.device, torch_dtype(s.dtype))
+        self._encoder.load()
+        if self._catalog is None:
+            self._catalog = catalog_for(s.database_url)
+        MODEL_INFO.labels(SERVICE).info({"model": self.model_id, "version": self.model_version})
+
+    @property
+    def ready(self) -> bool:
+        return self._encoder is not None and self._encoder.ready and self._catalog is not None
+
+    @property
+    def encoder(self) -> ImageEncoder:
+        if self._encoder is None:
+            raise FailedPrecondition("style tagger is not loaded")
+        return self._encoder
+
+    @property
+    def store(self) -> StyleStore:
+        if self._catalog is None:
+            raise FailedPrecondition("style tagger is not loaded")
+        return StyleStore(self._catalog)
+
+    @property
+    def model_id(self) -> str:
+        return self.encoder.model_id
+
+    @property
+    def model_version(self) -> str:
+        return self.encoder.version
+
+    # --- embeddings ---
+    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """(n, dim) float32 L2-normalised style embeddings."""
+        BATCH_SIZE.labels(SERVICE, "embed").observe(len(images))
+        return self.encoder.embed(list(images)).numpy()
+
+    # --- clusters ---
+    def fit_clusters(self, params: FitParams = FitParams()) -> ClusterSet:
+        """Clusters the catalog's style embeddings of this encoder version and stores the new cluster set."""
+        s = self.settings
+        if params.k < 0:
+            raise InvalidArgument("k", f"must be >= 0 (0 = the configured {s.style_k}), got {params.k}")
+        if not 0.0 <= params.max_artist_share <= 1.0:
+            raise InvalidArgument(
+                "max_artist_share", f"must be in (0, 1] (0 = configured), got {params.max_artist_share}"
+            )
+        if params.seed < 0:
+            raise InvalidArgument("seed", f"must be >= 0, got {params.seed}")
+        table = self.store.load_embeddings(model_version=self.model_version, dim=self.encoder.dim)
+        if len(table) < 2:
+            raise FailedPrecondition(
+                f"need at least 2 style embeddings of encoder version {self.model_version} in the catalog, "
+                f"found {len(table)}"
+            )
+        cluster_set = fit_cluster_set(
+            table,
+            k=params.k or s.style_k,
+            per_family=params.per_family,
+            max_artist_share=params.max_artist_share or s.style_max_artist_share,
+            seed=params.seed,
+            tag_format=s.style_tag_format,
+            max_points=s.style_fit_max_points,
+            model=self.model_id,
+            model_version=self.model_version,
+        )
+        self.store.save_cluster_set(cluster_set, activate=params.activate)
+        flagged = sum(c.flagged for c in cluster_set.clusters)
+        logger.info(
+            "fitted style clusters",
+            extra={
+                "version": cluster_set.version,
+                "clusters": len(cluster_set.clusters),
+                "flagged": flagged,
+                "embeddings": len(table),
+                "activated": params.activate,
+            },
+        )
+        return cluster_set
+
+    def active(self) -> _ActiveSet:
+        """The active cluster set and its indexes (rebuilt when another fit activates a new set)."""
+        version = self.store.active_version()
+        if version is None:
+            raise FailedPrecondition("no active style cluster set: run FitClusters with activate first")
+        with self._lock:
+            if self._active is not None and self._active.cluster_set.version == version:
+                return self._active
+            cluster_set = self.store.load_cluster_set(version)
+            if cluster_set is None:
+                raise FailedPrecondition(f"active style cluster set {version} vanished")
+            tagged = np.array([c.id for c in cluster_set.clusters if not c.flagged], dtype=np.int64)
+            self._active = _ActiveSet(
+                cluster_set,
+                create_index(self.settings.style_index, cluster_set.centroids),
+                create_index(self.settings.style_index, cluster_set.centroids[tagged], tagged),
+            )
+            return self._active
+
+    def _usable(self) -> _ActiveSet:
+        active = self.active()
+        cs = active.cluster_set
+        if cs.dim != self.encoder.dim or (cs.model_version and cs.model_version != self.model_version):
+            raise FailedPrecondition(
+                f"active style cluster set {cs.version} was fitted on {cs.model} version {cs.model_version} "
+                f"(dim {cs.dim}); the encoder is version {self.model_version} (dim {self.encoder.dim}): refit"
+            )
+        return active
+
+    # --- tagging ---
+    def tag_vectors(self, vectors: np.ndarray, image_ids: Sequence[str]) -> list[TagResult]:
+        """Nearest cluster of the active set for each embedding (no palette)."""
+        active = self._usable()
+        cs = active.cluster_set
+        distances, rows = active.nearest.search(vectors, 1)
+        results = []
+        for image_id, vec, dist, row in zip(image_ids, vectors, distances[:, 0], rows[:, 0], strict=True):
+            cluster = cs.clusters[int(row)]
+            results.append(
+                TagResult(
+                    image_id=image_id,
+                    cluster_id=cluster.id,
+                    tag=cluster.tag,
+                    distance=float(dist),
+                    cluster_set_version=cs.version,
+                    family=cluster.family,
+                    flagged=cluster.flagged,
+                    embedding=np.asarray(vec, dtype=np.float32),
+                )
+            )
+        return results
+
+    def tag(self, images: Sequence[Image.Image], image_ids: Sequence[str]) -> list[TagResult]:
+        """Style cluster (tag, distance, set version) and palette tags per image."""
+        if len(images) != len(image_ids):
+            raise ValueError("images and image_ids differ in length")
+        self._usable()  # fail before the encoder runs
+        results = self.tag_vectors(self.embed(images), image_ids)
+        colors = self.settings.style_palette_colors
+        for result, image in zip(results, images, strict=True):
+            result.palette_tags = [c.tag for c in palette(image, colors)]
+        return results
+
+    # --- discovery ---
+    def similar_styles(
+        self,
+        *,
+        vector: np.ndarray | None = None,
+        cluster_id: int | None = None,
+        k: int = 0,
+        examples: int = 0,
+    ) -> tuple[str, list[SimilarStyle]]:
+        """The k nearest tagged clusters to an embedding or to a cluster (itself excluded), with example ids."""
+        if (vector is None) == (cluster_id is None):
+            raise InvalidArgument("query", "give exactly one of image or cluster_id")
+        if not 0 <= k <= MAX_SIMILAR_K:
+            raise InvalidArgument("k", f"must be in 0..{MAX_SIMILAR_K} (0 = {DEFAULT_SIMILAR_K}), got {k}")
+        if not 0 <= examples <= STORED_EXAMPLES:
+            raise InvalidArgument("examples", f"must be in 0..{STORED_EXAMPLES}, got {examples}")
+        k = k or DEFAULT_SIMILAR_K
+        examples = examples or self.settings.style_examples
+        active = self._usable()
+        cs = active.cluster_set
+        exclude = -1
+        if cluster_id is not None:
+            if cs.cluster(cluster_id) is None:
+                raise InvalidArgument(
+                    "cluster_id", f"no cluster {cluster_id} in set {cs.version} (0..{len(cs.clusters) - 1})"
+                )
+            vector = cs.centroids[cluster_id]
+            exclude = cluster_id
+        assert vector is not None
+        distances, rows = active.discoverable.search(np.asarray(vector, dtype=np.float32)[None], k + 1)
+        found = []
+        for dist, row in zip(distances[0], rows[0], strict=True):
+            if row < 0 or row == exclude or len(found) == k:
+                continue
+            cluster = cs.clusters[int(row)]
+            found.append(SimilarStyle(cluster, float(dist), cluster.examples[:examples]))
+        return cs.version, found
+
+    # --- palette ---
+    def palette(self, images: Sequence[Image.Image], colors: int = 0) -> list[list[PaletteColor]]:
+        """Named dominant colours per image (0 = 3 colours)."""
+        if not 0 <= colors <= MAX_COLORS:
+            raise InvalidArgument("colors", f"must be in 0..{MAX_COLORS} (0 = 3), got {colors}")
+        BATCH_SIZE.labels(SERVICE, "palette").observe(len(images))
+        return [palette(image, colors or 3) for image in images]
