@@ -148,6 +148,19 @@ class Settings:
     sampler_max_height: int = 1536
     sampler_max_steps: int = 100
     sampler_max_images: int = 4
+    sampler_default_width: int = 1024
+    sampler_default_height: int = 1024
+    sampler_default_steps: int = 28
+    sampler_default_guidance: float = 3.5
+    sampler_max_guidance: float = 20.0
+    sampler_negative_prompt: str = ""  # used when a request gives none
+    sampler_safety: str = "required"  # required: every image checked, safety down -> UNAVAILABLE | off
+    sampler_max_batch_size: int = 4  # requests Triton's dynamic batcher hands the model at once
+    sampler_batch_delay_us: int = 2000  # how long the batcher waits to fill a batch
+    sampler_compile: bool = False  # torch.compile the transformer inside the Triton model
+    sampler_warmup: str = ""  # warm-up generations at load, e.g. "1024x1024x28,512x512x4"
+    sampler_random_init: str = ""  # "full": random full-size weights instead of loading them (benchmarks)
+    triton_start_timeout_s: float = 300.0
 
     extra: Mapping[str, str] = field(default_factory=dict)
 
