@@ -1,0 +1,297 @@
+"""Policies over the rendered overlays: GPU placement, container security, probes, image tags, RBAC,
+network paths, disruption budgets, and where secrets and settings come from."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from tests.deploy.manifests import (
+    DEPLOY,
+    GPU,
+    GPU_POOLS,
+    GRPC_PORTS,
+    OVERLAYS,
+    POOL_KEY,
+    QUEUES,
+    find,
+    gpu_violations,
+    image_tag_violations,
+    images,
+    labels_of,
+    literal_occurrences,
+    name,
+    of_kind,
+    probe_violations,
+    rbac_violations,
+    restricted_pss_violations,
+    security_violations,
+    traffic_allowed,
+    workloads,
+)
+
+SECRET_SETTINGS = ("PONY_DATABASE_URL", "PONY_BROKER_URL", "PONY_RESULT_BACKEND", "PONY_AUTH_TOKEN")
+
+
+# --- GPU placement ---------------------------------------------------------------------------------
+
+
+def test_prod_gpu_workloads_are_pinned_tolerate_the_taint_and_request_a_gpu(prod):
+    assert gpu_violations(prod, GPU_POOLS) == []
+
+
+@pytest.mark.parametrize(
+    ("breakage", "expected"),
+    [
+        (lambda s: s.pop("tolerations"), "does not tolerate"),
+        (lambda s: s.pop("affinity"), "not pinned"),
+        (lambda s: s["containers"][0]["resources"]["limits"].pop(GPU), "no nvidia.com/gpu limit"),
+    ],
+)
+def test_gpu_check_catches_a_broken_workload(prod, breakage, expected):
+    broken = copy.deepcopy(prod)
+    breakage(find(broken, "Deployment", "scorer")["spec"]["template"]["spec"])
+    assert any(expected in v for v in gpu_violations(broken, GPU_POOLS))
+
+
+def test_prod_cpu_workloads_stay_off_gpus(prod):
+    for obj, spec in workloads(prod):
+        if obj["metadata"]["name"] not in GPU_POOLS:
+            limits = [c.get("resources", {}).get("limits", {}) for c in spec["containers"]]
+            assert all(GPU not in lim for lim in limits), name(obj)
+
+
+def test_dev_is_cpu_only(dev):
+    for obj, spec in workloads(dev):
+        for c in spec["containers"]:
+            assert GPU not in (c.get("resources") or {}).get("limits", {}), name(obj)
+        assert "tolerations" not in spec and "affinity" not in spec, name(obj)
+    config = next(c for c in of_kind(dev, "ConfigMap") if c["metadata"]["name"].startswith("pony-config"))
+    assert config["data"]["PONY_DEVICE"] == "cpu"
+    assert all("cuda" not in ref for ref in images(dev))
+
+
+def test_pool_label_key_is_set_in_one_place(prod):
+    hits = literal_occurrences(DEPLOY, POOL_KEY)
+    assert hits == {"components/gpu-pools/node-pools.yaml": 1}
+    config = next(c for c in of_kind(prod, "ConfigMap") if c["metadata"]["name"].startswith("pony-config"))
+    assert config["data"]["PONY_TRAINER_POOL_LABEL"] == POOL_KEY
+
+
+# --- container security -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_container_meets_the_security_baseline(rendered, overlay):
+    assert security_violations(rendered[overlay]) == []
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_pod_meets_the_restricted_pod_security_standard(rendered, overlay):
+    assert restricted_pss_violations(rendered[overlay]) == []
+
+
+def test_security_checks_catch_a_root_writable_container(prod):
+    broken = copy.deepcopy(prod)
+    spec = find(broken, "Deployment", "sampler")["spec"]["template"]["spec"]
+    spec["securityContext"]["runAsNonRoot"] = False
+    spec["containers"][0]["securityContext"] = {"readOnlyRootFilesystem": False}
+    spec["volumes"].append({"name": "host", "hostPath": {"path": "/"}})
+    found = security_violations(broken) + restricted_pss_violations(broken)
+    for fragment in ("runAsNonRoot", "readOnlyRootFilesystem", "drop ALL", "allowPrivilegeEscalation", "hostPath"):
+        assert any(fragment in v for v in found), fragment
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_namespace_enforces_restricted(rendered, overlay):
+    namespaces = of_kind(rendered[overlay], "Namespace")
+    assert [n["metadata"]["name"] for n in namespaces] == ["pony"]
+    assert namespaces[0]["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    assert {o["metadata"].get("namespace") for o in rendered[overlay] if o["kind"] != "Namespace"} == {"pony"}
+
+
+# --- probes, metrics --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", ["prod", "prod-redis"])
+def test_every_service_is_backed_by_pods_with_grpc_probes(rendered, overlay):
+    objs = rendered[overlay]
+    assert {s["metadata"]["name"] for s in of_kind(objs, "Service")} == {*GRPC_PORTS, "triton"}
+    assert probe_violations(objs) == []
+
+
+def test_probe_check_catches_a_missing_readiness_probe(prod):
+    broken = copy.deepcopy(prod)
+    find(broken, "Deployment", "safety")["spec"]["template"]["spec"]["containers"][0].pop("readinessProbe")
+    assert any("Deployment/safety" in v and "readiness" in v for v in probe_violations(broken))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_pony_pods_are_annotated_for_prometheus(rendered, overlay):
+    for obj, _ in workloads(rendered[overlay]):
+        if obj["metadata"]["labels"].get("app.kubernetes.io/part-of") != "pony":
+            continue
+        annotations = obj["spec"]["template"]["metadata"].get("annotations", {})
+        port = "8002" if obj["metadata"]["name"] == "triton" else "9090"
+        assert annotations.get("prometheus.io/scrape") == "true", name(obj)
+        assert annotations.get("prometheus.io/port") == port, name(obj)
+
+
+# --- images -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_image_has_a_tag_and_none_is_latest(rendered, overlay):
+    found = images(rendered[overlay])
+    assert image_tag_violations(found) == []
+    assert "pony-platform/triton:0.1.0" in found
+
+
+def test_image_check_catches_latest_and_untagged():
+    found = {"redis:latest": "a", "postgres": "b", "registry:5000/x/y:1.2": "c", "r:5000/z@sha256:ab": "d"}
+    assert len(image_tag_violations(found)) == 3
+
+
+# --- RBAC -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_trainer_rbac_is_namespaced_and_minimal(rendered, overlay):
+    assert rbac_violations(rendered[overlay]) == []
+
+
+def test_rbac_check_catches_extra_grants(prod):
+    broken = copy.deepcopy(prod)
+    role = find(broken, "Role", "trainer")
+    role["rules"].append({"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]})
+    role["rules"][2]["verbs"].append("delete")
+    broken.append({"kind": "ClusterRole", "metadata": {"name": "x"}, "apiVersion": "rbac.authorization.k8s.io/v1"})
+    found = rbac_violations(broken)
+    assert any("core/secrets" in v for v in found)
+    assert any("['delete']" in v for v in found)
+    assert any("cluster-scoped" in v for v in found)
+
+
+# --- network policies -------------------------------------------------------------------------------
+
+
+def test_network_policies_deny_by_default_and_open_only_the_platform_paths(prod):
+    deny = find(prod, "NetworkPolicy", "default-deny")["spec"]
+    assert deny["podSelector"] == {} and set(deny["policyTypes"]) == {"Ingress", "Egress"}
+    lab = {w: labels_of(prod, w) for w in ("worker-caption", "sampler", "safety", "triton", "trainer", "scorer")}
+    # allowed
+    assert traffic_allowed(prod, lab["worker-caption"], lab["scorer"], 50052)
+    assert traffic_allowed(prod, lab["worker-caption"], lab["trainer"], 50055)
+    assert traffic_allowed(prod, lab["sampler"], lab["triton"], 8001)
+    assert traffic_allowed(prod, lab["sampler"], lab["safety"], 50054)
+    assert traffic_allowed(prod, lab["worker-caption"], None, 5432)  # external catalog DB
+    assert traffic_allowed(prod, lab["worker-caption"], None, 5672)  # external broker
+    assert traffic_allowed(prod, lab["scorer"], None, 443)  # blob store
+    assert traffic_allowed(prod, lab["trainer"], None, 6443)  # kube API
+    # denied
+    assert not traffic_allowed(prod, lab["scorer"], lab["triton"], 8001)
+    assert not traffic_allowed(prod, lab["worker-caption"], lab["triton"], 8001)
+    assert not traffic_allowed(prod, lab["triton"], None, 443)
+    assert not traffic_allowed(prod, lab["scorer"], lab["safety"], 50054)
+    assert not traffic_allowed(prod, lab["worker-caption"], None, 22)
+    # training Jobs (pods the trainer creates): ranks reach each other and the blob store, nothing else
+    rank = {"app.kubernetes.io/component": "training-job", "app.kubernetes.io/part-of": "pony"}
+    assert traffic_allowed(prod, rank, rank, 29500)
+    assert traffic_allowed(prod, rank, None, 443)
+    assert not traffic_allowed(prod, rank, lab["scorer"], 50052)
+    assert not traffic_allowed(prod, lab["worker-caption"], rank, 29500)
+
+
+def test_dev_workers_reach_the_in_cluster_infra(dev):
+    worker = labels_of(dev, "worker-persist")
+    for infra, port in (("postgres", 5432), ("rabbitmq", 5672), ("redis", 6379)):
+        assert traffic_allowed(dev, worker, labels_of(dev, infra), port), infra
+    assert not traffic_allowed(dev, labels_of(dev, "triton"), labels_of(dev, "postgres"), 5432)
+
+
+# --- availability, workers, autoscaling -------------------------------------------------------------
+
+
+def test_every_server_has_a_disruption_budget(prod):
+    budgets = {p["metadata"]["name"]: p["spec"] for p in of_kind(prod, "PodDisruptionBudget")}
+    for server in (*GRPC_PORTS, "triton"):
+        assert budgets[server]["selector"]["matchLabels"] == {"app.kubernetes.io/name": server}
+        assert budgets[server]["maxUnavailable"] == 1
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_one_worker_deployment_per_queue(rendered, overlay):
+    workers = {
+        o["metadata"]["name"]: o
+        for o in of_kind(rendered[overlay], "Deployment")
+        if o["metadata"]["labels"].get("app.kubernetes.io/component") == "worker"
+    }
+    assert set(workers) == {f"worker-{q}" for q in QUEUES}
+    for queue in QUEUES:
+        worker = workers[f"worker-{queue}"]
+        container = worker["spec"]["template"]["spec"]["containers"][0]
+        assert container["args"] == ["worker", "--queues", "$(WORKER_QUEUE)"]
+        assert worker["spec"]["template"]["metadata"]["labels"]["pony.ai/queue"] == queue
+        assert worker["spec"]["selector"]["matchLabels"]["pony.ai/queue"] == queue
+
+
+@pytest.mark.parametrize(
+    ("overlay", "trigger", "queue_key"), [("prod", "rabbitmq", "queueName"), ("prod-redis", "redis", "listName")]
+)
+def test_keda_scales_each_worker_on_its_queue(rendered, overlay, trigger, queue_key):
+    objs = rendered[overlay]
+    scaled = {o["spec"]["scaleTargetRef"]["name"]: o for o in of_kind(objs, "ScaledObject")}
+    assert set(scaled) == {f"worker-{q}" for q in QUEUES}
+    auths = {a["metadata"]["name"]: a for a in of_kind(objs, "TriggerAuthentication")}
+    for queue in QUEUES:
+        target = find(objs, "Deployment", f"worker-{queue}")
+        assert "replicas" not in target["spec"], "KEDA owns the worker replica count"
+        (only,) = scaled[f"worker-{queue}"]["spec"]["triggers"]
+        assert only["type"] == trigger and only["metadata"][queue_key] == queue
+        auth = auths[only["authenticationRef"]["name"]]
+        assert all(ref["name"].startswith("pony-") for ref in auth["spec"]["secretTargetRef"])
+
+
+def test_dev_runs_one_replica_of_everything_with_tiny_models(dev):
+    model_pods = {"captioner", "scorer", "style-tagger", "safety", "sampler", "triton"}
+    for obj, spec in workloads(dev):
+        assert obj["spec"]["replicas"] == 1, name(obj)
+        if obj["metadata"]["name"] in model_pods:
+            (init,) = spec["initContainers"]
+            assert init["args"] == ["models", "tiny", "/models"]
+            models = next(v for v in spec["volumes"] if v["name"] == "models")
+            assert models == {"name": "models", "emptyDir": {}}
+    assert {"postgres", "rabbitmq", "redis"} <= {s["metadata"]["name"] for s in of_kind(dev, "Service")}
+
+
+# --- secrets and settings ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", ["prod", "prod-redis"])
+def test_prod_carries_no_secret_values_and_no_in_cluster_infra(rendered, overlay):
+    objs = rendered[overlay]
+    assert of_kind(objs, "Secret") == []
+    for cm in of_kind(objs, "ConfigMap"):
+        assert not set(SECRET_SETTINGS) & set(cm.get("data", {})), name(cm)
+    for obj, spec in workloads(objs):
+        for c in spec["containers"]:
+            assert not [e for e in c.get("env", []) if e["name"] in SECRET_SETTINGS and "value" in e], name(obj)
+            if c["name"] != "tritonserver":
+                refs = {s["secretRef"]["name"] for s in c.get("envFrom", []) if "secretRef" in s}
+                assert refs == {"pony-database", "pony-broker", "pony-auth"}, name(obj)
+    assert not {"postgres", "rabbitmq", "redis"} & {o["metadata"]["name"] for o in objs}
+
+
+def test_config_names_every_service_address_and_the_cluster_settings(prod):
+    config = next(c for c in of_kind(prod, "ConfigMap") if c["metadata"]["name"].startswith("pony-config"))
+    data = config["data"]
+    for service, port in GRPC_PORTS.items():
+        key = f"PONY_{service.upper().replace('-', '_')}_ADDR"
+        assert data[key] == f"{service}:{port}"
+    assert data["PONY_TRITON_URL"] == "triton:8001"
+    assert data["PONY_METRICS_PORT"] == "9090"
+    assert data["PONY_MODELS_DIR"] == "/models"
+    assert data["PONY_TRAINER_IMAGE"] == "pony-platform/cuda:0.1.0"
+    for service in ("CAPTIONER", "SCORER", "STYLE_TAGGER", "SAFETY", "SAMPLER"):
+        assert f"PONY_{service}_MODEL" in data
