@@ -15,8 +15,10 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 OVERLAYS = ("dev", "prod", "prod-redis")
-KEDA_CRDS = Path("/work/shared/ref/keda")
-SKAFFOLD_SCHEMA = Path("/work/shared/ref/skaffold-schema.json")
+SCHEMAS = Path(__file__).resolve().parent / "schemas"  # copies of /work/shared/ref (see its README)
+SHARED_REF = Path("/work/shared/ref")
+KEDA_CRDS = SCHEMAS / "keda"
+SKAFFOLD_SCHEMA = SCHEMAS / "skaffold-schema.json"
 
 POOL_KEY = "pony.ai/pool"
 GPU_POOLS = {

@@ -9,7 +9,7 @@ import jsonschema
 import pytest
 import yaml
 
-from tests.deploy.manifests import REPO, SKAFFOLD_SCHEMA, find, images
+from tests.deploy.manifests import KEDA_CRDS, REPO, SHARED_REF, SKAFFOLD_SCHEMA, find, images
 
 IMAGES = {
     "pony-platform/cpu": "deploy/docker/cpu.Dockerfile",
@@ -78,3 +78,13 @@ def test_every_image_is_built_by_skaffold_or_a_pinned_upstream(skaffold, rendere
     # The trainer's Job image lives in a ConfigMap: skaffold must rewrite it like a container image.
     allowed = skaffold["resourceSelector"]["allow"]
     assert {"groupKind": "ConfigMap", "image": [".data.PONY_TRAINER_IMAGE"]} in allowed
+
+
+def test_schemas_match_the_shared_reference():
+    if not SHARED_REF.is_dir():
+        pytest.skip(f"{SHARED_REF} is not on this machine; the vendored copies are used as they are")
+    pairs = [(SKAFFOLD_SCHEMA, SHARED_REF / "skaffold-schema.json")]
+    pairs += [(p, SHARED_REF / "keda" / p.name) for p in sorted(KEDA_CRDS.glob("*.yaml"))]
+    assert len(pairs) == 3
+    for copy, original in pairs:
+        assert copy.read_bytes() == original.read_bytes(), copy.name
