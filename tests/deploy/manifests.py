@@ -58,18 +58,23 @@ def kubectl() -> str | None:
 
 def render(overlay: str) -> list[Obj]:
     """`kubectl kustomize deploy/overlays/<overlay>`, parsed; raises with kubectl's stderr on failure."""
+    return render_dir(DEPLOY / "overlays" / overlay)
+
+
+def render_dir(path: Path) -> list[Obj]:
+    """`kubectl kustomize <path>`, parsed."""
     exe = kubectl()
     if exe is None:
         raise RuntimeError("kubectl is not installed")
     done = subprocess.run(
-        [exe, "kustomize", str(DEPLOY / "overlays" / overlay)],
+        [exe, "kustomize", str(path)],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
     if done.returncode != 0:
-        raise RuntimeError(f"kubectl kustomize {overlay} failed:\n{done.stderr}")
+        raise RuntimeError(f"kubectl kustomize {path} failed:\n{done.stderr}")
     return [d for d in yaml.safe_load_all(done.stdout) if d]
 
 

@@ -4,6 +4,7 @@ network paths, disruption budgets, and where secrets and settings come from."""
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 
@@ -25,6 +26,7 @@ from tests.deploy.manifests import (
     of_kind,
     probe_violations,
     rbac_violations,
+    render_dir,
     restricted_pss_violations,
     security_violations,
     traffic_allowed,
@@ -295,3 +297,24 @@ def test_config_names_every_service_address_and_the_cluster_settings(prod):
     assert data["PONY_TRAINER_IMAGE"] == "pony-platform/cuda:0.1.0"
     for service in ("CAPTIONER", "SCORER", "STYLE_TAGGER", "SAFETY", "SAMPLER"):
         assert f"PONY_{service}_MODEL" in data
+
+
+def test_tls_component_mounts_the_certificate_into_every_pony_pod(rendered, tmp_path):
+    overlay = tmp_path / "prod-tls"
+    overlay.mkdir()
+    rel = os.path.relpath(DEPLOY, overlay)
+    (overlay / "kustomization.yaml").write_text(
+        f"resources: [{rel}/overlays/prod]\ncomponents: [{rel}/components/tls]\n"
+    )
+    objs = render_dir(overlay)
+    config = next(c for c in of_kind(objs, "ConfigMap") if c["metadata"]["name"].startswith("pony-config"))
+    assert config["data"]["PONY_TLS_CERT"] == "/etc/pony/tls/tls.crt"
+    assert config["data"]["PONY_TLS_KEY"] == "/etc/pony/tls/tls.key"
+    for obj, spec in workloads(objs):
+        if obj["metadata"]["name"] == "triton":
+            continue
+        volume = next(v for v in spec["volumes"] if v["name"] == "tls")
+        assert volume["secret"]["secretName"] == "pony-tls"
+        mount = next(m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "tls")
+        assert mount == {"name": "tls", "mountPath": "/etc/pony/tls", "readOnly": True}
+    assert security_violations(objs) == []
