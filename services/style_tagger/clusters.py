@@ -154,28 +154,53 @@ def artist_stats(artists: list[str | None]) -> tuple[str, float]:
     return spelling[key], count / len(artists)
 
 
-def kmeans_labels(vectors: np.ndarray, k: int, seed: int, max_points: int = 0) -> np.ndarray:
-    """Labels in 0..k-1 from faiss k-means (trained on at most `max_points` rows, all rows assigned)."""
+def kmeans_plus_plus(vectors: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k-means++ seeding: each next centre drawn with probability proportional to its squared distance."""
+    n = len(vectors)
+    chosen = [int(rng.integers(n))]
+    d2 = ((vectors - vectors[chosen[0]]) ** 2).sum(axis=1)
+    for _ in range(1, k):
+        total = float(d2.sum())
+        nxt = int(rng.choice(n, p=d2 / total)) if total > 0 else int(rng.integers(n))
+        chosen.append(nxt)
+        d2 = np.minimum(d2, ((vectors - vectors[nxt]) ** 2).sum(axis=1))
+    return np.ascontiguousarray(vectors[chosen], dtype=np.float32)
+
+
+def kmeans_labels(vectors: np.ndarray, k: int, seed: int, max_points: int = 0, restarts: int = 4) -> np.ndarray:
+    """Labels in 0..k-1: faiss k-means from k-means++ seeds, best of `restarts` runs by inertia.
+
+    Trained on at most `max_points` rows (a seeded sample); every row is assigned."""
     n, dim = vectors.shape
     k = max(1, min(k, n))
     if k == 1:
         return np.zeros(n, dtype=np.int64)
-    train = vectors
+    rng = np.random.default_rng(seed)
+    train = np.ascontiguousarray(vectors, dtype=np.float32)
     if max_points and n > max_points:
-        rng = np.random.default_rng(seed)
-        train = vectors[np.sort(rng.choice(n, size=max_points, replace=False))]
-    km = faiss.Kmeans(
-        dim,
-        k,
-        niter=50,
-        nredo=5,
-        seed=int(seed) % (2**31),
-        verbose=False,
-        min_points_per_centroid=1,
-        max_points_per_centroid=max(256, len(train)),
-    )
-    km.train(np.ascontiguousarray(train, dtype=np.float32))
-    _, labels = km.index.search(np.ascontiguousarray(vectors, dtype=np.float32), 1)
+        train = train[np.sort(rng.choice(n, size=max_points, replace=False))]
+    seeding = train
+    if len(train) > max(10_000, 20 * k):
+        seeding = train[rng.choice(len(train), size=max(10_000, 20 * k), replace=False)]
+    best: tuple[float, np.ndarray] | None = None
+    for _ in range(restarts):
+        km = faiss.Kmeans(
+            dim,
+            k,
+            niter=50,
+            seed=int(rng.integers(2**31 - 1)),
+            verbose=False,
+            min_points_per_centroid=1,
+            max_points_per_centroid=max(256, len(train)),
+        )
+        km.train(train, init_centroids=kmeans_plus_plus(seeding, k, rng))
+        inertia = float(km.obj[-1]) if len(km.obj) else float("inf")
+        if best is None or inertia < best[0]:
+            best = (inertia, km.centroids.copy())
+    assert best is not None
+    index = faiss.IndexFlatL2(dim)
+    index.add(best[1])
+    _, labels = index.search(np.ascontiguousarray(vectors, dtype=np.float32), 1)
     return labels[:, 0].astype(np.int64)
 
 
