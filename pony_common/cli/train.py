@@ -1,0 +1,181 @@
+"""`ponyctl train submit|get|list|cancel`: training runs through the TrainerController over gRPC
+(settings.trainer_addr), or with `submit --local` directly through a local-executor controller in this process."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pony_common.cli.errors import UsageError
+from pony_common.config import Settings
+from pony_common.errors import InvalidArgument
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="training runs (TrainerController)")
+    tsub = p.add_subparsers(dest="train_command", required=True, parser_class=type(p))
+    s = tsub.add_parser("submit", help="validate a spec (YAML) and start a training run")
+    s.add_argument("spec", help="training spec file (YAML or JSON)")
+    s.add_argument("--run-id", default="", help="run id (default: <spec name>-<random>)")
+    s.add_argument(
+        "--local",
+        action="store_true",
+        help="run here with the local executor (no controller service) and wait for the end",
+    )
+    s.add_argument("--wait", action="store_true", help="(gRPC) follow the run until it ends")
+    s.set_defaults(func=run_submit)
+    g = tsub.add_parser("get", help="show a run")
+    g.add_argument("run_id")
+    g.set_defaults(func=run_get)
+    ls = tsub.add_parser("list", help="list runs, newest first")
+    ls.add_argument("--state", action="append", default=[], help="Pending|Running|Succeeded|Failed|Cancelled")
+    ls.set_defaults(func=run_list)
+    c = tsub.add_parser("cancel", help="cancel a pending or running run")
+    c.add_argument("run_id")
+    c.add_argument("--foreground", action="store_true", help="delete the Job with Foreground propagation")
+    c.set_defaults(func=run_cancel)
+
+
+def _out(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _read_spec(path: str) -> str:
+    from services.trainer.spec import parse_spec_text
+
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"spec file {path} does not exist")
+    text = p.read_text()
+    try:
+        parse_spec_text(text)  # bad specs stop here with one line, before any server is contacted
+    except InvalidArgument as exc:
+        raise UsageError(f"invalid spec {path}: {exc}") from None
+    return text
+
+
+def _describe(run) -> str:  # run: services.trainer.runs.Run
+    loss = "" if run.last_loss is None else f" loss={run.last_loss:.4f}"
+    version = "" if run.model_version is None else f" pony_v7=v{run.model_version}"
+    return f"{run.id}\t{run.state}\tstep {run.step}/{run.total_steps}{loss}{version}\t{run.reason}"
+
+
+def run_submit(args: argparse.Namespace, settings: Settings) -> int:
+    text = _read_spec(args.spec)
+    if args.local:
+        return _submit_local(text, args.run_id, settings)
+    return _submit_grpc(text, args, settings)
+
+
+def _submit_local(text: str, run_id: str, settings: Settings) -> int:
+    from services.trainer.local_run import train_locally
+
+    def show(run, event) -> None:
+        if event.kind == "loss":
+            _out(f"step {event.step}/{run.total_steps} loss {event.loss:.4f}")
+        elif event.kind == "state":
+            _out(f"state {event.state}: {event.message}")
+        else:
+            _out(event.message)
+
+    try:
+        run = train_locally(settings, text, run_id=run_id, on_event=show)
+    except InvalidArgument as exc:
+        raise UsageError(str(exc)) from None
+    _out(_describe(run))
+    if run.checkpoint_uri:
+        _out(f"checkpoint {run.checkpoint_uri}")
+    return 0 if run.state == "Succeeded" else 1
+
+
+def _stub(settings: Settings):
+    from pony.v1 import trainer_pb2_grpc
+    from pony_common.grpc.client import channel
+
+    ch = channel(settings, "trainer")
+    return ch, trainer_pb2_grpc.TrainerControllerStub(ch)
+
+
+def _rpc(call, *args, **kwargs):
+    import grpc
+
+    try:
+        return call(*args, **kwargs)
+    except grpc.RpcError as exc:
+        code = exc.code()  # type: ignore[attr-defined]
+        if code is grpc.StatusCode.INVALID_ARGUMENT:
+            raise UsageError(exc.details()) from None  # type: ignore[attr-defined]
+        from pony_common.errors import DependencyUnavailable, NotFound, PonyError
+
+        if code is grpc.StatusCode.NOT_FOUND:
+            raise NotFound(exc.details()) from None  # type: ignore[attr-defined]
+        if code is grpc.StatusCode.UNAVAILABLE:
+            raise DependencyUnavailable(f"trainer controller unavailable: {exc.details()}") from None  # type: ignore[attr-defined]
+        raise PonyError(f"{code.name}: {exc.details()}") from None  # type: ignore[attr-defined]
+
+
+def _pb_line(run) -> str:
+    from pony.v1 import trainer_pb2
+
+    state = trainer_pb2.RunState.Name(run.state).removeprefix("RUN_STATE_").title()
+    loss = f" loss={run.last_loss:.4f}" if run.HasField("last_loss") else ""
+    version = f" pony_v7=v{run.model_version}" if run.HasField("model_version") else ""
+    return f"{run.run_id}\t{state}\tstep {run.step}/{run.total_steps}{loss}{version}\t{run.reason}"
+
+
+def _submit_grpc(text: str, args: argparse.Namespace, settings: Settings) -> int:
+    from pony.v1 import trainer_pb2
+
+    ch, stub = _stub(settings)
+    with ch:
+        resp = _rpc(stub.SubmitRun, trainer_pb2.SubmitRunRequest(spec_yaml=text, run_id=args.run_id))
+        _out(_pb_line(resp.run))
+        if not args.wait:
+            return 0
+        last = resp.run
+        for item in stub.WatchRun(trainer_pb2.WatchRunRequest(run_id=resp.run.run_id), timeout=None):
+            last = item.run
+            if item.HasField("event") and item.event.kind == trainer_pb2.RUN_EVENT_KIND_LOSS:
+                _out(f"step {item.event.step}/{item.run.total_steps} loss {item.event.loss:.4f}")
+        _out(_pb_line(last))
+        return 0 if last.state == trainer_pb2.RUN_STATE_SUCCEEDED else 1
+
+
+def run_get(args: argparse.Namespace, settings: Settings) -> int:
+    from pony.v1 import trainer_pb2
+
+    ch, stub = _stub(settings)
+    with ch:
+        _out(_pb_line(_rpc(stub.GetRun, trainer_pb2.GetRunRequest(run_id=args.run_id)).run))
+    return 0
+
+
+def run_list(args: argparse.Namespace, settings: Settings) -> int:
+    from pony.v1 import trainer_pb2
+
+    states = []
+    for s in args.state:
+        name = f"RUN_STATE_{s.upper()}"
+        if name not in trainer_pb2.RunState.keys():  # noqa: SIM118 (an EnumTypeWrapper, not a dict)
+            raise UsageError(f"--state {s}: use Pending, Running, Succeeded, Failed or Cancelled")
+        states.append(trainer_pb2.RunState.Value(name))
+    ch, stub = _stub(settings)
+    with ch:
+        for run in _rpc(stub.ListRuns, trainer_pb2.ListRunsRequest(states=states)).runs:
+            _out(_pb_line(run))
+    return 0
+
+
+def run_cancel(args: argparse.Namespace, settings: Settings) -> int:
+    from pony.v1 import trainer_pb2
+
+    propagation = (
+        trainer_pb2.DELETE_PROPAGATION_FOREGROUND if args.foreground else trainer_pb2.DELETE_PROPAGATION_BACKGROUND
+    )
+    ch, stub = _stub(settings)
+    with ch:
+        resp = _rpc(stub.CancelRun, trainer_pb2.CancelRunRequest(run_id=args.run_id, propagation=propagation))
+        _out(_pb_line(resp.run))
+    return 0

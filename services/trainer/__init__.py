@@ -1,0 +1,1 @@
+"""Trainer: the training entrypoint (AuraFlow rectified flow) and the TrainerController service."""

@@ -1,0 +1,120 @@
+"""The exported training manifest (`manifest.parquet`): one row per image with its captions, tags and prompt."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pony_common.blobs import BlobStore, open_uri
+from pony_common.errors import InvalidArgument
+
+REQUIRED_COLUMNS = ("image_id", "image_uri", "width", "height", "captions", "special_tags", "tags", "prompt")
+
+SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("image_uri", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("captions", pa.string()),  # JSON object kind -> text
+        ("special_tags", pa.list_(pa.string())),
+        ("tags", pa.list_(pa.string())),
+        ("prompt", pa.string()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class ManifestItem:
+    image_id: str
+    image_uri: str
+    width: int
+    height: int
+    captions: dict[str, str] = field(default_factory=dict)
+    special_tags: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    prompt: str = ""
+
+
+def _captions(value: Any, where: str) -> dict[str, str]:
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except json.JSONDecodeError:
+            raise InvalidArgument(where, "captions is not a JSON object") from None
+    if isinstance(value, list):  # a parquet map column reads as [(key, value), ...]
+        value = dict(value)
+    if not isinstance(value, dict):
+        raise InvalidArgument(where, "captions must map kind -> text")
+    return {str(k): str(v) for k, v in value.items() if v}
+
+
+def read_manifest(path: str | Path) -> list[ManifestItem]:
+    """Reads `manifest.parquet` (a path or fsspec URI); relative `image_uri`s resolve against its folder."""
+    p = Path(path)
+    local = "://" not in str(path)
+    try:
+        with fsspec.open(str(path), "rb") as fh:
+            table = pq.read_table(fh)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise InvalidArgument("spec.manifest", f"cannot read manifest {p}: {exc}") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+    if missing:
+        raise InvalidArgument("spec.manifest", f"manifest {p} lacks columns {missing}")
+    items = []
+    for i, row in enumerate(table.select(list(REQUIRED_COLUMNS)).to_pylist()):
+        where = f"manifest[{i}]"
+        if not row["image_id"] or not row["image_uri"]:
+            raise InvalidArgument(where, "image_id and image_uri are required")
+        uri = row["image_uri"]
+        if local and "://" not in uri and not Path(uri).is_absolute() and (p.parent / uri).exists():
+            uri = str(p.parent / uri)
+        items.append(
+            ManifestItem(
+                image_id=row["image_id"],
+                image_uri=uri,
+                width=int(row["width"] or 0),
+                height=int(row["height"] or 0),
+                captions=_captions(row["captions"], where),
+                special_tags=tuple(row["special_tags"] or ()),
+                tags=tuple(row["tags"] or ()),
+                prompt=row["prompt"] or "",
+            )
+        )
+    if not items:
+        raise InvalidArgument("spec.manifest", f"manifest {p} has no rows")
+    return items
+
+
+def write_manifest(path: str | Path, items: Sequence[ManifestItem]) -> Path:
+    """Writes items in the export format (used by tests and demos; the curation export writes the same columns)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    columns: dict[str, list[Any]] = {name: [] for name in SCHEMA.names}
+    for item in items:
+        columns["image_id"].append(item.image_id)
+        columns["image_uri"].append(item.image_uri)
+        columns["width"].append(item.width)
+        columns["height"].append(item.height)
+        columns["captions"].append(json.dumps(item.captions, sort_keys=True))
+        columns["special_tags"].append(list(item.special_tags))
+        columns["tags"].append(list(item.tags))
+        columns["prompt"].append(item.prompt)
+    pq.write_table(pa.table(columns, schema=SCHEMA), p)
+    return p
+
+
+def read_image_bytes(uri: str, blobs: BlobStore | None = None) -> bytes:
+    """The bytes behind an `image_uri`: any fsspec URI or path, else a key in the blob store."""
+    if "://" in uri or Path(uri).is_absolute() or blobs is None:
+        return open_uri(uri)
+    return blobs.get(uri)
