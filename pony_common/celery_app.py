@@ -30,6 +30,7 @@ QUEUES: dict[str, str] = {
 # Modules whose tasks every worker registers. A module that defines tasks adds itself here.
 TASK_MODULES: list[str] = [
     "pony_common.workflows.tasks",
+    "pony_common.workflows.curation",
 ]
 
 app = Celery("pony")

@@ -17,6 +17,11 @@ COMMAND_MODULES = [
     "pony_common.cli.worker",
     "pony_common.cli.models",
     "pony_common.cli.demo",
+    "pony_common.cli.ingest",
+    "pony_common.cli.status",
+    "pony_common.cli.select",
+    "pony_common.cli.export",
+    "pony_common.cli.report",
     "pony_common.cli.train",
 ]
 

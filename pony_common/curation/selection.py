@@ -1,0 +1,225 @@
+"""Dataset selection: meet a category mix as closely as the pool allows, best scores first, deterministically.
+
+`plan_quotas` is the pure part (how many per category); `select_images` reads the eligible pool from the
+catalog (processed, allowed by safety, not a near-duplicate, score >= min), writes the `selections` rows and
+a JSON report of target vs achieved mix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+
+from sqlalchemy import delete, select
+
+from pony_common.blobs import BlobStore
+from pony_common.catalog.db import Catalog, catalog_for
+from pony_common.catalog.models import AestheticScoreRow, ImageRow, SafetyDecisionRow, SelectionRow
+from pony_common.cli.errors import UsageError
+from pony_common.config import Settings
+from pony_common.curation.categories import CATEGORIES, DEFAULT_MIX, normalize_category
+from pony_common.curation.duplicates import resolve_duplicates
+
+log = logging.getLogger(__name__)
+
+
+def parse_mix(text: str) -> dict[str, float]:
+    """`pony=0.10,furry=0.10,...` -> weights normalised to sum 1. UsageError on unknown names or bad numbers."""
+    mix: dict[str, float] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        name, sep, value = part.partition("=")
+        category = normalize_category(name)
+        if not sep or category is None:
+            raise UsageError(f"--mix: {part!r} is not CATEGORY=WEIGHT with CATEGORY one of {', '.join(CATEGORIES)}")
+        try:
+            weight = float(value)
+        except ValueError:
+            raise UsageError(f"--mix: weight of {name.strip()} is not a number: {value!r}") from None
+        if weight < 0 or weight != weight:
+            raise UsageError(f"--mix: weight of {name.strip()} must be >= 0")
+        mix[category] = mix.get(category, 0.0) + weight
+    total = sum(mix.values())
+    if total <= 0:
+        raise UsageError("--mix: the weights sum to 0")
+    return {c: w / total for c, w in mix.items()}
+
+
+def _apportion(total: int, weights: Mapping[str, float]) -> dict[str, int]:
+    """Largest-remainder split of `total` by `weights` (ties broken by CATEGORIES order)."""
+    wsum = sum(weights.values())
+    if total <= 0 or wsum <= 0:
+        return {c: 0 for c in weights}
+    exact = {c: total * w / wsum for c, w in weights.items()}
+    out = {c: int(v) for c, v in exact.items()}
+    order = sorted(weights, key=lambda c: (-(exact[c] - out[c]), _rank(c)))
+    for c in order[: total - sum(out.values())]:
+        out[c] += 1
+    return out
+
+
+def _rank(category: str) -> int:
+    return CATEGORIES.index(category) if category in CATEGORIES else len(CATEGORIES)
+
+
+def plan_quotas(total: int, mix: Mapping[str, float], available: Mapping[str, int]) -> dict[str, int]:
+    """How many images per category: the mix's share of `total`, capped by what is available; a shortfall is
+    handed to the categories that still have spare images, in proportion to their mix weights (repeated until
+    nothing is left to hand out or no category has spare images). Categories outside the mix get nothing."""
+    cats = [c for c in sorted(mix, key=_rank) if mix[c] > 0]
+    quota = {c: 0 for c in cats}
+    remaining = total
+    open_cats = [c for c in cats if available.get(c, 0) > 0]
+    while remaining > 0 and open_cats:
+        share = _apportion(remaining, {c: mix[c] for c in open_cats})
+        given = 0
+        for c in open_cats:
+            take = min(share[c], available.get(c, 0) - quota[c])
+            quota[c] += take
+            given += take
+        remaining -= given
+        # Each round gives at least one image (shares sum to `remaining` over categories with spare ones),
+        # so this ends after at most one round per category.
+        open_cats = [c for c in open_cats if available.get(c, 0) > quota[c]]
+    return quota
+
+
+@dataclass
+class CategoryReport:
+    category: str
+    target_share: float
+    target: int
+    available: int
+    selected: int
+    achieved_share: float
+    shortfall: int
+
+
+@dataclass
+class SelectionReport:
+    name: str
+    total: int
+    selected: int
+    min_score: float | None
+    categories: list[CategoryReport] = field(default_factory=list)
+    # Categories that could not meet their target, with how many images they lacked.
+    shortfalls: dict[str, int] = field(default_factory=dict)
+    image_ids: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, object]:
+        out = asdict(self)
+        out.pop("image_ids")
+        return out
+
+    def table(self) -> str:
+        """The achieved vs target mix as aligned text."""
+        lines = [f"{'category':<10} {'target':>7} {'share':>6} {'avail':>6} {'chosen':>7} {'share':>6} {'short':>6}"]
+        for r in self.categories:
+            lines.append(
+                f"{r.category:<10} {r.target:>7} {r.target_share:>6.1%} {r.available:>6} {r.selected:>7} "
+                f"{r.achieved_share:>6.1%} {r.shortfall:>6}"
+            )
+        lines.append(f"selected {self.selected} of {self.total} requested (selection {self.name!r})")
+        if self.shortfalls:
+            short = ", ".join(f"{c} short by {n}" for c, n in self.shortfalls.items())
+            lines.append(f"shortfalls (redistributed where the pool allowed): {short}")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    image_id: str
+    category: str
+    score: float
+
+
+def eligible_pool(catalog: Catalog, min_score: float | None = None) -> list[Candidate]:
+    """Processed images allowed by safety, not near-duplicates, scored at least `min_score`."""
+    query = (
+        select(ImageRow.id, ImageRow.category, AestheticScoreRow.score)
+        .join(AestheticScoreRow, AestheticScoreRow.image_id == ImageRow.id)
+        .join(SafetyDecisionRow, SafetyDecisionRow.image_id == ImageRow.id)
+        .where(
+            ImageRow.status == "done",
+            ImageRow.is_duplicate.is_(False),
+            SafetyDecisionRow.decision == "allow",
+        )
+    )
+    if min_score is not None:
+        query = query.where(AestheticScoreRow.score >= min_score)
+    with catalog.session() as s:
+        return [Candidate(r.id, r.category or "other", float(r.score)) for r in s.execute(query)]
+
+
+def choose(
+    pool: list[Candidate], total: int, mix: Mapping[str, float]
+) -> tuple[list[Candidate], dict[str, int], dict[str, int]]:
+    """The selection from a pool: per category the highest scores (ties: smaller id). Returns
+    (chosen in rank order, quotas, the mix's plain targets)."""
+    by_cat: dict[str, list[Candidate]] = {}
+    for c in sorted(pool, key=lambda c: (-c.score, c.image_id)):
+        by_cat.setdefault(c.category, []).append(c)
+    quotas = plan_quotas(total, mix, {k: len(v) for k, v in by_cat.items()})
+    chosen = [c for cat, n in quotas.items() for c in by_cat.get(cat, [])[:n]]
+    chosen.sort(key=lambda c: (-c.score, c.image_id))
+    return chosen, quotas, _apportion(total, mix)
+
+
+def select_images(
+    settings: Settings,
+    total: int,
+    mix: Mapping[str, float] | None = None,
+    *,
+    min_score: float | None = None,
+    name: str = "default",
+) -> SelectionReport:
+    """`ponyctl select`: writes selection `name` (replacing it) and returns target vs achieved mix."""
+    if total < 1:
+        raise UsageError("--total must be at least 1")
+    if min_score is not None and not 0.0 <= min_score <= 1.0:
+        raise UsageError("--min-score must be in [0, 1]")
+    mix = dict(mix or DEFAULT_MIX)
+    catalog = catalog_for(settings.database_url)
+    resolve_duplicates(catalog)
+    pool = eligible_pool(catalog, min_score)
+    chosen, quotas, targets = choose(pool, total, mix)
+    available: dict[str, int] = {}
+    for c in pool:
+        available[c.category] = available.get(c.category, 0) + 1
+    with catalog.session() as s:
+        s.execute(delete(SelectionRow).where(SelectionRow.name == name))
+        s.add_all(
+            SelectionRow(name=name, image_id=c.image_id, rank=i, category=c.category) for i, c in enumerate(chosen)
+        )
+    report = SelectionReport(
+        name=name, total=total, selected=len(chosen), min_score=min_score, image_ids=[c.image_id for c in chosen]
+    )
+    for cat in sorted(mix, key=_rank):
+        got = quotas.get(cat, 0)
+        report.categories.append(
+            CategoryReport(
+                category=cat,
+                target_share=mix[cat],
+                target=targets.get(cat, 0),
+                available=available.get(cat, 0),
+                selected=got,
+                achieved_share=got / len(chosen) if chosen else 0.0,
+                shortfall=max(0, targets.get(cat, 0) - got),
+            )
+        )
+        if targets.get(cat, 0) > available.get(cat, 0):
+            report.shortfalls[cat] = targets[cat] - available.get(cat, 0)
+    BlobStore(settings.blob_url).put(f"selections/{name}.json", json.dumps(report.as_dict(), indent=2).encode())
+    log.info("selected", extra={"selection": name, "selected": len(chosen), "shortfalls": report.shortfalls})
+    return report
+
+
+def load_selection(catalog: Catalog, name: str) -> list[str]:
+    """The image ids of selection `name` in rank order (empty when there is no such selection)."""
+    with catalog.session() as s:
+        return list(
+            s.scalars(select(SelectionRow.image_id).where(SelectionRow.name == name).order_by(SelectionRow.rank))
+        )

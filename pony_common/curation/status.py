@@ -1,0 +1,135 @@
+"""`ponyctl status`: per-stage counts from the ledger, failures with their reasons, waiting retries, throughput."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import asdict, dataclass, field
+
+from sqlalchemy import func, select
+
+from pony_common.catalog.db import Catalog, catalog_for
+from pony_common.catalog.models import ImageRow, StageRow
+from pony_common.config import Settings
+
+STAGES = ("decode", "caption", "score", "style", "safety", "persist")
+LEDGER_STATES = ("pending", "running", "done", "failed")
+
+
+@dataclass
+class StageStatus:
+    stage: str
+    pending: int = 0
+    running: int = 0
+    done: int = 0
+    failed: int = 0
+    # Finished per second between the first start and the last finish of this stage.
+    per_second: float = 0.0
+
+
+@dataclass
+class Failure:
+    image_id: str
+    stage: str
+    reason: str
+
+
+@dataclass
+class CurationStatus:
+    images: dict[str, int] = field(default_factory=dict)
+    stages: list[StageStatus] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+    retrying: list[Failure] = field(default_factory=list)
+    duplicates: int = 0
+    # Images finished per second over the whole run (first stage start to last persist).
+    images_per_second: float = 0.0
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _utc(value: dt.datetime | None) -> dt.datetime | None:
+    if value is None:
+        return None
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value
+
+
+def _rate(count: int, start: dt.datetime | None, end: dt.datetime | None) -> float:
+    start, end = _utc(start), _utc(end)
+    if not count or start is None or end is None:
+        return 0.0
+    seconds = (end - start).total_seconds()
+    return count / seconds if seconds > 0 else 0.0
+
+
+def curation_status(catalog: Catalog, *, failures: int = 20) -> CurationStatus:
+    """What the curation workflow has done so far, read from the catalog."""
+    out = CurationStatus()
+    with catalog.session() as s:
+        out.images = dict(s.execute(select(ImageRow.status, func.count()).group_by(ImageRow.status)).all())
+        out.duplicates = s.scalar(select(func.count()).where(ImageRow.is_duplicate.is_(True))) or 0
+        counts: dict[str, dict[str, int]] = {}
+        for stage, status, n in s.execute(
+            select(StageRow.stage, StageRow.status, func.count()).group_by(StageRow.stage, StageRow.status)
+        ):
+            counts.setdefault(stage, {})[status] = n
+        spans = {
+            r.stage: r
+            for r in s.execute(
+                select(
+                    StageRow.stage,
+                    func.count().label("n"),
+                    func.min(StageRow.started_at).label("first"),
+                    func.max(StageRow.finished_at).label("last"),
+                )
+                .where(StageRow.status == "done")
+                .group_by(StageRow.stage)
+            )
+        }
+        for stage in [*STAGES, *sorted(set(counts) - set(STAGES))]:
+            if stage not in counts:
+                continue
+            row = StageStatus(stage, **{k: counts[stage].get(k, 0) for k in LEDGER_STATES})
+            span = spans.get(stage)
+            if span is not None:
+                row.per_second = _rate(span.n, span.first, span.last)
+            out.stages.append(row)
+        failed = s.execute(
+            select(StageRow.image_id, StageRow.stage, StageRow.error)
+            .where(StageRow.status == "failed")
+            .order_by(StageRow.finished_at.desc())
+            .limit(failures)
+        )
+        out.failures = [Failure(r.image_id, r.stage, r.error or "") for r in failed]
+        waiting = s.execute(
+            select(StageRow.image_id, StageRow.stage, StageRow.error)
+            .where(StageRow.status == "pending", StageRow.error.is_not(None))
+            .limit(failures)
+        )
+        out.retrying = [Failure(r.image_id, r.stage, r.error or "") for r in waiting]
+        first = s.scalar(select(func.min(StageRow.started_at)).where(StageRow.stage == "caption"))
+        last = s.scalar(select(func.max(StageRow.finished_at)).where(StageRow.stage == "persist"))
+        persisted = counts.get("persist", {}).get("done", 0)
+        out.images_per_second = _rate(persisted, first, last)
+    return out
+
+
+def format_status(status: CurationStatus) -> str:
+    """Plain text for a terminal."""
+    lines = ["images: " + (", ".join(f"{k} {v}" for k, v in sorted(status.images.items())) or "none")]
+    if status.duplicates:
+        lines.append(f"near-duplicates set aside: {status.duplicates}")
+    lines.append(f"{'stage':<8} {'pending':>8} {'running':>8} {'done':>8} {'failed':>8} {'per s':>8}")
+    for r in status.stages:
+        lines.append(f"{r.stage:<8} {r.pending:>8} {r.running:>8} {r.done:>8} {r.failed:>8} {r.per_second:>8.2f}")
+    lines.append(f"throughput: {status.images_per_second:.2f} images/s through the whole workflow")
+    if status.retrying:
+        lines.append("waiting to retry:")
+        lines += [f"  {f.image_id[:12]} {f.stage:<8} {f.reason}" for f in status.retrying]
+    if status.failures:
+        lines.append("failures:")
+        lines += [f"  {f.image_id[:12]} {f.stage:<8} {f.reason}" for f in status.failures]
+    return "\n".join(lines)
+
+
+def status_for(settings: Settings, failures: int = 20) -> CurationStatus:
+    return curation_status(catalog_for(settings.database_url), failures=failures)

@@ -1,0 +1,90 @@
+"""Celery workers as subprocesses (`ponyctl worker`) on given settings: for the demo, the tests and the bench."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from pony_common.config import Settings
+
+CURATION_QUEUES = ("caption", "score", "style", "safety", "persist")
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """`PONY_*` variables that make `Settings.from_env()` in a child process equal `settings`."""
+    env: dict[str, str] = {}
+    for f in dataclasses.fields(settings):
+        if f.name == "extra":
+            continue
+        value = getattr(settings, f.name)
+        if isinstance(value, bool):
+            text = "1" if value else "0"
+        elif isinstance(value, tuple):
+            text = ",".join(str(v) for v in value)
+        else:
+            text = str(value)
+        env[f"PONY_{f.name.upper()}"] = text
+    env.update({k: str(v) for k, v in settings.extra.items()})
+    return env
+
+
+def start_worker(
+    settings: Settings,
+    queues: Sequence[str] = CURATION_QUEUES,
+    *,
+    name: str = "curation",
+    pool: str = "solo",
+    log_path: Path | None = None,
+) -> subprocess.Popen:
+    """Starts `ponyctl worker --queues ... --pool solo` with `settings` in its environment."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PONY_")}
+    env.update(settings_env(settings))
+    env["PYTHONUNBUFFERED"] = "1"
+    cmd = [
+        sys.executable,
+        "-m",
+        "pony_common.cli.main",
+        "worker",
+        "--queues",
+        ",".join(queues),
+        "--pool",
+        pool,
+        "--hostname",
+        f"{name}-{os.getpid()}-{time.monotonic_ns()}@%h",
+    ]
+    out = open(log_path, "ab") if log_path is not None else subprocess.DEVNULL  # noqa: SIM115
+    try:
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    finally:
+        if log_path is not None:
+            out.close()  # type: ignore[union-attr]
+
+
+def stop_worker(proc: subprocess.Popen, *, timeout_s: float = 20.0) -> None:
+    """SIGTERM (warm shutdown), then SIGKILL if it does not exit in time."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+@contextmanager
+def running_workers(settings: Settings, count: int = 1, **kwargs: object) -> Iterator[list[subprocess.Popen]]:
+    """`count` curation workers for the duration of the block, stopped afterwards."""
+    procs = [start_worker(settings, **kwargs) for _ in range(count)]  # type: ignore[arg-type]
+    try:
+        yield procs
+    finally:
+        for proc in procs:
+            stop_worker(proc)
