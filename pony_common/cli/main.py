@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "pony_common.cli.export",
     "pony_common.cli.report",
     "pony_common.cli.train",
+    "pony_common.cli.codex",
 ]
 
 

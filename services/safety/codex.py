@@ -1,0 +1,249 @@
+"""The character codex: a versioned registry of characters (aliases, franchise, age class, real person) in the
+catalog, its YAML file format (`ponyctl codex import/export`), and name lookup that never guesses.
+
+A name matches a character when it equals the character's name or one of its aliases after normalisation:
+Unicode NFKC, lower case, underscores as spaces, runs of whitespace as one space (so `Twilight_Sparkle`,
+`twilight  sparkle` and `Twilight Sparkle` are one name). Text (captions, prompts) is searched for whole-word
+occurrences of names and aliases with punctuation ignored. Anything else is reported as unknown.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+from sqlalchemy import delete, func, select
+
+from pony_common.catalog.db import Catalog, upsert
+from pony_common.catalog.models import CodexCharacterRow, CodexVersionRow
+
+AGE_CLASSES = ("adult", "minor", "ambiguous")
+CHARACTER_KEYS = ("name", "aliases", "franchise", "age_class", "real_person")
+MAX_NAME_LENGTH = 255
+_TEXT_TOKEN = re.compile(r"[^\w']+")
+
+
+class CodexFormatError(ValueError):
+    """A codex file that cannot be used; the message is one line naming the place at fault."""
+
+
+def normalize_name(name: str) -> str:
+    """The lookup key of a character name: NFKC, lower case, `_` as space, whitespace collapsed."""
+    return " ".join(unicodedata.normalize("NFKC", name).lower().replace("_", " ").split())
+
+
+def text_key(text: str) -> str:
+    """`normalize_name` with punctuation (other than apostrophes) as spaces: how names are found inside text."""
+    return " ".join(_TEXT_TOKEN.sub(" ", normalize_name(text)).split())
+
+
+@dataclass(frozen=True)
+class CodexCharacter:
+    name: str
+    aliases: tuple[str, ...] = ()
+    franchise: str = ""
+    age_class: str = "adult"
+    real_person: bool = False
+
+    @property
+    def key(self) -> str:
+        return normalize_name(self.name)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.name, *self.aliases)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "aliases": list(self.aliases),
+            "franchise": self.franchise,
+            "age_class": self.age_class,
+            "real_person": self.real_person,
+        }
+
+
+def _check_unique(characters: Sequence[CodexCharacter], where: str) -> None:
+    owners: dict[str, tuple[int, str]] = {}
+    for i, c in enumerate(characters):
+        for spelled in c.names:
+            for key in {normalize_name(spelled), text_key(spelled)}:
+                if not key:
+                    raise CodexFormatError(f"{where}: character {c.name!r} has a name or alias with no letters")
+                other = owners.get(key)
+                if other is not None and other[0] != i:
+                    raise CodexFormatError(
+                        f"{where}: {spelled!r} of {c.name!r} is the same name as {other[1]!r} of another character"
+                    )
+                owners[key] = (i, spelled)
+
+
+def _character(raw: Any, where: str) -> CodexCharacter:
+    if not isinstance(raw, dict):
+        raise CodexFormatError(f"{where}: must be a mapping with name, age_class, …")
+    unknown = sorted(set(raw) - set(CHARACTER_KEYS))
+    if unknown:
+        raise CodexFormatError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(CHARACTER_KEYS)})")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise CodexFormatError(f"{where}.name: must be a non-empty string")
+    if len(name) > MAX_NAME_LENGTH:
+        raise CodexFormatError(f"{where}.name: longer than {MAX_NAME_LENGTH} characters")
+    aliases = raw.get("aliases", [])
+    if aliases is None:
+        aliases = []
+    if not isinstance(aliases, list) or not all(isinstance(a, str) and a.strip() for a in aliases):
+        raise CodexFormatError(f"{where}.aliases: must be a list of non-empty strings")
+    franchise = raw.get("franchise", "")
+    if franchise is None:
+        franchise = ""
+    if not isinstance(franchise, str):
+        raise CodexFormatError(f"{where}.franchise: must be a string")
+    if "age_class" not in raw:
+        raise CodexFormatError(f"{where}.age_class: missing (one of {', '.join(AGE_CLASSES)})")
+    age_class = raw["age_class"]
+    if age_class not in AGE_CLASSES:
+        raise CodexFormatError(f"{where}.age_class: {age_class!r} is not one of {', '.join(AGE_CLASSES)}")
+    real_person = raw.get("real_person", False)
+    if not isinstance(real_person, bool):
+        raise CodexFormatError(f"{where}.real_person: must be true or false")
+    own = {normalize_name(name)}
+    cleaned = []
+    for alias in aliases:
+        if normalize_name(alias) not in own:
+            own.add(normalize_name(alias))
+            cleaned.append(alias.strip())
+    return CodexCharacter(name.strip(), tuple(cleaned), franchise.strip(), age_class, real_person)
+
+
+def parse_codex(text: str, source: str = "codex") -> list[CodexCharacter]:
+    """Characters from codex YAML (`characters: [{name, aliases, franchise, age_class, real_person}, …]`).
+
+    Raises CodexFormatError with one line naming `source` and the entry at fault.
+    """
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise CodexFormatError(f"{source}: not valid YAML{where}") from None
+    if not isinstance(data, dict) or "characters" not in data:
+        raise CodexFormatError(f"{source}: expected a mapping with a 'characters' list")
+    unknown = sorted(set(data) - {"characters", "codex_version", "note"})
+    if unknown:
+        raise CodexFormatError(f"{source}: unknown top-level key {unknown[0]!r}")
+    raw = data["characters"]
+    if not isinstance(raw, list):
+        raise CodexFormatError(f"{source}: 'characters' must be a list")
+    characters = [_character(entry, f"{source}: characters[{i}]") for i, entry in enumerate(raw)]
+    _check_unique(characters, source)
+    return characters
+
+
+def dump_codex(characters: Iterable[CodexCharacter], version: int) -> str:
+    """Codex YAML (characters sorted by name) that `parse_codex` reads back to the same characters."""
+    ordered = sorted(characters, key=lambda c: c.key)
+    return yaml.safe_dump(
+        {"codex_version": version, "characters": [c.to_dict() for c in ordered]},
+        sort_keys=False,
+        allow_unicode=True,
+    )
+
+
+@dataclass
+class Codex:
+    """One version of the codex, indexed for lookup by name and for finding names in text."""
+
+    version: int
+    characters: tuple[CodexCharacter, ...] = ()
+    _by_name: dict[str, CodexCharacter] = field(default_factory=dict, repr=False)
+    _by_text: dict[str, CodexCharacter] = field(default_factory=dict, repr=False)
+    _max_words: int = field(default=0, repr=False)
+
+    def __post_init__(self) -> None:
+        for c in self.characters:
+            for spelled in c.names:
+                self._by_name.setdefault(normalize_name(spelled), c)
+                key = text_key(spelled)
+                self._by_text.setdefault(key, c)
+                self._max_words = max(self._max_words, len(key.split()))
+
+    def lookup(self, name: str) -> CodexCharacter | None:
+        """The character `name` names exactly (after normalisation), else None: never a near match."""
+        return self._by_name.get(normalize_name(name)) or self._by_text.get(text_key(name))
+
+    def find_in_text(self, text: str) -> list[CodexCharacter]:
+        """Characters whose name or alias occurs in `text` as whole words (longest match first, in order)."""
+        words = text_key(text).split()
+        found: list[CodexCharacter] = []
+        i = 0
+        while i < len(words):
+            for n in range(min(self._max_words, len(words) - i), 0, -1):
+                c = self._by_text.get(" ".join(words[i : i + n]))
+                if c is not None:
+                    if c not in found:
+                        found.append(c)
+                    i += n
+                    break
+            else:
+                i += 1
+        return found
+
+
+class CodexStore:
+    """The codex tables of one catalog: `codex_versions` (one row per import) and `codex_characters`."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+
+    def latest_version(self) -> int:
+        """The current codex version (0 when nothing was ever imported)."""
+        with self.catalog.session() as s:
+            return int(s.scalar(select(func.max(CodexVersionRow.version))) or 0)
+
+    def load(self) -> Codex:
+        with self.catalog.session() as s:
+            version = int(s.scalar(select(func.max(CodexVersionRow.version))) or 0)
+            rows = s.scalars(select(CodexCharacterRow).order_by(CodexCharacterRow.key)).all()
+            characters = tuple(
+                CodexCharacter(r.name, tuple(r.aliases or ()), r.franchise, r.age_class, r.real_person) for r in rows
+            )
+        return Codex(version, characters)
+
+    def import_characters(
+        self, characters: Sequence[CodexCharacter], note: str = "", merge: bool = False
+    ) -> tuple[int, bool]:
+        """Makes `characters` the codex (with `merge`, adds/updates them and keeps the rest) as a new version.
+
+        Returns (version, changed); an import that changes nothing keeps the current version.
+        """
+        _check_unique(characters, "import")
+        with self.catalog.session() as s:
+            current = int(s.scalar(select(func.max(CodexVersionRow.version))) or 0)
+            rows = s.scalars(select(CodexCharacterRow)).all()
+            existing = {
+                r.key: CodexCharacter(r.name, tuple(r.aliases or ()), r.franchise, r.age_class, r.real_person)
+                for r in rows
+            }
+            incoming = {c.key: c for c in characters}
+            target = {**existing, **incoming} if merge else incoming
+            if target == existing and current > 0:
+                return current, False
+            _check_unique(list(target.values()), "codex after merge" if merge else "import")
+            version = current + 1
+            s.add(CodexVersionRow(version=version, note=note))
+            removed = [key for key in existing if key not in target]
+            if removed:
+                s.execute(delete(CodexCharacterRow).where(CodexCharacterRow.key.in_(removed)))
+            changed = [c for key, c in target.items() if existing.get(key) != c]
+            upsert(
+                s,
+                CodexCharacterRow,
+                [{"key": c.key, **c.to_dict(), "aliases": list(c.aliases), "version": version} for c in changed],
+                keys=["key"],
+            )
+            return version, True
