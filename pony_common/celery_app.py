@@ -66,7 +66,10 @@ class PonyTask(Task):
             if not is_retryable(exc) or self.request.called_directly:
                 raise
             retries = self.request.retries
-            countdown = min(60.0, self.retry_backoff_s * (2**retries))
+            # A waiting retry is an unacked message: on Redis it must come due before the visibility timeout,
+            # or the broker hands it out again while it waits (and every copy retries again).
+            visibility = float((self.app.conf.broker_transport_options or {}).get("visibility_timeout", 3600))
+            countdown = min(60.0, visibility / 2, self.retry_backoff_s * (2**retries))
             log.warning(
                 "retrying task",
                 extra={"task": self.name, "retries": retries, "countdown": countdown, "error": str(exc)},
