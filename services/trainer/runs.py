@@ -100,8 +100,8 @@ class RunStore:
                 job_name=job_name,
             )
             s.add(row)
+            s.flush()  # the row before its event (no ORM relationship orders them)
             s.add(RunEventRow(run_id=run_id, kind="state", state=PENDING, message="submitted"))
-            s.flush()
             return _run(row)
 
     def find(self, run_id: str) -> Run | None:

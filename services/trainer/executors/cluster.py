@@ -120,7 +120,14 @@ class KubernetesExecutor:
         return json.loads(resp.data)
 
     def _list_jobs(self) -> list[dict[str, Any]]:
-        resp = self.batch.list_namespaced_job(self.namespace, label_selector=label_selector(), _preload_content=False)
+        try:
+            resp = self.batch.list_namespaced_job(
+                self.namespace, label_selector=label_selector(), _preload_content=False
+            )
+        except ApiException as exc:
+            if _status(exc) == 404:  # no Job resource served yet (an empty emulator): nothing to list
+                return []
+            raise
         return [j for j in json.loads(resp.data).get("items", []) if _run_id(j)]
 
     def cancel(self, run: Run, propagation: str) -> None:
@@ -160,7 +167,7 @@ class KubernetesExecutor:
             except Exception as exc:
                 if self._stop.is_set():
                     return
-                log.warning("Job informer error; relisting", extra={"error": str(exc)[:300]})
+                log.warning("Job informer error; relisting: %s", str(exc)[:300])
                 self._stop.wait(min(self.settings.trainer_resync_s, 2.0))
 
     def _watch_once(self) -> None:
@@ -244,11 +251,14 @@ class KubernetesExecutor:
             pods.sort(key=lambda p: (p["metadata"].get("annotations") or {}).get(COMPLETION_INDEX_ANNOTATION, "0"))
             if not pods:
                 return
-            text = self.core.read_namespaced_pod_log(pods[0]["metadata"]["name"], self.namespace)
+            resp = self.core.read_namespaced_pod_log(
+                pods[0]["metadata"]["name"], self.namespace, _preload_content=False
+            )
+            text = resp.data.decode("utf-8", errors="replace")
         except Exception as exc:
-            log.debug("no pod log yet", extra={"run_id": run.id, "error": str(exc)[:200]})
+            log.debug("no pod log yet: %s", str(exc)[:300], extra={"run_id": run.id})
             return
-        for line in str(text).splitlines():
+        for line in text.splitlines():
             event = parse_event(line)
             if event and event["kind"] == "step":
                 self.store.record_loss(run.id, int(event["step"]), float(event["loss"]))
