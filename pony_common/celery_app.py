@@ -30,6 +30,7 @@ QUEUES: dict[str, str] = {
 # Modules whose tasks every worker registers. A module that defines tasks adds itself here.
 TASK_MODULES: list[str] = [
     "pony_common.workflows.tasks",
+    "services.sampler.tasks",
     "pony_common.workflows.curation",
 ]
 
@@ -98,7 +99,13 @@ def pony_task(name: str, queue: str, *, idempotent: bool = True, **options: Any)
 
 
 def configure_app(settings: Settings) -> Celery:
-    """Points the app at the configured broker and result backend. Call once per process."""
+    """Points the app at the configured broker and result backend (once per process; again is safe)."""
+    # Re-configuring (tests, the demo) must not keep the previous broker pool or result backend.
+    app.close()
+    app._backend_cache = None
+    if "amqp" in app.__dict__:
+        app.amqp._producer_pool = None
+    app._local.__dict__.pop("backend", None)
     transport_options: dict[str, Any] = {}
     if settings.broker_url.startswith(("redis://", "rediss://")):
         # Unacked messages of a dead worker come back after this long.

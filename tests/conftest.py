@@ -65,7 +65,8 @@ def redis_url() -> Iterator[str]:
     require("Redis", *REDIS_HOST)
     import redis
 
-    db = int(os.environ.get("PONY_TEST_REDIS_DB", "7"))
+    # One database per test process, so concurrent test runs on one machine do not flush each other's queues.
+    db = int(os.environ.get("PONY_TEST_REDIS_DB", str(1 + os.getpid() % 15)))
     client = redis.Redis(host=REDIS_HOST[0], port=REDIS_HOST[1], db=db)
     client.flushdb()
     try:

@@ -7,7 +7,7 @@ import hmac
 import inspect
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -137,7 +137,7 @@ def _wrap(
         async def unary_stream(request: Any, context: aio.ServicerContext) -> Any:
             started = await begin(context)
             try:
-                async for item in inner_us(request, context):
+                async for item in _items(inner_us(request, context)):
                     yield item
             except BaseException as exc:
                 if not guard(exc):
@@ -172,7 +172,7 @@ def _wrap(
     async def stream_stream(request_iter: Any, context: aio.ServicerContext) -> Any:
         started = await begin(context)
         try:
-            async for item in inner_ss(request_iter, context):
+            async for item in _items(inner_ss(request_iter, context)):
                 yield item
         except BaseException as exc:
             if not guard(exc):
@@ -188,6 +188,19 @@ def _wrap(
 
 def _is_cancel(exc: BaseException) -> bool:
     return isinstance(exc, asyncio.CancelledError)
+
+
+async def _items(result: Any) -> AsyncIterator[Any]:
+    """Streams from an async generator handler, or awaits a coroutine handler that writes with context.write()."""
+    if inspect.isawaitable(result):
+        await result
+        return
+    if hasattr(result, "__aiter__"):
+        async for item in result:
+            yield item
+        return
+    for item in result:
+        yield item
 
 
 async def _maybe_await(value: Any) -> Any:

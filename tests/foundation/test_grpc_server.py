@@ -1,0 +1,202 @@
+"""The gRPC bootstrap every service uses: health, reflection, error mapping, auth, limits, retries, SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from pony.v1 import common_pb2, scorer_pb2, scorer_pb2_grpc
+from pony_common.config import Settings
+from pony_common.grpc.client import channel
+from pony_common.grpc.server import start_server
+from tests.conftest import free_port
+from tests.foundation.echo_service import create_service
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def score(stub: scorer_pb2_grpc.ScorerStub, uri: str, **kw: object) -> scorer_pb2.ScoreResponse:
+    return stub.Score(scorer_pb2.ScoreRequest(images=[common_pb2.ImageRef(uri=uri)]), timeout=10, **kw)
+
+
+def run_server(settings: Settings, gate: threading.Event | None = None):
+    """Starts the echo service on a free port in a background event loop; returns (port, stop, loop, running)."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    running = asyncio.run_coroutine_threadsafe(
+        start_server(settings, create_service(settings, gate), port=0, host="127.0.0.1"), loop
+    ).result(10)
+
+    def stop() -> None:
+        asyncio.run_coroutine_threadsafe(running.stop(0), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+
+    return running.port, stop, loop, running
+
+
+@pytest.fixture
+def server(settings: Settings):
+    port, stop, _, _ = run_server(settings)
+    try:
+        yield port
+    finally:
+        stop()
+
+
+def test_health_reports_liveness_and_readiness_after_model_load(settings: Settings) -> None:
+    gate = threading.Event()
+    port, stop, _, _ = run_server(settings, gate)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+
+            def status(name: str) -> int:
+                return health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status
+
+            assert status("") == health_pb2.HealthCheckResponse.SERVING
+            assert status("liveness") == health_pb2.HealthCheckResponse.SERVING
+            assert status("readiness") == health_pb2.HealthCheckResponse.NOT_SERVING
+            watch = health.Watch(health_pb2.HealthCheckRequest(service="readiness"), timeout=10)
+            assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            gate.set()
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            watch.cancel()
+            assert status("readiness") == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.RpcError) as err:
+                status("no.such.Service")
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        gate.set()
+        stop()
+
+
+def test_reflection_lists_the_services(server: int) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{server}") as ch:
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        names = {s.name for s in next(responses).list_services_response.service}
+    assert {"pony.v1.Scorer", "grpc.health.v1.Health"} <= names
+
+
+@pytest.mark.parametrize(
+    ("uri", "code", "fragment"),
+    [
+        ("overload", grpc.StatusCode.RESOURCE_EXHAUSTED, "too many"),
+        ("down", grpc.StatusCode.UNAVAILABLE, "database is down"),
+        ("boom", grpc.StatusCode.INTERNAL, "internal error"),
+    ],
+)
+def test_domain_errors_arrive_as_status_codes(server: int, uri: str, code: grpc.StatusCode, fragment: str) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{server}") as ch, pytest.raises(grpc.RpcError) as err:
+        score(scorer_pb2_grpc.ScorerStub(ch), uri)
+    assert err.value.code() == code
+    assert fragment in err.value.details()
+    assert "hunter2" not in err.value.details()
+
+
+def test_invalid_argument_names_the_field_and_carries_a_request_id(server: int) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{server}") as ch:
+        stub = scorer_pb2_grpc.ScorerStub(ch)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Score(scorer_pb2.ScoreRequest(), timeout=5, metadata=(("x-request-id", "req-123"),))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("images:")
+    assert ("x-request-id", "req-123") in tuple(err.value.initial_metadata())
+
+
+def test_bearer_auth_rejects_missing_and_wrong_tokens_but_not_health(settings: Settings) -> None:
+    settings = settings.replace(auth_token="s3cret")
+    port, stop, _, _ = run_server(settings)
+    try:
+        address = f"127.0.0.1:{port}"
+        with grpc.insecure_channel(address) as ch:
+            stub = scorer_pb2_grpc.ScorerStub(ch)
+            with pytest.raises(grpc.RpcError) as err:
+                score(stub, "x")
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.RpcError) as err:
+                score(stub, "x", metadata=(("authorization", "Bearer wrong"),))
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            health = health_pb2_grpc.HealthStub(ch)
+            assert health.Check(health_pb2.HealthCheckRequest(service="liveness"), timeout=5).status == 1
+        with channel(settings, address) as ch:  # the client factory adds the token
+            assert score(scorer_pb2_grpc.ScorerStub(ch), "ok").results[0].image_id == "ok"
+    finally:
+        stop()
+
+
+def test_message_size_limit_is_enforced(settings: Settings) -> None:
+    settings = settings.replace(max_message_mb=1)
+    port, stop, _, _ = run_server(settings)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            big = scorer_pb2.ScoreRequest(images=[common_pb2.ImageRef(data=b"\0" * (2 * 1024 * 1024))])
+            with pytest.raises(grpc.RpcError) as err:
+                scorer_pb2_grpc.ScorerStub(ch).Score(big, timeout=10)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        stop()
+
+
+def test_client_retries_unavailable_until_the_server_is_up(settings: Settings) -> None:
+    port = free_port()
+    settings = settings.replace(scorer_addr=f"127.0.0.1:{port}", rpc_retries=5)
+    started: list = []
+
+    def start_later() -> None:
+        time.sleep(0.4)
+        loop = asyncio.new_event_loop()
+        threading.Thread(target=loop.run_forever, daemon=True).start()
+        running = asyncio.run_coroutine_threadsafe(
+            start_server(settings, create_service(settings), port=port, host="127.0.0.1"), loop
+        ).result(10)
+        started.append((loop, running))
+
+    t = threading.Thread(target=start_later)
+    t.start()
+    try:
+        with channel(settings, "scorer") as ch:
+            assert score(scorer_pb2_grpc.ScorerStub(ch), "late").results[0].image_id == "late"
+    finally:
+        t.join()
+        for loop, running in started:
+            asyncio.run_coroutine_threadsafe(running.stop(0), loop).result(10)
+            loop.call_soon_threadsafe(loop.stop)
+
+
+def test_sigterm_drains_the_in_flight_call_then_stops() -> None:
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.foundation.echo_service", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            grpc.channel_ready_future(ch).result(timeout=30)
+            stub = scorer_pb2_grpc.ScorerStub(ch)
+            slow = stub.Score.future(scorer_pb2.ScoreRequest(images=[common_pb2.ImageRef(uri="slow:1.5")]), timeout=20)
+            time.sleep(0.5)  # the call is in flight
+            proc.send_signal(signal.SIGTERM)
+            assert slow.result().results[0].image_id == "slow:1.5"
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
