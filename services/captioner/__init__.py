@@ -1,0 +1,1 @@
+"""The captioner service (`pony.v1.Captioner`): VLM captions of several kinds, guided by tags and characters."""
