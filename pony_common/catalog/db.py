@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -103,10 +104,12 @@ def upsert(
 
 
 _catalogs: dict[str, Catalog] = {}
+_catalogs_lock = threading.Lock()  # services loading in parallel threads must not migrate at the same time
 
 
 def catalog_for(url: str) -> Catalog:
     """One migrated Catalog per database URL per process (workers and services share it)."""
-    if url not in _catalogs:
-        _catalogs[url] = Catalog(url)
-    return _catalogs[url]
+    with _catalogs_lock:
+        if url not in _catalogs:
+            _catalogs[url] = Catalog(url)
+        return _catalogs[url]

@@ -1,0 +1,82 @@
+"""Scorer, style tagger and safety started in one process share one CLIP image tower (one copy of the weights)."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+from grpc import aio
+from PIL import Image
+from transformers import CLIPVisionModel
+
+from pony.v1 import (
+    common_pb2,
+    safety_pb2,
+    safety_pb2_grpc,
+    scorer_pb2,
+    scorer_pb2_grpc,
+    style_tagger_pb2,
+    style_tagger_pb2_grpc,
+)
+from pony_common.config import Settings
+from pony_common.models.clip import ClipImageTower
+from pony_common.stack import start_stack
+
+
+def vision_towers() -> int:
+    """How many CLIP vision models are alive in this process."""
+    gc.collect()
+    return sum(type(o) is CLIPVisionModel for o in gc.get_objects())
+
+
+def test_scorer_style_tagger_and_safety_in_one_process_share_one_tower(
+    settings: Settings, tiny_models: Path, tmp_path: Path
+) -> None:
+    # A models folder of our own, so no other test's tower for the same path can be counted here.
+    models = tmp_path / "models"
+    shutil.copytree(tiny_models / "clip", models / "clip")
+    shutil.copytree(tiny_models / "heads", models / "heads")
+    settings = settings.replace(models_dir=str(models))
+    clip_path = str(models / "clip")
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40), (0, 128, 128)).save(buf, format="PNG")
+    image = common_pb2.ImageRef(data=buf.getvalue())
+
+    before = vision_towers()
+
+    async def scenario() -> None:
+        stack = await start_stack(settings, ["scorer", "style-tagger", "safety"], free_ports=True)
+        try:
+            await stack.wait_ready(120)
+            scorer = stack.servers["scorer"].definition.load.__self__.scorer
+            tagger = stack.servers["style-tagger"].definition.load.__self__
+            checker = stack.servers["safety"].definition.load.__self__
+            assert scorer.tower is tagger.encoder is checker.classifier.tower
+            assert tagger.encoder is ClipImageTower.shared(clip_path)
+            assert vision_towers() == before + 1
+
+            s = stack.settings
+            async with (
+                aio.insecure_channel(s.scorer_addr) as a,
+                aio.insecure_channel(s.style_tagger_addr) as b,
+                aio.insecure_channel(s.safety_addr) as c,
+            ):
+                by_scorer = await scorer_pb2_grpc.ScorerStub(a).Embed(scorer_pb2.EmbedRequest(images=[image]))
+                by_tagger = await style_tagger_pb2_grpc.StyleTaggerStub(b).Embed(
+                    style_tagger_pb2.StyleTaggerEmbedRequest(images=[image])
+                )
+                checked = await safety_pb2_grpc.SafetyStub(c).Check(
+                    safety_pb2.CheckRequest(items=[safety_pb2.SafetyItem(image=image)])
+                )
+            assert np.array_equal(by_scorer.results[0].embedding, by_tagger.results[0].embedding)
+            assert by_scorer.provenance.model_version == by_tagger.provenance.model_version
+            assert checked.results[0].provenance.model_version == by_tagger.provenance.model_version
+            assert vision_towers() == before + 1
+        finally:
+            await stack.stop(0)
+
+    asyncio.run(scenario())
