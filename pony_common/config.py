@@ -69,6 +69,7 @@ class Settings:
     tls_cert: str = ""  # PEM paths; both set = TLS on the server
     tls_key: str = ""
     tls_ca: str = ""  # clients: CA bundle to trust
+    health_port: int = 0  # with TLS: a plaintext port serving only grpc.health.v1 (kubelet probes speak plaintext)
     max_message_mb: int = 64
     max_concurrent_rpcs: int = 64
     shutdown_grace_s: float = 10.0
@@ -160,6 +161,7 @@ class Settings:
     sampler_compile: bool = False  # torch.compile the transformer inside the Triton model
     sampler_warmup: str = ""  # warm-up generations at load, e.g. "1024x1024x28,512x512x4"
     sampler_random_init: str = ""  # "full": random full-size weights instead of loading them (benchmarks)
+    sampler_job_timeout_s: float = 600.0  # one generation job's GenerateStream deadline
     triton_start_timeout_s: float = 300.0
 
     extra: Mapping[str, str] = field(default_factory=dict)

@@ -53,6 +53,8 @@ class RunningServer:
     health: health.aio.HealthServicer
     definition: ServiceDefinition
     loading: asyncio.Task | None = None
+    health_server: aio.Server | None = None
+    health_port: int = 0
     _stopping: bool = field(default=False, repr=False)
 
     async def wait_ready(self, timeout: float | None = None) -> None:
@@ -67,6 +69,8 @@ class RunningServer:
         self._stopping = True
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         if self.loading is not None and not self.loading.done():
             self.loading.cancel()
         if self.definition.close is not None:
@@ -111,6 +115,14 @@ async def start_server(
     for name in ("", LIVENESS, *definition.full_names):
         await health_servicer.set(name, SERVING)
     running = RunningServer(server, bound, health_servicer, definition)
+    if creds is not None and settings.health_port:
+        # Kubelet gRPC probes cannot speak TLS: the same health state on a plaintext, health-only port.
+        running.health_server = aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, running.health_server)
+        running.health_port = running.health_server.add_insecure_port(
+            f"{host or settings.bind_host}:{settings.health_port}"
+        )
+        await running.health_server.start()
     await health_servicer.set(READINESS, NOT_SERVING)
     running.loading = asyncio.create_task(_load(running))
     log.info("serving", extra={"service": definition.name, "port": bound, "tls": creds is not None})

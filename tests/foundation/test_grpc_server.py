@@ -200,3 +200,33 @@ def test_sigterm_drains_the_in_flight_call_then_stops() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def make_cert(folder: Path) -> tuple[Path, Path]:
+    key, cert = folder / "tls.key", folder / "tls.crt"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return key, cert
+
+
+def test_tls_server_with_a_plaintext_health_port_for_probes(settings: Settings, tmp_path: Path) -> None:
+    key, cert = make_cert(tmp_path)
+    health_port = free_port()
+    settings = settings.replace(tls_cert=str(cert), tls_key=str(key), tls_ca=str(cert), health_port=health_port)
+    port, stop, _, running = run_server(settings)
+    try:
+        with channel(settings, f"localhost:{port}") as ch:
+            assert score(scorer_pb2_grpc.ScorerStub(ch), "tls").results[0].image_id == "tls"
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch, pytest.raises(grpc.RpcError):
+            score(scorer_pb2_grpc.ScorerStub(ch), "plain")
+        with grpc.insecure_channel(f"127.0.0.1:{running.health_port}") as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            assert health.Check(health_pb2.HealthCheckRequest(service="liveness"), timeout=5).status == 1
+            with pytest.raises(grpc.RpcError) as err:
+                score(scorer_pb2_grpc.ScorerStub(ch), "not here")
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        stop()
