@@ -37,7 +37,7 @@ class Settings:
     """
 
     # --- where state lives (the embedded default: one folder) ---
-    state_dir: str = ".pony"
+    state_dir: str = ".pony"  # the folder holding the embedded default's state
     database_url: str = ""  # default sqlite:///<state_dir>/catalog.db
     broker_url: str = ""  # default sqla+sqlite:///<state_dir>/broker.db
     result_backend: str = ""  # default db+sqlite:///<state_dir>/results.db
@@ -45,18 +45,18 @@ class Settings:
     models_dir: str = ""  # default <state_dir>/models
 
     # --- models: Hugging Face id or local path; empty = <models_dir>/<name> ---
-    captioner_model: str = ""
-    scorer_model: str = ""
-    scorer_head: str = ""
-    style_tagger_model: str = ""
-    safety_model: str = ""
-    safety_head: str = ""
-    sampler_model: str = ""
-    device: str = "cpu"
-    dtype: str = "float32"
+    captioner_model: str = ""  # VLM (Florence-2, InternVL, Qwen2.5-VL, LLaVA) id or path
+    scorer_model: str = ""  # CLIP ViT-L/14 id or path (openai/clip-vit-large-patch14)
+    scorer_head: str = ""  # aesthetic head: our head folder or a LAION .pth; empty = <models_dir>/heads/aesthetic
+    style_tagger_model: str = ""  # style image encoder (CLIP or ViT) id or path
+    safety_model: str = ""  # CLIP id or path for the NSFW head
+    safety_head: str = ""  # NSFW head folder; empty = <models_dir>/heads/nsfw
+    sampler_model: str = ""  # AuraFlow pipeline folder or id loaded into Triton as pony_v7
+    device: str = "cpu"  # torch device of the services: cpu | cuda | cuda:N
+    dtype: str = "float32"  # float32 | bfloat16 | float16
 
     # --- service addresses (clients) ---
-    captioner_addr: str = "127.0.0.1:50051"
+    captioner_addr: str = "127.0.0.1:50051"  # where clients find each service (host:port)
     scorer_addr: str = "127.0.0.1:50052"
     style_tagger_addr: str = "127.0.0.1:50053"
     safety_addr: str = "127.0.0.1:50054"
@@ -64,30 +64,30 @@ class Settings:
     sampler_addr: str = "127.0.0.1:50056"
 
     # --- gRPC servers ---
-    bind_host: str = "0.0.0.0"
+    bind_host: str = "0.0.0.0"  # address the gRPC servers listen on
     auth_token: str = ""  # bearer token; empty = no auth
     tls_cert: str = ""  # PEM paths; both set = TLS on the server
     tls_key: str = ""
     tls_ca: str = ""  # clients: CA bundle to trust
     health_port: int = 0  # with TLS: a plaintext port serving only grpc.health.v1 (kubelet probes speak plaintext)
-    max_message_mb: int = 64
-    max_concurrent_rpcs: int = 64
-    shutdown_grace_s: float = 10.0
-    rpc_timeout_s: float = 60.0
-    rpc_retries: int = 5
+    max_message_mb: int = 64  # gRPC message size limit, both directions
+    max_concurrent_rpcs: int = 64  # calls served at once; more get RESOURCE_EXHAUSTED
+    shutdown_grace_s: float = 10.0  # SIGTERM: how long in-flight calls may finish
+    rpc_timeout_s: float = 60.0  # client deadline per call
+    rpc_retries: int = 5  # client attempts on UNAVAILABLE (2..5)
 
     # --- images ---
-    max_image_pixels: int = 64_000_000
-    image_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
+    max_image_pixels: int = 64_000_000  # larger images are refused (decompression bombs)
+    image_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP")  # decoder allow-list, comma-separated
 
     # --- Celery ---
-    worker_concurrency: int = 1
-    task_max_retries: int = 8
-    task_retry_backoff_s: float = 1.0
+    worker_concurrency: int = 1  # processes per Celery worker
+    task_max_retries: int = 8  # retries of a task whose service is UNAVAILABLE
+    task_retry_backoff_s: float = 1.0  # first retry delay; doubles per retry
 
     # --- observability ---
-    log_level: str = "INFO"
-    log_json: bool = True
+    log_level: str = "INFO"  # DEBUG | INFO | WARNING | ERROR
+    log_json: bool = True  # one JSON object per log line (request id, trace id)
     metrics_port: int = 0  # 0 = off; 9090 in the cluster
     otlp_endpoint: str = ""  # empty = tracing export off
 
