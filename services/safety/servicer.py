@@ -104,7 +104,7 @@ def result_proto(v: SafetyVerdict, provenance: common_pb2.Provenance) -> safety_
         flags=v.flags,
         decision=safety_pb2.DECISION_BLOCK if v.decision == BLOCK else safety_pb2.DECISION_ALLOW,
         reasons=[safety_pb2.Reason(rule_id=r.rule_id, message=r.message) for r in v.reasons],
-        codex_version=f"v{v.codex_version}",
+        codex_version=str(v.codex_version),
         unknown_characters=v.unknown_characters,
         provenance=provenance,
         matched_characters=v.matched_characters,

@@ -89,7 +89,7 @@ def test_check_over_grpc_with_images_prompts_and_codex_reload(model_settings: Se
                 gen, txt, bad, empty, who = response.results
                 assert gen.decision == safety_pb2.DECISION_BLOCK and gen.rating == common_pb2.RATING_EXPLICIT
                 assert [r.rule_id for r in gen.reasons] == ["codex.minor_explicit"]
-                assert "codex v1" in gen.reasons[0].message and gen.codex_version == "v1"
+                assert "codex v1" in gen.reasons[0].message and gen.codex_version == "1"
                 assert len(gen.rating_scores) == 3 and gen.image_id and gen.matched_characters == ["Sweetie Belle"]
                 assert "classifier.explicit" in gen.flags
                 assert txt.decision == safety_pb2.DECISION_ALLOW and txt.rating == common_pb2.RATING_SAFE
@@ -108,7 +108,7 @@ def test_check_over_grpc_with_images_prompts_and_codex_reload(model_settings: Se
                     safety_pb2.CheckRequest(items=[safety_pb2.SafetyItem(characters=["rarity"], caption="nude")])
                 )
                 (r,) = again.results
-                assert r.codex_version == "v2" and not r.unknown_characters
+                assert r.codex_version == "2" and not r.unknown_characters
                 assert [x.rule_id for x in r.reasons] == ["codex.minor_explicit"] and "codex v2" in r.reasons[0].message
 
                 await expect_invalid(stub.Check(safety_pb2.CheckRequest()), "items")
