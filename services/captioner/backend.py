@@ -154,9 +154,23 @@ class VlmCaptioner:
     def template_version(self) -> str:
         return self.prompts.version
 
+    @property
+    def model(self) -> Any:
+        """The loaded transformers model (FailedPrecondition before `load()`)."""
+        if self._model is None:
+            raise FailedPrecondition("the captioner model is not loaded yet")
+        return self._model
+
+    @property
+    def processor(self) -> Any:
+        """The loaded processor (FailedPrecondition before `load()`)."""
+        if self._processor is None:
+            raise FailedPrecondition("the captioner model is not loaded yet")
+        return self._processor
+
     # --- generation ---
 
-    def _text_input(self, prompt: str) -> str:
+    def chat_prompt(self, prompt: str) -> str:
         """The chat-formatted prompt with one image slot, or the bare prompt for processors without a chat template
         (Florence-2 style task prompts)."""
         if getattr(self._processor, "chat_template", None):
@@ -168,7 +182,7 @@ class VlmCaptioner:
         """Raw generated text for each (image, prompt), one batched `generate` call, greedy."""
         if self._model is None:
             raise FailedPrecondition("the captioner model is not loaded yet")
-        texts = [self._text_input(p) for p in prompts]
+        texts = [self.chat_prompt(p) for p in prompts]
         inputs = self._processor(images=list(images), text=texts, return_tensors="pt", padding=True)
         inputs = {
             k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
