@@ -76,8 +76,8 @@ FAMILIES: dict[str, dict] = {
 # A tag that reveals the family in a `.txt` sidecar (which has no category field).
 HINT_TAGS = {"pony": "my little pony", "furry": "furry", "western": "cartoon", "anime": "anime", "realism": "realistic"}
 
-# Tags a safety tag rule blocks (sexual content involving minors): the pool's "must block" images carry them.
-BLOCKED_TAGS = ["loli", "explicit", "nude"]
+# Tag sets the safety service's default tag rules block (`tags.blocked`): the pool's "must block" images.
+BLOCKED_TAG_SETS = [["deepfake"], ["underage", "explicit"], ["deepfake", "nude"]]
 
 
 @dataclass
@@ -187,8 +187,9 @@ def write_sample_pool(
             originals.append((rel, img, meta))
     # Images safety must block: a blocked tag rule hit, spread over families.
     step = max(1, len(originals) // max(1, blocked))
-    for rel, _, meta in [originals[1 + k * step] for k in range(blocked) if 1 + k * step < len(originals)]:
-        meta = {**meta, "tags": [*meta["tags"], *BLOCKED_TAGS]}
+    picks = [originals[1 + k * step] for k in range(blocked) if 1 + k * step < len(originals)]
+    for k, (rel, _, meta) in enumerate(picks):
+        meta = {**meta, "tags": [*meta["tags"], *BLOCKED_TAG_SETS[k % len(BLOCKED_TAG_SETS)]]}
         (out / rel).with_suffix(".json").write_text(json.dumps(meta, indent=1))
         (out / rel).with_suffix(".txt").unlink(missing_ok=True)
         pool.blocked.append(rel)

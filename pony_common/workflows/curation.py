@@ -135,7 +135,11 @@ def _reason(exc: BaseException) -> str:
 
 def caption_image(settings: Settings, catalog: Catalog, row: ImageRow) -> None:
     item = captioner_pb2.CaptionItem(
-        image=image_ref(settings, row), tags=row.tags or [], characters=row.characters or [], item_id=row.id
+        image=image_ref(settings, row),
+        tags=row.tags or [],
+        characters=row.characters or [],
+        artists=[row.artist] if row.artist else [],
+        item_id=row.id,
     )
     resp = call(
         settings, "captioner", captioner_pb2_grpc.CaptionerStub, "Caption", captioner_pb2.CaptionRequest(items=[item])
