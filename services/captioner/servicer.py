@@ -97,9 +97,15 @@ class CaptionerServicer(captioner_pb2_grpc.CaptionerServicer):
         return specs
 
     def _run(
-        self, items: Sequence[captioner_pb2.CaptionItem], specs: list[dict], offset: int, max_new_tokens: int
+        self,
+        items: Sequence[captioner_pb2.CaptionItem],
+        specs: list[dict],
+        offset: int,
+        max_new_tokens: int,
+        context: aio.ServicerContext,
     ) -> list[captioner_pb2.CaptionResult]:
-        """Loads the images (bad ones become item errors) and captions the rest in one backend call."""
+        """Loads the images (bad ones become item errors) and captions the rest in one backend call; stops between
+        generation batches once the caller's deadline has passed or the call was cancelled."""
         results: list[captioner_pb2.CaptionResult] = []
         jobs: list[CaptionJob] = []
         positions: list[int] = []
@@ -117,7 +123,12 @@ class CaptionerServicer(captioner_pb2_grpc.CaptionerServicer):
                 jobs.append(CaptionJob(image=loaded.image, **spec))
                 positions.append(k)
             results.append(result)
-        outcomes = self.captioner.caption(jobs, max_new_tokens) if jobs else []
+
+        def should_stop() -> bool:
+            remaining = context.time_remaining()
+            return context.cancelled() or (remaining is not None and remaining <= 0)
+
+        outcomes = self.captioner.caption(jobs, max_new_tokens, should_stop) if jobs else []
         for k, outcome in zip(positions, outcomes, strict=True):
             self._fill(results[k], outcome, f"items[{offset + k}]")
         return results
@@ -144,7 +155,7 @@ class CaptionerServicer(captioner_pb2_grpc.CaptionerServicer):
     ) -> captioner_pb2.CaptionResponse:
         items = list(request.items)
         specs = self._validate(items, request.max_new_tokens)
-        results = await asyncio.to_thread(self._run, items, specs, 0, request.max_new_tokens)
+        results = await asyncio.to_thread(self._run, items, specs, 0, request.max_new_tokens, context)
         return captioner_pb2.CaptionResponse(results=results)
 
     async def CaptionStream(
@@ -158,7 +169,7 @@ class CaptionerServicer(captioner_pb2_grpc.CaptionerServicer):
         for start in range(0, len(items), step):
             chunk = items[start : start + step]
             results = await asyncio.to_thread(
-                self._run, chunk, specs[start : start + step], start, request.max_new_tokens
+                self._run, chunk, specs[start : start + step], start, request.max_new_tokens, context
             )
             for result in results:
                 done += 1

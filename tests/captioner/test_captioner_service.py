@@ -133,3 +133,16 @@ def test_bad_requests_are_invalid_argument_naming_the_field_and_the_server_stays
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.value.details().startswith(f"{field}:")
     assert readiness(channel) == SERVING
+
+
+def test_a_call_past_its_deadline_ends_and_the_server_keeps_serving(captioner) -> None:
+    stub, channel = captioner
+    items = [item(png_bytes((i, 2 * i, 3 * i), noise_seed=i)) for i in range(8)]
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Caption(captioner_pb2.CaptionRequest(items=items, max_new_tokens=64), timeout=0.3)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert readiness(channel) == SERVING
+    reply = stub.Caption(
+        captioner_pb2.CaptionRequest(items=items[:1], max_new_tokens=4), timeout=120
+    )  # the backend stopped the expired call between batches; this one is served
+    assert reply.results[0].captions

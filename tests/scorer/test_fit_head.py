@@ -97,7 +97,16 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def test_fit_head_learns_preferences_and_the_running_scorer_hot_swaps_to_it(model_settings: Settings) -> None:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def catalog_settings(request: pytest.FixtureRequest, model_settings: Settings) -> Settings:
+    """The tiny models with the catalog on SQLite (embedded default) or PostgreSQL."""
+    if request.param == "sqlite":
+        return model_settings
+    return model_settings.replace(database_url=request.getfixturevalue("postgres_url"))
+
+
+def test_fit_head_learns_preferences_and_the_running_scorer_hot_swaps_to_it(catalog_settings: Settings) -> None:
+    model_settings = catalog_settings
     rng = np.random.default_rng(0)
     w = rng.normal(size=DIM).astype(np.float32)  # the hidden preference direction
     x = unit_vectors(160, rng)

@@ -149,3 +149,44 @@ def test_bad_requests_are_invalid_argument_naming_the_field_and_the_server_stays
         scorer_pb2.ScoreEmbeddingsRequest(embeddings=[common_pb2.Embedding(values=[0.1] * 64)]), timeout=30
     )
     assert ok.results[0].score_tag.startswith("score_")
+
+
+def test_preference_rpcs_store_comparisons_update_elo_and_map_errors(scorer, model_settings: Settings) -> None:
+    import hashlib
+
+    from pony_common.catalog.db import catalog_for
+    from pony_common.catalog.models import ImageRow
+
+    stub, channel = scorer
+    ids = sorted(hashlib.sha256(f"rpc-{i}".encode()).hexdigest() for i in range(3))
+    with catalog_for(model_settings.database_url).session() as s:
+        s.add_all(ImageRow(id=i, blob_key=f"images/{i}.png") for i in ids)
+    pair = stub.NextPair(scorer_pb2.NextPairRequest(rater="ann"), timeout=30)
+    assert {pair.image_a, pair.image_b} <= set(ids) and pair.image_a != pair.image_b
+    assert pair.rating_a == pair.rating_b == 1500.0
+    done = stub.SubmitComparison(
+        scorer_pb2.SubmitComparisonRequest(rater="ann", winner_id=pair.image_a, loser_id=pair.image_b), timeout=30
+    )
+    assert done.winner_rating == pytest.approx(1516) and done.loser_rating == pytest.approx(1484)
+    assert done.recorded_at.seconds > 0
+    again = stub.SubmitComparison(
+        scorer_pb2.SubmitComparisonRequest(rater="ann", winner_id=pair.image_a, loser_id=pair.image_b), timeout=30
+    )
+    assert (again.winner_rating, again.recorded_at) == (done.winner_rating, done.recorded_at)
+    following = stub.NextPair(scorer_pb2.NextPairRequest(rater="ann"), timeout=30)
+    assert {following.image_a, following.image_b} != {pair.image_a, pair.image_b}
+    cases = [
+        (dict(rater="ann", winner_id=pair.image_b, loser_id=pair.image_a), grpc.StatusCode.ALREADY_EXISTS, ""),
+        (dict(rater="", winner_id=ids[0], loser_id=ids[1]), grpc.StatusCode.INVALID_ARGUMENT, "rater:"),
+        (dict(rater="ann", winner_id=ids[0], loser_id=ids[0]), grpc.StatusCode.INVALID_ARGUMENT, "loser_id:"),
+        (dict(rater="ann", winner_id="f" * 64, loser_id=ids[0]), grpc.StatusCode.NOT_FOUND, "winner_id:"),
+    ]
+    for fields, code, prefix in cases:
+        with pytest.raises(grpc.RpcError) as err:
+            stub.SubmitComparison(scorer_pb2.SubmitComparisonRequest(**fields), timeout=30)
+        assert err.value.code() == code
+        assert err.value.details().startswith(prefix)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.NextPair(scorer_pb2.NextPairRequest(rater=""), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith("rater:")
+    assert readiness(channel) == SERVING
