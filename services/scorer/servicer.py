@@ -152,12 +152,18 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
 
     # --- scoring ---
 
-    def _score(self, refs: Sequence[common_pb2.ImageRef]) -> scorer_pb2.ScoreResponse:
+    def _score(self, refs: Sequence[common_pb2.ImageRef], include_embeddings: bool) -> scorer_pb2.ScoreResponse:
         loaded = self._load_images(refs)
         good = [x for x in loaded if isinstance(x, LoadedImage)]
         BATCH_SIZE.labels(SERVICE, "score").observe(len(good))
-        scored = self.scorer.score_images([x.image for x in good])
-        by_position = iter(self._results(scored, [x.image_id for x in good]))
+        head = self.scorer.active_head
+        embeddings = self.scorer.embed([x.image for x in good])
+        scored = self.scorer.score_embeddings(embeddings, head)
+        results = self._results(scored, [x.image_id for x in good])
+        if include_embeddings:
+            for result, vector in zip(results, embeddings.tolist(), strict=True):
+                result.embedding.extend(vector)
+        by_position = iter(results)
         results = []
         for ref, item in zip(refs, loaded, strict=True):
             if isinstance(item, InvalidArgument):
@@ -168,7 +174,7 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
 
     async def Score(self, request: scorer_pb2.ScoreRequest, context: aio.ServicerContext) -> scorer_pb2.ScoreResponse:
         self._check_batch(request.images, "images")
-        return await asyncio.to_thread(self._score, list(request.images))
+        return await asyncio.to_thread(self._score, list(request.images), request.include_embeddings)
 
     def _embed(self, refs: Sequence[common_pb2.ImageRef]) -> scorer_pb2.EmbedResponse:
         loaded = self._load_images(refs)

@@ -52,6 +52,7 @@ def test_score_returns_raw_calibrated_score_and_tags_matching_the_head(scorer, m
         assert result.cumulative_tags.startswith("score_9")
         assert result.provenance.component_version == info.version
         assert result.provenance.model_version
+        assert not result.embedding  # only with include_embeddings
     assert len({r.image_id for r in reply.results}) == 3
 
 
@@ -64,7 +65,8 @@ def test_embed_returns_unit_vectors_that_rescore_to_the_same_scores(scorer) -> N
     for v in vectors:
         assert len(v) == 64
         assert math.sqrt(sum(x * x for x in v)) == pytest.approx(1.0, abs=1e-4)
-    scored = stub.Score(scorer_pb2.ScoreRequest(images=images), timeout=30)
+    scored = stub.Score(scorer_pb2.ScoreRequest(images=images, include_embeddings=True), timeout=30)
+    assert [list(r.embedding) for r in scored.results] == vectors
     rescored = stub.ScoreEmbeddings(
         scorer_pb2.ScoreEmbeddingsRequest(
             embeddings=[common_pb2.Embedding(values=v) for v in vectors],
