@@ -127,10 +127,10 @@ def export_selection(
         raise UsageError(f"selection {name!r} is empty or does not exist: run `ponyctl select --name {name}` first")
     out = Path(out_dir).absolute()
     records = load_records(catalog, ids)
-    if assign_missing_styles and any(r.style_tag is None for r in records):
+    if assign_missing_styles and any(r.style_version is None for r in records):
         from pony_common.curation.styles import assign_styles
 
-        assign_styles(settings, [r.image_id for r in records if r.style_tag is None])
+        assign_styles(settings, [r.image_id for r in records if r.style_version is None])
         records = load_records(catalog, ids)
     blobs = BlobStore(settings.blob_url)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -147,7 +147,7 @@ def export_selection(
     columns = {f.name: [r[f.name] for r in rows] for f in SCHEMA}
     pq.write_table(pa.table(columns, schema=SCHEMA), manifest)
     shards = write_shards(out / "shards", rows, files, shard_size) if webdataset else []
-    missing = sum(r["style_tag"] is None for r in rows)
+    missing = sum(r.style_version is None for r in records)
     log.info("exported", extra={"dir": str(out), "rows": len(rows), "shards": len(shards), "missing_style": missing})
     return ExportSummary(manifest, len(rows), shards, missing)
 

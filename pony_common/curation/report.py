@@ -33,7 +33,7 @@ body{font-family:system-ui,sans-serif;margin:24px;background:#fafafa;color:#222}
 h1{margin:0 0 4px}h2{margin-top:32px;border-bottom:1px solid #ddd;padding-bottom:4px}
 .summary span{display:inline-block;margin-right:18px}
 .charts{display:flex;flex-wrap:wrap;gap:16px}.charts svg{background:#fff;border:1px solid #ddd}
-.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(300px,1fr));gap:12px}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(340px,1fr));gap:12px}
 .card{background:#fff;border:1px solid #ddd;border-radius:6px;padding:8px;display:flex;gap:8px;font-size:12px}
 .card img,.thumb{width:120px;height:120px;object-fit:contain;background:#eee;flex:none}
 .thumb{display:flex;align-items:center;justify-content:center;color:#999}
@@ -41,7 +41,8 @@ h1{margin:0 0 4px}h2{margin-top:32px;border-bottom:1px solid #ddd;padding-bottom
 .card.dup{opacity:.6}
 .badge{display:inline-block;padding:1px 6px;border-radius:8px;margin:1px;background:#e8eef6}
 .allow{background:#dff3df}.blockb{background:#f9d6d6}.fail{background:#ddd}
-.cap{margin:3px 0;color:#444}.kind{font-weight:bold;color:#666}
+.cap{margin:3px 0;color:#444;display:-webkit-box;-webkit-line-clamp:3;-webkit-box-orient:vertical;overflow:hidden}
+.kind{font-weight:bold;color:#666}details{margin:3px 0;color:#444}
 .cluster{background:#fff;border:1px solid #ddd;border-radius:6px;padding:8px;margin-bottom:8px}
 .cluster img{width:72px;height:72px;object-fit:contain;background:#eee;margin-right:4px}
 table{border-collapse:collapse}td,th{padding:2px 10px;border-bottom:1px solid #eee;text-align:right}
@@ -92,14 +93,16 @@ def _card(rec: ImageRecord, thumb: str | None, selected: bool) -> str:
     body = ["<div>", " ".join(badges)]
     if rec.characters:
         body.append(f'<div class="cap"><span class="kind">characters</span> {escape(", ".join(rec.characters))}</div>')
-    for kind in ("short", "medium", "style"):
+    for kind in ("short", "style"):
         if rec.captions.get(kind):
-            body.append(f'<div class="cap"><span class="kind">{kind}</span> {escape(rec.captions[kind])}</div>')
-    if rec.captions.get("long"):
-        body.append(f'<details><summary class="kind">long</summary>{escape(rec.captions["long"])}</details>')
+            text = escape(rec.captions[kind])
+            body.append(f'<div class="cap" title="{text}"><span class="kind">{kind}</span> {text}</div>')
+    for kind in ("medium", "long"):
+        if rec.captions.get(kind):
+            body.append(f'<details><summary class="kind">{kind}</summary>{escape(rec.captions[kind])}</details>')
     if rec.palette_tags:
         body.append(f'<div class="cap"><span class="kind">palette</span> {escape(", ".join(rec.palette_tags))}</div>')
-    for reason in rec.reasons:
+    for reason in rec.reasons if rec.blocked else []:
         text = f"{reason.get('rule_id', '')}: {reason.get('message', '')}"
         body.append(f'<div class="cap"><span class="kind">safety</span> {escape(text)}</div>')
     if rec.error:
@@ -173,7 +176,8 @@ def render_report(
         fam = ", ".join(f"{k} {v}" for k, v in sorted(families.items(), key=lambda kv: -kv[1]))
         imgs = "".join(_img(thumbs.get(m.image_id), m.image_id) for m in members[:CLUSTER_SAMPLES])
         cluster_html.append(
-            f'<div class="cluster"><b>{escape(tag)}</b> · {len(members)} images · {escape(fam)}<div>{imgs}</div></div>'
+            f'<div class="cluster"><b>{escape(tag)}</b> · {len(members)} image{"s" if len(members) != 1 else ""} · '
+            f"{escape(fam)}<div>{imgs}</div></div>"
         )
     order = sorted(
         records,
