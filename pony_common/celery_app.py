@@ -10,6 +10,7 @@ import grpc
 from celery import Celery, Task
 from kombu import Queue
 
+from pony_common import celery_metrics, tracing
 from pony_common.config import Settings
 from pony_common.errors import DependencyUnavailable
 
@@ -36,6 +37,11 @@ TASK_MODULES: list[str] = [
 
 app = Celery("pony")
 _routes: dict[str, dict[str, str]] = {}
+
+# Every task, in publishers and workers alike: trace context in the message headers (PRODUCER/CONSUMER spans) and
+# task metrics (latency, queue wait, retries, failures).
+tracing.instrument_celery()
+celery_metrics.instrument_celery()
 
 F = TypeVar("F", bound=Callable[..., Any])
 

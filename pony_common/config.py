@@ -89,7 +89,8 @@ class Settings:
     log_level: str = "INFO"  # DEBUG | INFO | WARNING | ERROR
     log_json: bool = True  # one JSON object per log line (request id, trace id)
     metrics_port: int = 0  # 0 = off; 9090 in the cluster
-    otlp_endpoint: str = ""  # empty = tracing export off
+    otlp_endpoint: str = ""  # empty = tracing export off; e.g. http://otel-collector:4317 (OTLP over gRPC)
+    trace_sample_ratio: float = 1.0  # share of new traces recorded (a propagated parent's decision is kept)
 
     # --- captioner ---
     captioner_batch_size: int = 8

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
 log = logging.getLogger(__name__)
 
@@ -27,13 +27,29 @@ MODEL_LOAD_SECONDS = Gauge("pony_model_load_seconds", "time the last model load 
 MODEL_INFO = Info("pony_model", "the model and version a service runs", ("service",))
 ITEM_FAILURES = Counter("pony_item_failures", "per-item failures inside a batch call", ("service", "reason"))
 
+# The sampler fills these per generation request from Triton: per-request timings the model returns with its
+# final response, or the deltas of Triton's statistics API (queue.ns, compute_infer.ns) for the model.
+_GENERATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600)
+SAMPLER_QUEUE_WAIT = Histogram(
+    "pony_sampler_queue_wait_seconds",
+    "time a generation request waited in Triton's scheduler queue before the model took it",
+    ("model",),
+    buckets=_GENERATION_BUCKETS,
+)
+SAMPLER_COMPUTE = Histogram(
+    "pony_sampler_compute_seconds",
+    "time the model spent computing a generation request (its batch)",
+    ("model",),
+    buckets=_GENERATION_BUCKETS,
+)
+
 _started: set[int] = set()
 
 
-def start_metrics_server(port: int, addr: str = "0.0.0.0") -> int:
-    """Serves /metrics on `port` once per process (0 = off). Returns the port."""
+def start_metrics_server(port: int, addr: str = "0.0.0.0", registry: CollectorRegistry = REGISTRY) -> int:
+    """Serves /metrics of `registry` on `port` once per process (0 = off). Returns the port."""
     if port and port not in _started:
-        start_http_server(port, addr=addr)
+        start_http_server(port, addr=addr, registry=registry)
         _started.add(port)
         log.info("metrics endpoint up", extra={"port": port})
     return port

@@ -26,10 +26,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         raise UsageError(f"--port {args.port} is not a port number")
     from pony_common.grpc.server import serve_forever
     from pony_common.metrics import start_metrics_server
+    from pony_common.tracing import setup_tracing
 
     if args.port is not None:
         key = name.replace("-", "_")
         settings = settings.replace(**{f"{key}_addr": f"{settings.bind_host}:{args.port}"})
     start_metrics_server(settings.metrics_port)
+    setup_tracing(settings, service_name=f"pony-{name}")
     asyncio.run(serve_forever(settings, [create_service(name, settings)]))
     return 0

@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from pony_common.celery_app import QUEUES, app, configure_app
-    from pony_common.metrics import start_metrics_server
+    from pony_common.celery_metrics import serve_worker_metrics
+    from pony_common.tracing import setup_tracing, setup_tracing_in_children
 
     queues = [q.strip() for q in args.queues.split(",") if q.strip()] or list(QUEUES)
     unknown = [q for q in queues if q not in QUEUES]
@@ -36,7 +37,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         except ImportError as exc:
             raise UsageError(f"--include {module}: {exc}") from None
     app.conf.include = [*app.conf.include, *args.include]
-    start_metrics_server(settings.metrics_port)
+    # A prefork pool's processes run the tasks: their metrics are merged from files (prometheus multiprocess mode).
+    serve_worker_metrics(settings, app, queues, multiprocess=args.pool == "prefork")
+    if args.pool == "prefork":
+        setup_tracing_in_children(settings)
+    else:
+        setup_tracing(settings, service_name="pony-worker")
     argv = ["worker", "-Q", ",".join(queues), "--pool", args.pool, "--loglevel", settings.log_level.upper()]
     argv += ["--concurrency", str(args.concurrency or settings.worker_concurrency)]
     if args.hostname:

@@ -10,6 +10,7 @@ import grpc
 from grpc import aio
 
 from pony_common.config import Settings
+from pony_common.tracing import ClientInterceptor, aio_client_interceptors
 
 
 def _service_config(settings: Settings) -> str:
@@ -93,7 +94,8 @@ class _Details(grpc.ClientCallDetails):
 
 
 def channel(settings: Settings, target: str) -> grpc.Channel:
-    """A blocking channel to `target` (host:port) or to a service name (`scorer`, `style-tagger`, …)."""
+    """A blocking channel to `target` (host:port) or to a service name (`scorer`, `style-tagger`, …).
+    Calls send the current trace context (`traceparent`) in CLIENT spans."""
     address = _address(settings, target)
     creds = _credentials(settings)
     if creds is not None:
@@ -101,11 +103,13 @@ def channel(settings: Settings, target: str) -> grpc.Channel:
             creds = grpc.composite_channel_credentials(
                 creds, grpc.metadata_call_credentials(_Auth(settings.auth_token))
             )
-        return grpc.secure_channel(address, creds, options=_options(settings))
+        return grpc.intercept_channel(
+            grpc.secure_channel(address, creds, options=_options(settings)), ClientInterceptor()
+        )
     ch = grpc.insecure_channel(address, options=_options(settings))
     if settings.auth_token:
         ch = grpc.intercept_channel(ch, _TokenInterceptor(settings.auth_token))
-    return ch
+    return grpc.intercept_channel(ch, ClientInterceptor())
 
 
 class _AioToken(aio.UnaryUnaryClientInterceptor, aio.UnaryStreamClientInterceptor):
@@ -121,11 +125,21 @@ class _AioToken(aio.UnaryUnaryClientInterceptor, aio.UnaryStreamClientIntercepto
         return await continuation(details._replace(metadata=meta), request)
 
 
+class _AioTokenStream(aio.UnaryStreamClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self.pair = ("authorization", f"Bearer {token}")
+
+    intercept_unary_stream = _AioToken.intercept_unary_stream
+
+
 def aio_channel(settings: Settings, target: str) -> aio.Channel:
     """An asyncio channel, configured like `channel`."""
     address = _address(settings, target)
     creds = _credentials(settings)
-    interceptors = [_AioToken(settings.auth_token)] if settings.auth_token and creds is None else None
+    interceptors: list[Any] = aio_client_interceptors()
+    if settings.auth_token and creds is None:
+        # grpc.aio files an interceptor under its first kind only: the token needs one per kind.
+        interceptors += [_AioToken(settings.auth_token), _AioTokenStream(settings.auth_token)]
     if creds is not None:
         if settings.auth_token:
             creds = grpc.composite_channel_credentials(

@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from pony_common import errors
+from pony_common import errors, tracing
 from pony_common.logs import new_request_id, request_id_var
 from pony_common.metrics import RPC_IN_FLIGHT, RPC_LATENCY
 
@@ -73,33 +73,44 @@ class ServerInterceptor(aio.ServerInterceptor):
                 denied = "missing bearer token"
             elif not hmac.compare_digest(supplied[7:].strip().encode(), self.auth_token.encode()):
                 denied = "invalid bearer token"
-        return _wrap(handler, self.service, method, rid, denied, quiet=is_open)
+        return _wrap(handler, self.service, method, rid, denied, quiet=is_open, meta=meta)
 
 
 def _wrap(
-    handler: grpc.RpcMethodHandler, service: str, method: str, rid: str, denied: str | None, quiet: bool
+    handler: grpc.RpcMethodHandler,
+    service: str,
+    method: str,
+    rid: str,
+    denied: str | None,
+    quiet: bool,
+    meta: dict[str, str] | None = None,
 ) -> grpc.RpcMethodHandler:
-    short = method.rsplit("/", 1)[-1]
+    # Health and reflection keep their full name: grpc.health.v1.Health/Check is not the safety service's Check.
+    short = method.lstrip("/") if quiet else method.rsplit("/", 1)[-1]
 
-    async def begin(context: aio.ServicerContext) -> float:
+    async def begin(context: aio.ServicerContext) -> tuple[float, Any]:
         request_id_var.set(rid)
         await context.send_initial_metadata((("x-request-id", rid),))
         if denied:
             RPC_LATENCY.labels(service, short, "UNAUTHENTICATED").observe(0.0)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, denied)
         RPC_IN_FLIGHT.labels(service, short).inc()
-        return time.perf_counter()
+        # The handler runs in a SERVER span continuing the caller's traceparent (health probes stay untraced).
+        span = None if quiet else tracing.start_server_span(service, method, meta or {}, rid)
+        return time.perf_counter(), span
 
     async def fail(context: aio.ServicerContext, exc: BaseException) -> None:
         code, message = status_for(exc)
         if code is grpc.StatusCode.INTERNAL:
             log.exception("rpc failed", extra={"method": method})
+            tracing.record_exception(exc)
         else:
             log.info("rpc error", extra={"method": method, "code": code.name, "error": message})
         context.set_code(code)
         context.set_details(message)
 
-    def finish(context: aio.ServicerContext, started: float) -> None:
+    def finish(context: aio.ServicerContext, begun: tuple[float, Any]) -> None:
+        started, span = begun
         RPC_IN_FLIGHT.labels(service, short).dec()
         code = context.code() or grpc.StatusCode.OK
         if isinstance(code, int):
@@ -108,6 +119,8 @@ def _wrap(
         RPC_LATENCY.labels(service, short, code.name).observe(elapsed)
         if not quiet:
             log.info("rpc", extra={"method": method, "code": code.name, "ms": round(elapsed * 1000, 2)})
+        if span is not None:
+            tracing.end_server_span(*span, code)
 
     def guard(exc: BaseException) -> bool:
         # aio.AbortError is how context.abort() unwinds; it must pass through untouched.
