@@ -137,6 +137,7 @@ class Settings:
     trainer_kube_url: str = ""  # Kubernetes API URL; empty = in-cluster config, else the kubeconfig
     trainer_resync_s: float = 10.0  # the controller relists Jobs at least this often
     trainer_publish_model: str = "pony_v7"  # model_versions name a finished run publishes
+    trainer_local_launcher: str = "auto"  # local executor: auto (torchrun when >1 process) | torchrun | python
 
     # --- sampler / Triton ---
     triton_url: str = "127.0.0.1:8001"

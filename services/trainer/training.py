@@ -308,6 +308,7 @@ class Trainer:
             step=start,
             total_steps=total,
             world_size=self.dist.world_size,
+            backend=dist.get_backend() if dist.is_available() and dist.is_initialized() else "none",
             images=len(items),
             output=str(self.output),
         )

@@ -41,8 +41,12 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def train_command(spec_path: Path, run_id: str, processes: int) -> list[str]:
-    """`torchrun --standalone` (a one-node gloo/nccl group even for one process) running the entrypoint."""
+def train_command(spec_path: Path, run_id: str, processes: int, launcher: str = "auto") -> list[str]:
+    """The entrypoint, under `torchrun --standalone` (a one-node gloo/nccl group, even of one process) when
+    `launcher` is "torchrun" or "auto" with more than one process; plain `python -m` otherwise."""
+    entry = ["-m", "services.trainer.train", "--spec", str(spec_path), "--run-id", run_id]
+    if launcher == "python" or (launcher == "auto" and processes == 1):
+        return [sys.executable, *entry]
     return [
         sys.executable,
         "-m",
@@ -50,12 +54,7 @@ def train_command(spec_path: Path, run_id: str, processes: int) -> list[str]:
         "--standalone",
         "--nnodes=1",
         f"--nproc-per-node={processes}",
-        "-m",
-        "services.trainer.train",
-        "--spec",
-        str(spec_path),
-        "--run-id",
-        run_id,
+        *entry,
     ]
 
 
@@ -87,7 +86,7 @@ class LocalExecutor:
         env = {**os.environ, **settings_env(self.settings)}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH", "")]))
         env["PYTHONUNBUFFERED"] = "1"
-        cmd = train_command(spec_path, run.id, spec.resources.processes_per_node)
+        cmd = train_command(spec_path, run.id, spec.resources.processes_per_node, self.settings.trainer_local_launcher)
         with open(stderr_path, "ab") as err:
             popen = subprocess.Popen(
                 cmd,
@@ -145,8 +144,14 @@ class LocalExecutor:
                 f"stage {event['stage']} at {event['resolution']} px: buckets {event['buckets']}, "
                 f"latents encoded {event['latents_encoded']}, reused {event['latents_reused']}",
             )
-        elif kind == "start" and event.get("step"):
-            self.store.log(run_id, f"resumed at step {event['step']}", step=int(event["step"]))
+        elif kind == "start":
+            how = f"resumed at step {event['step']}" if event.get("step") else "started"
+            self.store.log(
+                run_id,
+                f"{how}: {event.get('images')} images, world size {event.get('world_size')}, "
+                f"backend {event.get('backend')}, output {event.get('output')}",
+                step=int(event.get("step") or 0),
+            )
         elif kind == "done":
             return event
         return None
