@@ -132,3 +132,16 @@ def test_the_spec_travels_in_the_config_map(cluster_settings: Settings) -> None:
     assert parse_spec_text(rendered.config_map["data"]["spec.yaml"]) == spec(1)
     volumes = {v["name"]: v for v in rendered.job["spec"]["template"]["spec"]["volumes"]}
     assert volumes["spec"]["configMap"]["name"] == rendered.config_map["metadata"]["name"]
+
+
+@pytest.mark.parametrize("name", ["v7-production.yaml", "tiny-cpu.yaml"])
+def test_the_shipped_example_specs_parse_and_render_valid_objects(cluster_settings: Settings, name: str) -> None:
+    from pathlib import Path
+
+    from services.trainer.spec import load_spec
+
+    example = load_spec(Path(__file__).resolve().parents[2] / "services" / "trainer" / "specs" / name)
+    rendered = render_run(example, cluster_settings, f"{example.name}-00000000")
+    for obj in rendered.objects:
+        kubernetes_validate.validate(obj, "1.37.0", strict=True)
+    assert (rendered.service is not None) == (example.resources.nodes > 1)

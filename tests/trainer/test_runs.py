@@ -3,17 +3,26 @@ publishing allocates the next model version once per run."""
 
 from __future__ import annotations
 
+import pytest
+
 from pony_common.catalog import catalog_for
 from pony_common.config import Settings
 from services.trainer.runs import CANCELLED, FAILED, PENDING, RUNNING, SUCCEEDED, RunStore
 
 
-def store(settings: Settings) -> RunStore:
-    return RunStore(catalog_for(settings.database_url))
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, settings: Settings) -> str:
+    if request.param == "sqlite":
+        return settings.database_url
+    return request.getfixturevalue("postgres_url")
 
 
-def test_terminal_runs_do_not_change_state(settings: Settings) -> None:
-    runs = store(settings)
+def store(url: str) -> RunStore:
+    return RunStore(catalog_for(url))
+
+
+def test_terminal_runs_do_not_change_state(database_url: str) -> None:
+    runs = store(database_url)
     runs.create("r1", "tiny", {"stages": [{"steps": 3}]}, "local", "", "")
     assert runs.get("r1").state == PENDING and runs.get("r1").total_steps == 3
     assert runs.transition("r1", RUNNING, "started")
@@ -26,8 +35,8 @@ def test_terminal_runs_do_not_change_state(settings: Settings) -> None:
     assert [e.state for e in runs.events("r1") if e.kind == "state"] == [PENDING, RUNNING, CANCELLED]
 
 
-def test_losses_are_recorded_once_per_step(settings: Settings) -> None:
-    runs = store(settings)
+def test_losses_are_recorded_once_per_step(database_url: str) -> None:
+    runs = store(database_url)
     runs.create("r2", "tiny", {}, "local", "", "")
     assert runs.record_loss("r2", 1, 0.5)
     assert runs.record_loss("r2", 2, 0.4)
@@ -37,8 +46,8 @@ def test_losses_are_recorded_once_per_step(settings: Settings) -> None:
     assert [(e.step, e.loss) for e in runs.events("r2") if e.kind == "loss"] == [(1, 0.5), (2, 0.4)]
 
 
-def test_publishing_takes_the_next_version_once_per_run(settings: Settings) -> None:
-    runs = store(settings)
+def test_publishing_takes_the_next_version_once_per_run(database_url: str) -> None:
+    runs = store(database_url)
     for rid in ("a", "b"):
         runs.create(rid, "tiny", {}, "local", "", "")
     assert runs.publish("a", "pony_v7", "/x/a/final") == 1

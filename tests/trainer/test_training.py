@@ -52,6 +52,24 @@ def test_loss_falls_when_overfitting_a_tiny_set(model_settings: Settings, manife
     assert last < 0.8 * first, (first, last)
 
 
+def test_bf16_autocast_on_cpu_with_gradient_accumulation_trains(model_settings: Settings, manifest: Path) -> None:
+    spec = parse_spec(
+        tiny_spec(
+            manifest,
+            autocast_on_cpu=True,
+            grad_accum=2,
+            gradient_checkpointing=False,
+            stages=[{"name": "low", "resolution": 32, "steps": 2, "batch_size": 1, "bucket_step": 16}],
+            checkpoint={"every": 100},
+        )
+    )
+    result = run_training(spec, model_settings, run_id="bf16", events=quiet())
+    assert [s for s, _ in result.losses] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(loss)) for _, loss in result.losses)
+    weights = load_file(str(result.final_path / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert all(t.dtype == torch.float32 for t in weights.values())  # master weights stay float32
+
+
 def test_a_resumed_run_gives_the_same_next_step_loss_as_an_uninterrupted_one(
     model_settings: Settings, manifest: Path, tmp_path: Path
 ) -> None:
