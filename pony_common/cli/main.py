@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "pony_common.cli.worker",
     "pony_common.cli.models",
     "pony_common.cli.demo",
+    "pony_common.cli.generate",
     "pony_common.cli.ingest",
     "pony_common.cli.status",
     "pony_common.cli.select",

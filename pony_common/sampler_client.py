@@ -1,0 +1,137 @@
+"""A small blocking client of `pony.v1.Sampler` for app backends: generate, stream, and asynchronous jobs.
+
+client = SamplerClient(settings)                  # settings.sampler_addr, bearer token, TLS, retries
+resp = client.generate("a pony in a meadow", seed=1, width=1024, height=1024, score=9, source="pony")
+open("out.png", "wb").write(resp.images[0].png)
+for event in client.stream("a pony", seed=1):     # Progress events, then the result
+    ...
+job = client.submit_job("a pony", priority=7); client.watch_job(job.job_id); client.cancel_job(job.job_id)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+
+from pony_common.config import Settings
+from pony_common.grpc.client import channel
+
+RATINGS = {"safe": 1, "questionable": 2, "explicit": 3}
+
+
+def build_request(prompt: str = "", **options: Any) -> Any:
+    """A GenerateRequest from keyword options: negative_prompt, width, height, steps, guidance, seed, num_images,
+    raw_prompt, preview, and the tags score, style_clusters, source, rating ("safe" | "questionable" | "explicit")."""
+    from pony.v1 import sampler_pb2
+
+    tags = sampler_pb2.PromptTags()
+    if options.get("score") is not None:
+        tags.score = int(options.pop("score"))
+    options.pop("score", None)
+    tags.style_clusters.extend(int(c) for c in options.pop("style_clusters", None) or ())
+    tags.source = options.pop("source", None) or ""
+    rating = options.pop("rating", None)
+    if rating:
+        if rating not in RATINGS:
+            raise ValueError(f"rating must be one of {', '.join(RATINGS)}, got {rating!r}")
+        tags.rating = RATINGS[rating]
+    request = sampler_pb2.GenerateRequest(prompt=prompt, tags=tags)
+    for key, value in options.items():
+        if value is None:
+            continue
+        if not hasattr(request, key):
+            raise TypeError(f"unknown option {key!r}")
+        setattr(request, key, value)
+    return request
+
+
+class SamplerClient:
+    """One channel to the sampler. Methods return the `pony.v1` response messages; errors are grpc.RpcError
+    (INVALID_ARGUMENT names the field, UNAVAILABLE means retry later)."""
+
+    def __init__(self, settings: Settings, target: str | None = None, timeout: float | None = None) -> None:
+        from pony.v1 import sampler_pb2_grpc
+
+        self.settings = settings
+        self.timeout = timeout or settings.rpc_timeout_s
+        self._channel = channel(settings, target or settings.sampler_addr)
+        self.stub = sampler_pb2_grpc.SamplerStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> SamplerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def generate(self, prompt: str = "", *, timeout: float | None = None, **options: Any) -> Any:
+        """GenerateResponse: images (PNG bytes with parameters), blocked images' reasons, provenance."""
+        return self.stub.Generate(build_request(prompt, **options), timeout=timeout or self.timeout)
+
+    def stream(self, prompt: str = "", *, timeout: float | None = None, **options: Any) -> Iterator[Any]:
+        """GenerateStreamResponse events: `progress` (step, total, preview_png) then one `result`.
+        Stopping the iteration early (break, close) cancels the generation in Triton."""
+        from pony.v1 import sampler_pb2
+
+        call = self.stub.GenerateStream(
+            sampler_pb2.GenerateStreamRequest(request=build_request(prompt, **options)),
+            timeout=timeout or self.timeout,
+        )
+        try:
+            yield from call
+        finally:
+            call.cancel()
+
+    def submit_job(self, prompt: str = "", *, priority: int | None = None, **options: Any) -> Any:
+        """The queued Job (its job_id); priority 0 (lowest) .. 9 (highest)."""
+        from pony.v1 import sampler_pb2
+
+        req = sampler_pb2.SubmitJobRequest(request=build_request(prompt, **options))
+        if priority is not None:
+            req.priority = priority
+        return self.stub.SubmitJob(req, timeout=self.timeout).job
+
+    def get_job(self, job_id: str, *, omit_images: bool = False) -> Any:
+        from pony.v1 import sampler_pb2
+
+        return self.stub.GetJob(
+            sampler_pb2.GetJobRequest(job_id=job_id, omit_images=omit_images), timeout=self.timeout
+        ).job
+
+    def watch_job(self, job_id: str, *, timeout: float | None = None, omit_images: bool = False) -> Iterator[Any]:
+        """Job snapshots: now, then at every change, until the job ends."""
+        from pony.v1 import sampler_pb2
+
+        call = self.stub.WatchJob(
+            sampler_pb2.WatchJobRequest(job_id=job_id, omit_images=omit_images),
+            timeout=timeout or self.settings.sampler_job_timeout_s,
+        )
+        try:
+            for event in call:
+                yield event.job
+        finally:
+            call.cancel()
+
+    def cancel_job(self, job_id: str) -> Any:
+        from pony.v1 import sampler_pb2
+
+        return self.stub.CancelJob(sampler_pb2.CancelJobRequest(job_id=job_id), timeout=self.timeout).job
+
+    def load_version(self, uri: str, source_run_id: str = "", *, timeout: float | None = None) -> Any:
+        from pony.v1 import sampler_pb2
+
+        req = sampler_pb2.LoadVersionRequest(uri=uri, source_run_id=source_run_id)
+        return self.stub.LoadVersion(req, timeout=timeout or self.settings.triton_start_timeout_s).version
+
+    def list_versions(self) -> list[Any]:
+        from pony.v1 import sampler_pb2
+
+        return list(self.stub.ListVersions(sampler_pb2.ListVersionsRequest(), timeout=self.timeout).versions)
+
+
+def is_invalid_argument(exc: BaseException) -> bool:
+    return isinstance(exc, grpc.RpcError) and exc.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]

@@ -1,0 +1,118 @@
+"""Asynchronous generation jobs in the catalog's generation_jobs table; every state change is a conditional
+write, so a redelivered task, a late cancel or two watchers never disagree about a job's state."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import update
+
+from pony_common.catalog import Catalog
+from pony_common.catalog.models import GenerationJobRow
+from pony_common.errors import InvalidArgument, NotFound
+
+QUEUED, RUNNING = "queued", "running"
+SUCCEEDED, FAILED, CANCELLED, BLOCKED = "succeeded", "failed", "cancelled", "blocked"
+TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED, BLOCKED})
+DEFAULT_PRIORITY = 5
+MAX_PRIORITY = 9
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: str
+    state: str
+    priority: int
+    request: dict[str, Any]
+    result: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+    progress_step: int = 0
+    progress_total: int = 0
+    created_at: dt.datetime | None = None
+    updated_at: dt.datetime | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.state in TERMINAL
+
+
+def _record(row: GenerationJobRow) -> JobRecord:
+    return JobRecord(
+        id=row.id,
+        state=row.state,
+        priority=row.priority,
+        request=dict(row.request or {}),
+        result=dict(row.result or {}),
+        error=row.error or "",
+        progress_step=row.progress_step or 0,
+        progress_total=row.progress_total or 0,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+def check_job_id(job_id: str) -> str:
+    job_id = job_id.strip()
+    if not job_id or len(job_id) > 64:
+        raise InvalidArgument("job_id", "must be a job id returned by SubmitJob")
+    return job_id
+
+
+class JobStore:
+    """Jobs by id: queued -> running -> succeeded | failed | blocked, or cancelled from queued or running."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+
+    def create(self, request: dict[str, Any], priority: int | None = None) -> JobRecord:
+        priority = DEFAULT_PRIORITY if priority is None else priority
+        if not 0 <= priority <= MAX_PRIORITY:
+            raise InvalidArgument("priority", f"must be in 0..{MAX_PRIORITY}, got {priority}")
+        row = GenerationJobRow(id=uuid.uuid4().hex, state=QUEUED, priority=priority, request=request, result={})
+        with self.catalog.session() as s:
+            s.add(row)
+            s.flush()
+            return _record(row)
+
+    def get(self, job_id: str) -> JobRecord:
+        with self.catalog.session() as s:
+            row = s.get(GenerationJobRow, check_job_id(job_id))
+            if row is None:
+                raise NotFound(f"job {job_id!r} does not exist")
+            return _record(row)
+
+    def _move(self, job_id: str, from_states: tuple[str, ...], **values: Any) -> bool:
+        values.setdefault("updated_at", dt.datetime.now(dt.UTC))
+        with self.catalog.session() as s:
+            result = s.execute(
+                update(GenerationJobRow)
+                .where(GenerationJobRow.id == job_id, GenerationJobRow.state.in_(from_states))
+                .values(**values)
+            )
+            return bool(result.rowcount)
+
+    def claim(self, job_id: str) -> bool:
+        """queued (or running, for a task redelivered after its worker died) -> running. False: leave it alone."""
+        return self._move(job_id, (QUEUED, RUNNING), state=RUNNING, error="")
+
+    def progress(self, job_id: str, step: int, total: int) -> bool:
+        """False when the job is no longer running (it was cancelled)."""
+        return self._move(job_id, (RUNNING,), progress_step=step, progress_total=total)
+
+    def finish(self, job_id: str, state: str, result: dict[str, Any] | None = None, error: str = "") -> bool:
+        if state not in TERMINAL:
+            raise ValueError(f"{state!r} is not a final state")
+        return self._move(job_id, (RUNNING,), state=state, result=result or {}, error=error)
+
+    def requeue(self, job_id: str, note: str) -> bool:
+        """running -> queued while the task waits to retry (the sampler was unavailable)."""
+        return self._move(job_id, (RUNNING,), state=QUEUED, error=note)
+
+    def cancel(self, job_id: str) -> JobRecord:
+        """queued/running -> cancelled; a finished job is returned as it is."""
+        job_id = check_job_id(job_id)
+        self._move(job_id, (QUEUED, RUNNING), state=CANCELLED, error="cancelled by the caller")
+        return self.get(job_id)

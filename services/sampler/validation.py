@@ -1,0 +1,82 @@
+"""Request validation: defaults from config, limits on size, steps, guidance, images, seed and prompt tokens.
+
+Every violation raises InvalidArgument naming the request field, before any work reaches Triton."""
+
+from __future__ import annotations
+
+import math
+import secrets
+from typing import Any
+
+from pony_common.config import Settings
+from pony_common.errors import InvalidArgument
+from services.sampler.generation import GenerationInput, GenerationSpec
+from services.sampler.prompts import assemble_prompt
+
+# The pipeline encodes at most this many text tokens (AuraFlow's max_sequence_length).
+PIPELINE_MAX_TOKENS = 256
+MAX_SEED = 2**63 - 1
+SIZE_MULTIPLE = 16
+
+
+class RequestValidator:
+    """Turns a GenerationInput into a GenerationSpec, or raises InvalidArgument(field, reason)."""
+
+    def __init__(self, settings: Settings, tokenizer: Any) -> None:
+        self.settings = settings
+        self.tokenizer = tokenizer
+        limit = int(getattr(tokenizer, "model_max_length", PIPELINE_MAX_TOKENS) or PIPELINE_MAX_TOKENS)
+        self.token_limit = min(limit, PIPELINE_MAX_TOKENS)
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens the pipeline would encode, end-of-sequence token included."""
+        return len(self.tokenizer(text, truncation=False)["input_ids"])
+
+    def spec(self, given: GenerationInput) -> GenerationSpec:
+        s = self.settings
+        width = given.width or s.sampler_default_width
+        height = given.height or s.sampler_default_height
+        for name, value, limit in (("width", width, s.sampler_max_width), ("height", height, s.sampler_max_height)):
+            if value < SIZE_MULTIPLE or value % SIZE_MULTIPLE:
+                raise InvalidArgument(name, f"must be a multiple of {SIZE_MULTIPLE} (at least 16), got {value}")
+            if value > limit:
+                raise InvalidArgument(name, f"must be at most {limit}, got {value}")
+        steps = given.steps or s.sampler_default_steps
+        if not 1 <= steps <= s.sampler_max_steps:
+            raise InvalidArgument("steps", f"must be in 1..{s.sampler_max_steps}, got {steps}")
+        guidance = s.sampler_default_guidance if given.guidance is None else float(given.guidance)
+        if not math.isfinite(guidance) or not 0.0 <= guidance <= s.sampler_max_guidance:
+            raise InvalidArgument("guidance", f"must be in 0..{s.sampler_max_guidance:g}, got {guidance:g}")
+        num_images = given.num_images or 1
+        if not 1 <= num_images <= s.sampler_max_images:
+            raise InvalidArgument("num_images", f"must be in 1..{s.sampler_max_images}, got {num_images}")
+        seed = secrets.randbelow(2**32) if given.seed is None else int(given.seed)
+        if not 0 <= seed <= MAX_SEED - num_images:
+            raise InvalidArgument("seed", f"must be in 0..{MAX_SEED - num_images}, got {seed}")
+        given.tags.validate()
+        prompt = assemble_prompt(given.prompt, given.tags, style_format=s.style_tag_format, raw=given.raw_prompt)
+        if not prompt:
+            raise InvalidArgument("prompt", "must not be empty (give a prompt or tags)")
+        self._check_tokens("prompt", prompt)
+        negative = given.negative_prompt.strip() or s.sampler_negative_prompt
+        self._check_tokens("negative_prompt", negative)
+        return GenerationSpec(
+            prompt=prompt,
+            user_prompt=given.prompt,
+            negative_prompt=negative,
+            width=width,
+            height=height,
+            steps=steps,
+            guidance=guidance,
+            seed=seed,
+            num_images=num_images,
+            tags=given.tags,
+            raw_prompt=given.raw_prompt,
+            preview=given.preview,
+        )
+
+    def _check_tokens(self, name: str, text: str) -> None:
+        count = self.count_tokens(text)
+        if count > self.token_limit:
+            what = "with its tags " if name == "prompt" else ""
+            raise InvalidArgument(name, f"is {count} tokens {what}long; the limit is {self.token_limit}")
