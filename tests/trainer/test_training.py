@@ -208,6 +208,24 @@ def test_the_manifest_reads_back_in_the_export_format(manifest: Path) -> None:
     assert Path(items[0].image_uri).is_absolute() and Path(items[0].image_uri).exists()
 
 
+def test_a_manifest_in_the_curation_export_schema_reads(manifest: Path, tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pony_common.curation.export import SCHEMA
+
+    ours = pq.read_table(manifest).to_pylist()
+    rows = [{f.name: row.get(f.name) for f in SCHEMA} for row in ours]
+    for row in rows:
+        row["image_uri"] = str(manifest.parent / row["image_uri"])  # the export writes absolute paths
+    path = tmp_path / "export" / "manifest.parquet"
+    path.parent.mkdir()
+    pq.write_table(pa.table({f.name: [r[f.name] for r in rows] for f in SCHEMA}, schema=SCHEMA), path)
+    items = read_manifest(path)
+    assert [i.image_id for i in items] == [r["image_id"] for r in ours]
+    assert items[2].captions["long"].startswith("a plain green square")
+
+
 def test_buckets_cover_the_area_in_multiples_of_the_step() -> None:
     buckets = make_buckets(64, 16)
     assert all(b.width % 16 == 0 and b.height % 16 == 0 and b.width * b.height <= 64 * 64 for b in buckets)
