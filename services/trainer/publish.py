@@ -41,7 +41,8 @@ def load_in_sampler(settings: Settings, uri: str, run_id: str) -> tuple[int, boo
             return None
         stub = sampler_pb2_grpc.SamplerStub(ch)
         resp = stub.LoadVersion(
-            sampler_pb2.LoadVersionRequest(uri=uri, source_run_id=run_id), timeout=settings.rpc_timeout_s
+            sampler_pb2.LoadVersionRequest(uri=uri, source_run_id=run_id),
+            timeout=max(settings.rpc_timeout_s, settings.triton_start_timeout_s),
         )
         return int(resp.version.version), bool(resp.version.active)
 
