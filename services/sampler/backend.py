@@ -286,6 +286,7 @@ class TritonSampler:
         async def requests() -> AsyncIterator[dict[str, Any]]:
             yield request
 
+        started = time.perf_counter()
         responses = client.stream_infer(requests(), stream_timeout=timeout)
         final = False  # the request's last response (images or error) has arrived
         generated: Generated | None = None
@@ -309,6 +310,8 @@ class TritonSampler:
                     seeds=[int(s) for s in result.as_numpy("SEEDS").reshape(-1)],
                     model_version=result.get_response().model_version,
                     batch_size=int(result.as_numpy("BATCH").reshape(-1)[0]),
+                    compute_s=float(result.as_numpy("COMPUTE_SECONDS").reshape(-1)[0]),
+                    elapsed_s=time.perf_counter() - started,
                 )
                 break
         except grpc.aio.AioRpcError as exc:

@@ -86,6 +86,8 @@ class Generated:
     seeds: list[int]
     model_version: str
     batch_size: int
+    compute_s: float = 0.0  # the model's time on this request's batch
+    elapsed_s: float = 0.0  # send to final response, as the sampler saw it
 
 
 @dataclass

@@ -11,10 +11,11 @@ from collections.abc import AsyncIterator
 from pony_common.catalog import catalog_for
 from pony_common.config import Settings
 from pony_common.errors import DependencyUnavailable
-from pony_common.metrics import BATCH_SIZE, ITEM_FAILURES
+from pony_common.metrics import BATCH_SIZE, ITEM_FAILURES, SAMPLER_COMPUTE, SAMPLER_QUEUE_WAIT
 from pony_common.pnginfo import encode_png
 from services.sampler.backend import TritonSampler, VersionInfo
 from services.sampler.generation import (
+    MODEL_NAME,
     BlockedOutput,
     Generated,
     GenerationInput,
@@ -97,6 +98,9 @@ class Sampler:
 
     async def finish(self, spec: GenerationSpec, generated: Generated, timeout: float | None) -> GenerationResult:
         BATCH_SIZE.labels("sampler", "triton").observe(generated.batch_size)
+        SAMPLER_COMPUTE.labels(MODEL_NAME).observe(generated.compute_s)
+        # Queue wait as the sampler can see it: the request's time in Triton less the model's compute.
+        SAMPLER_QUEUE_WAIT.labels(MODEL_NAME).observe(max(0.0, generated.elapsed_s - generated.compute_s))
         pngs = await asyncio.to_thread(
             lambda: [
                 encode_png(image, spec.parameters(seed, generated.model_version))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -219,6 +220,7 @@ class TritonPythonModel:
         generators = [torch.Generator().manual_seed(j.seed + i) for j in live for i in range(j.num_images)]
         total = first.steps
         batch_size = np.array([[len(live)]], dtype=np.int32)
+        started = time.perf_counter()
 
         def on_step(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             latents = kwargs["latents"]
@@ -264,6 +266,7 @@ class TritonPythonModel:
             return
         # Exactly what the pipeline's PIL output does: round(x * 255) as uint8.
         images = (np.asarray(result.images) * 255).round().astype(np.uint8)
+        compute = np.array([[time.perf_counter() - started]], dtype=np.float32)
         offset = 0
         for job in live:
             part = images[offset : offset + job.num_images]
@@ -277,6 +280,7 @@ class TritonPythonModel:
                 pb_utils.Tensor("STEP", np.array([[total]], dtype=np.int32)),
                 pb_utils.Tensor("TOTAL", np.array([[total]], dtype=np.int32)),
                 pb_utils.Tensor("BATCH", batch_size),
+                pb_utils.Tensor("COMPUTE_SECONDS", compute),
             ]
             job.done = True
             job.sender.send(

@@ -1,0 +1,166 @@
+"""Asynchronous generation jobs: SubmitJob -> a real Celery worker on the `generate` queue -> the sampler -> Triton;
+GetJob/WatchJob/CancelJob, cancellation reaching the model, priorities on a Redis broker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from pony.v1 import sampler_pb2
+from pony_common.config import Settings
+from pony_common.sampler_client import SamplerClient
+from tests.sampler.conftest import SamplerStack
+
+pytestmark = pytest.mark.triton
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@contextmanager
+def worker(settings: Settings, name: str) -> Iterator[subprocess.Popen]:
+    """`ponyctl worker --queues generate` as its own process, stopped with SIGTERM (then SIGKILL)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PONY_")}
+    env.update(
+        PONY_STATE_DIR=settings.state_dir,
+        PONY_DATABASE_URL=settings.database_url,
+        PONY_BROKER_URL=settings.broker_url,
+        PONY_RESULT_BACKEND=settings.result_backend,
+        PONY_BLOB_URL=settings.blob_url,
+        PONY_SAMPLER_ADDR=settings.sampler_addr,
+        PONY_AUTH_TOKEN=settings.auth_token,
+        PONY_LOG_JSON="0",
+        PYTHONPATH=str(ROOT),
+    )
+    cmd = [sys.executable, "-m", "pony_common.cli.main", "worker", "--queues", "generate", "--pool", "solo"]
+    cmd += ["--hostname", f"{name}@%h"]
+    log = open(Path(settings.state_dir) / f"{name}.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.close()
+
+
+def wait_state(client: SamplerClient, job_id: str, states: set[int], timeout: float = 120) -> sampler_pb2.Job:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.get_job(job_id, omit_images=True)
+        if job.state in states:
+            return job
+        assert time.monotonic() < deadline, f"job {job_id} stuck in {sampler_pb2.JobState.Name(job.state)}"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def client(sampler_stack: SamplerStack) -> Iterator[SamplerClient]:
+    with SamplerClient(sampler_stack.settings, timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def generate_worker(sampler_stack: SamplerStack) -> Iterator[subprocess.Popen]:
+    with worker(sampler_stack.settings, "generate-worker") as proc:
+        yield proc
+
+
+def test_a_job_runs_on_the_generate_queue_and_its_images_equal_a_direct_generate(client, generate_worker) -> None:
+    job = client.submit_job("a pony in a meadow", seed=21, steps=3, score=8)
+    assert job.job_id and job.state == sampler_pb2.JOB_STATE_QUEUED and job.priority == 5
+    assert job.request.seed == 21
+    seen = list(client.watch_job(job.job_id, timeout=180))
+    states = [j.state for j in seen]
+    assert states[-1] == sampler_pb2.JOB_STATE_SUCCEEDED, seen[-1].error
+    assert sampler_pb2.JOB_STATE_RUNNING in states
+    assert [j.progress_step for j in seen if j.state == sampler_pb2.JOB_STATE_RUNNING] == sorted(
+        j.progress_step for j in seen if j.state == sampler_pb2.JOB_STATE_RUNNING
+    )
+    done = client.get_job(job.job_id)
+    assert (done.progress_step, done.progress_total) == (3, 3)
+    (image,) = done.result.images
+    assert image.uri and Path(image.uri).read_bytes() == image.png
+    direct = client.generate("a pony in a meadow", seed=21, steps=3, score=8)
+    assert image.png == direct.images[0].png
+    assert done.result.prompt == "score_9, score_8_up, a pony in a meadow"
+    assert not client.get_job(job.job_id, omit_images=True).result.images[0].png
+
+
+def test_a_job_without_a_seed_gets_one_at_submit_so_a_retry_draws_the_same_image(client) -> None:
+    job = client.submit_job("a cat", steps=1)
+    assert job.request.HasField("seed")
+    client.cancel_job(job.job_id)
+
+
+def test_cancelling_a_running_job_stops_the_model_and_a_queued_job_never_runs(
+    sampler_stack: SamplerStack, client, generate_worker
+) -> None:
+    running = client.submit_job("a slow owl", seed=1, steps=100, width=256, height=256)
+    queued = client.submit_job("a second owl", seed=2, steps=2)
+    job = wait_state(client, running.job_id, {sampler_pb2.JOB_STATE_RUNNING})
+    while job.progress_step < 1:
+        job = client.get_job(running.job_id, omit_images=True)
+        time.sleep(0.1)
+    assert client.cancel_job(queued.job_id).state == sampler_pb2.JOB_STATE_CANCELLED
+    assert client.cancel_job(running.job_id).state == sampler_pb2.JOB_STATE_CANCELLED
+    log = Path(sampler_stack.settings.state_dir) / "logs" / "tritonserver.log"
+    deadline = time.monotonic() + 60
+    pattern = f"pony_v7 request job-{running.job_id} cancelled after step"
+    while pattern not in log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, "the cancel did not reach the model"
+        time.sleep(0.2)
+    # The worker moves on; the cancelled queued job is claimed by nobody and keeps its state.
+    after = client.submit_job("a quick owl", seed=3, steps=1)
+    assert wait_state(client, after.job_id, {sampler_pb2.JOB_STATE_SUCCEEDED}).state == sampler_pb2.JOB_STATE_SUCCEEDED
+    for job_id in (running.job_id, queued.job_id):
+        final = client.get_job(job_id, omit_images=True)
+        assert final.state == sampler_pb2.JOB_STATE_CANCELLED
+    assert client.get_job(queued.job_id).progress_step == 0
+    # Cancelling a finished job changes nothing.
+    assert client.cancel_job(after.job_id).state == sampler_pb2.JOB_STATE_SUCCEEDED
+
+
+def test_an_invalid_job_is_rejected_at_submit_and_an_unknown_one_is_not_found(client) -> None:
+    import grpc
+
+    with pytest.raises(grpc.RpcError) as err:
+        client.submit_job("a pony", width=100)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith("width:")
+    with pytest.raises(grpc.RpcError) as err:
+        client.submit_job("a pony", priority=12)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith("priority:")
+    with pytest.raises(grpc.RpcError) as err:
+        client.get_job("no-such-job")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_higher_priority_jobs_run_first_on_redis(sampler_stack: SamplerStack, redis_url: str) -> None:
+    settings = sampler_stack.settings.replace(
+        broker_url=redis_url, result_backend=redis_url, triton_start=False, triton_url=sampler_stack.backend.url
+    )
+    server = sampler_stack.start_sampler(settings)
+    try:
+        target = f"127.0.0.1:{server.port}"
+        with SamplerClient(settings, target=target, timeout=60) as c:
+            low = [c.submit_job("a low pony", seed=s, steps=1, priority=0) for s in (1, 2)]
+            high = c.submit_job("a high pony", seed=3, steps=1, priority=9)
+            with worker(settings.replace(sampler_addr=target), "priority-worker"):
+                finished = {
+                    j.job_id: wait_state(c, j.job_id, {sampler_pb2.JOB_STATE_SUCCEEDED}, 180).updated_at.ToDatetime()
+                    for j in (*low, high)
+                }
+        assert finished[high.job_id] < min(finished[j.job_id] for j in low)
+    finally:
+        sampler_stack.stop_server(server)
