@@ -34,7 +34,7 @@ def test_a_restarted_controller_relaunches_its_run_from_the_latest_checkpoint(
 ) -> None:
     doc = tiny_spec(
         manifest,
-        stages=[{"resolution": 32, "steps": 16, "bucket_step": 16}],
+        stages=[{"resolution": 32, "steps": 20, "bucket_step": 16}],
         checkpoint={"every": 2, "keep": 1},
         ema={"enabled": False},
     )
@@ -42,11 +42,14 @@ def test_a_restarted_controller_relaunches_its_run_from_the_latest_checkpoint(
     first.load()
     try:
         first.submit(doc, run_id="restart-1")
-        wait_for(lambda: first.get("restart-1").step >= 3, what="a few steps")
+        wait_for(
+            lambda: any(e.message.startswith("checkpoint") for e in first.events("restart-1")),
+            what="a first checkpoint",
+        )
     finally:
         first.close()  # kills the process; the run stays Running for the next controller
     stopped_at = first.get("restart-1")
-    assert stopped_at.state == RUNNING and stopped_at.step < 16
+    assert stopped_at.state == RUNNING and stopped_at.step < 20
     second = TrainerController(local_settings)
     second.load()
     try:
@@ -55,7 +58,7 @@ def test_a_restarted_controller_relaunches_its_run_from_the_latest_checkpoint(
         messages = [e.message for e in second.events("restart-1") if e.kind == "log"]
         assert any(m.startswith("resumed at step") for m in messages)
         losses = [e.step for e in second.events("restart-1") if e.kind == "loss"]
-        assert sorted(set(losses)) == list(range(1, 17))  # every step once, none twice
-        assert len(losses) == 16
+        assert sorted(set(losses)) == list(range(1, 21))  # every step once, none twice
+        assert len(losses) == 20
     finally:
         second.close()
