@@ -22,6 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=None, help="stop waiting after this many seconds")
     p.add_argument("--resume", action="store_true", help="also resend images of this source that did not finish")
     p.add_argument("--dup-distance", type=int, default=None, help="pHash bits within which images are near-duplicates")
+    p.add_argument("--refit-styles", action="store_true", help="refit the style clusters on the whole pool")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -43,6 +44,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         timeout_s=args.timeout,
         resume=args.resume,
         max_distance=distance,
+        refit_styles=args.refit_styles,
     )
     sys.stdout.write(json.dumps(summary.as_dict()) + "\n")
     for image in summary.failed:

@@ -46,6 +46,7 @@ class IngestSummary:
     unreadable: dict[str, str] = field(default_factory=dict)
     submitted: list[str] = field(default_factory=list)
     finished: dict[str, int] = field(default_factory=dict)
+    styles: dict[str, object] = field(default_factory=dict)
 
     @property
     def ids(self) -> list[str]:
@@ -70,6 +71,7 @@ class IngestSummary:
             "unreadable": len(self.unreadable),
             "submitted": len(self.submitted),
             **({"finished": self.finished} if self.finished else {}),
+            **({"styles": self.styles} if self.styles else {}),
         }
 
 
@@ -158,9 +160,11 @@ def ingest_source(
     timeout_s: float | None = None,
     resume: bool = False,
     max_distance: int = DEFAULT_MAX_DISTANCE,
+    refit_styles: bool = False,
 ) -> IngestSummary:
     """`ponyctl ingest`: stores the source, groups near-duplicates, submits the new images to the workflow
-    and (with `wait`) follows them to the end with a progress bar. Needs a broker and workers to finish."""
+    and (with `wait`) follows them to the end with a progress bar, then gives the pool style tags (fitting the
+    style clusters when there are none yet, or with `refit_styles`). Needs a broker, workers and the services."""
     from pony_common.workflows.dispatch import submit_images, wait_for_images
 
     catalog = catalog_for(settings.database_url)
@@ -175,5 +179,27 @@ def ingest_source(
     if wait and todo:
         summary.finished = wait_for_images(settings, todo, progress=progress, timeout_s=timeout_s)
         resolve_duplicates(catalog)
+    if wait and (todo or refit_styles):
+        summary.styles = _assign_styles(settings, refit_styles)
     log.info("ingested", extra={"source": source, **summary.as_dict()})
     return summary
+
+
+def _assign_styles(settings: Settings, refit: bool) -> dict[str, object]:
+    """Style tags for the pool after a batch; a style tagger that cannot be reached is reported, not fatal."""
+    import grpc
+
+    from pony_common.curation.styles import assign_styles
+    from pony_common.workflows.rpc import ItemFailed
+
+    try:
+        out = assign_styles(settings, refit=refit)
+    except (grpc.RpcError, ItemFailed) as exc:
+        log.warning("style clustering skipped", extra={"error": str(exc)})
+        return {"error": str(exc).splitlines()[0]}
+    return {
+        "cluster_set": out.cluster_set_version,
+        "fitted": out.fitted,
+        "tagged": out.tagged,
+        "failed": len(out.failed),
+    }

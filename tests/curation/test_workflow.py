@@ -8,10 +8,12 @@ import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 from sqlalchemy import func, select
 
 from pony_common.catalog.db import catalog_for
 from pony_common.catalog.models import EmbeddingRow, ImageRow, SafetyDecisionRow
+from pony_common.cli.main import main
 from pony_common.config import Settings
 from pony_common.curation.export import export_selection
 from pony_common.curation.ingest import ingest_source
@@ -21,6 +23,7 @@ from pony_common.curation.selection import select_images
 from pony_common.curation.status import curation_status
 from pony_common.curation.styles import assign_styles
 from pony_common.images import image_id
+from pony_common.workflows.workers import settings_env
 from tests.curation.ledger_checks import assert_processed_exactly_once, count, stages
 
 
@@ -80,8 +83,9 @@ def test_ingest_curates_each_image_once_fails_corrupt_files_and_reingest_adds_no
     assert any(f.stage == "decode" and "invalid_image" in f.reason for f in status.failures)
 
     # Styles, selection, export and report on what the workflow produced.
-    styles = assign_styles(settings)
-    assert styles.cluster_set_version and styles.tagged >= 1
+    # The first batch fitted the style clusters and tagged every processed image.
+    assert summary.styles["fitted"] is True and summary.styles["tagged"] == 7
+    assert assign_styles(settings).tagged == 0
     report = select_images(settings, 4, {"pony": 0.5, "anime": 0.5, "western": 1.0}, name="wf")
     assert blocked not in report.image_ids and report.selected >= 1
     out = export_selection(settings, tmp_path / "export", name="wf", webdataset=True)
@@ -99,7 +103,9 @@ def test_ingest_curates_each_image_once_fails_corrupt_files_and_reingest_adds_no
     assert html.count("data:image/jpeg;base64,") >= 7 and "<svg" in html and "block" in html
 
 
-def test_manifest_sources_go_through_the_same_workflow(workflow_settings: Settings, workers, tmp_path: Path) -> None:
+def test_cli_ingests_a_manifest_and_reports_status_export_and_report(
+    workflow_settings: Settings, workers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
     settings = workflow_settings
     pool = write_sample_pool(
         tmp_path / "pool",
@@ -126,8 +132,23 @@ def test_manifest_sources_go_through_the_same_workflow(workflow_settings: Settin
         + "\n"
     )
     workers(settings)
-    summary = ingest_source(settings, str(manifest), wait=True, progress=False, timeout_s=300)
-    assert summary.finished == {"done": 1}
+    for key, value in settings_env(settings).items():
+        monkeypatch.setenv(key, value)
+    assert main(["ingest", str(tmp_path / "missing"), "--no-progress"]) == 2
+    assert main(["ingest", str(manifest), "--no-progress", "--timeout", "300"]) == 0
+    out = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert out["new"] == 1 and out["finished"] == {"done": 1}
+    digest = image_id((pool.root / pool.images[0]).read_bytes())
     with catalog_for(settings.database_url).session() as s:
-        row = s.get(ImageRow, summary.ids[0])
+        row = s.get(ImageRow, digest)
+        assert s.get(SafetyDecisionRow, digest) is not None
+    assert row.status == "done"
     assert (row.category, row.characters, row.artist, row.source_site) == ("furry", ["rusty tailwind"], "pawz", "e621")
+    # Status, report and export through the CLI as well.
+    assert main(["status"]) == 0
+    assert "persist" in capsys.readouterr().out
+    assert main(["select", "--total", "1", "--mix", "furry=1", "--name", "cli"]) == 0
+    assert main(["export", str(tmp_path / "out"), "--name", "cli", "--webdataset"]) == 0
+    assert (tmp_path / "out" / "manifest.parquet").is_file() and list((tmp_path / "out" / "shards").glob("*.tar"))
+    assert main(["report", str(tmp_path / "report"), "--name", "cli"]) == 0
+    assert (tmp_path / "report" / "index.html").is_file()
