@@ -252,3 +252,25 @@ def test_a_task_published_inside_an_rpc_continues_the_rpcs_trace(
     assert producer.parent.span_id == server.context.span_id and producer.kind == SpanKind.PRODUCER
     assert run.parent.span_id == producer.context.span_id and run.kind == SpanKind.CONSUMER
     assert run.attributes["celery.state"] == "SUCCESS"
+
+
+def test_with_tracing_off_a_propagated_context_still_flows_through_rpcs_and_task_headers(tmp_path: Path) -> None:
+    """No provider in the process (the default): nothing is recorded, but an incoming traceparent travels on."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.observability.tracing_off_probe", str(tmp_path)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["provider_installed"] is False
+    assert seen["log_trace_ids"] == [TRACE_ID]  # the server's log line: the caller's trace
+    assert seen["header"] == f"00-{TRACE_ID}-{PARENT_ID}-01"  # the task message: the same context, passed on
+    assert seen["untraced_header"] == ""  # outside any trace nothing is added
