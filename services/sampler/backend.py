@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 
 from pony_common.config import Settings
-from pony_common.errors import Cancelled, DependencyUnavailable, InvalidArgument
+from pony_common.errors import Cancelled, DependencyUnavailable, FailedPrecondition, InvalidArgument
 from pony_common.logs import request_id_var
 from services.sampler.generation import MODEL_NAME, Generated, GenerationSpec, Progress
 from services.sampler.repository import ModelRepository
@@ -207,9 +207,11 @@ class TritonSampler:
                 try:
                     self.control.load_model(MODEL_NAME)
                 except InferenceServerException as exc:
-                    raise DependencyUnavailable(f"version {added.version} failed to load: {exc.message()}") from None
+                    if "UNAVAILABLE" in str(exc.status()):
+                        raise DependencyUnavailable(f"Triton is unavailable: {exc.message()}") from None
+                    raise FailedPrecondition(f"version {added.version} failed to load: {exc.message()}") from None
                 if not self.control.is_model_ready(MODEL_NAME, str(added.version), client_timeout=10):
-                    raise DependencyUnavailable(f"version {added.version} is not ready after loading")
+                    raise FailedPrecondition(f"version {added.version} is not ready after loading")
             except BaseException:
                 self.repository.remove_version(added.version)
                 raise

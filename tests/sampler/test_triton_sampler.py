@@ -309,3 +309,57 @@ def test_load_version_rejects_what_is_not_a_pipeline(client, tmp_path) -> None:
             client.load_version(uri)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert err.value.details().startswith("uri:")
+
+
+def test_a_checkpoint_that_fails_to_load_is_refused_and_the_served_version_stays(client, tiny_models, tmp_path) -> None:
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_models / "auraflow", broken)
+    for weights in (broken / "transformer").glob("*.safetensors"):
+        weights.write_bytes(b"not safetensors")
+    before = [(v.version, v.active) for v in client.list_versions()]
+    with pytest.raises(grpc.RpcError) as err:
+        client.load_version(str(broken), timeout=300)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "failed to load" in err.value.details()
+    assert [(v.version, v.active) for v in client.list_versions()] == before
+    served = max(v for v, active in before if active)
+    assert client.generate("a pony", seed=1, steps=1).provenance.model_version == str(served)
+
+
+def test_one_bad_request_in_a_triton_batch_gets_its_own_error_and_the_others_their_images(sampler_stack) -> None:
+    """Straight to Triton (the sampler would reject it first): the model answers per request, never per batch."""
+    import asyncio
+
+    import tritonclient.grpc.aio as taio
+
+    from services.sampler.generation import GenerationSpec
+
+    backend = sampler_stack.backend
+
+    def spec(width: int, seed: int) -> GenerationSpec:
+        return GenerationSpec("a pony", "a pony", "", width, SIZE, 2, 3.5, seed, 1)
+
+    async def one(client, request_spec: GenerationSpec) -> tuple[str, object]:
+        async def requests():
+            yield {"model_name": "pony_v7", "inputs": backend._inputs(request_spec)}
+
+        async for result, error in client.stream_infer(requests()):
+            if error is not None:
+                return "error", error.message()
+            if result.as_numpy("IMAGES") is not None:
+                return "images", int(result.as_numpy("BATCH")[0, 0])
+        return "none", None
+
+    async def run() -> list[tuple[str, object]]:
+        client = taio.InferenceServerClient(backend.url)
+        try:
+            calls = [one(client, spec(width, seed)) for width, seed in ((SIZE, 1), (100, 2), (SIZE, 3))]
+            return await asyncio.gather(*calls)
+        finally:
+            await client.close()
+
+    good1, bad, good2 = asyncio.run(run())
+    assert bad == ("error", "invalid_argument: width: must be a positive multiple of 16 up to 1536, got 100")
+    assert good1[0] == "images" and good2[0] == "images"
