@@ -2,15 +2,17 @@
 against one servicer served twice at once:
 
   bare          a plain grpc.aio server and a plain channel: no interceptor, no metrics, no log line, no spans;
-  instrumented  the server as every service runs (the shared interceptor: RPC metrics, in-flight gauge, request
-                id, one JSON log line per call at INFO, SERVER span) and a channel with the CLIENT-span interceptor.
+  instrumented  the server as every service runs (the shared interceptor: request id, RPC metrics, in-flight gauge,
+                one JSON log line per call at INFO, SERVER span) and a channel with the CLIENT-span interceptor.
 
-First with tracing off (the default: no provider, context still propagated), then with tracing on as in the cluster:
-every span exported over OTLP/gRPC (batched) to a collector on localhost. Rounds alternate bare and instrumented;
-the figure is the median of the per-round mean latencies. `Score` runs the model (decode + tiny CLIP + head);
+First with tracing off (the default: no provider; an incoming context is still passed on), then with tracing on as
+in the cluster: sampled spans (--sample-ratio, PONY_TRACE_SAMPLE_RATIO) exported over OTLP/gRPC, batched, to a
+collector on localhost. Short blocks of calls alternate bare and instrumented; the figures are the medians of the
+per-block means, wall time and process CPU time (client, server and exporter threads of this process: the part
+other processes on a shared machine cannot inflate). `Score` runs the model (decode + tiny CLIP + head);
 `ScoreEmbeddings` only the head (nearly pure transport: the worst case for a relative overhead).
 
-    .venv/bin/python bench/instrumentation_overhead.py [--calls 200] [--rounds 7]
+    .venv/bin/python bench/instrumentation_overhead.py [--calls 20] [--rounds 40] [--sample-ratio 0.1]
 """
 
 from __future__ import annotations
