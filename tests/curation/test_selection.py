@@ -121,3 +121,22 @@ def test_cli_select_prints_target_vs_achieved(settings: Settings, monkeypatch, c
     assert "selected 6 of 6" in out and "pony" in out
     assert main(["select", "--total", "0"]) == 2
     assert main(["select", "--total", "5", "--mix", "dragons=1"]) == 2
+
+
+def test_selection_and_duplicates_on_postgresql(settings: Settings, postgres_url: str) -> None:
+    """The same selection on the production catalog database."""
+    pg = settings.replace(database_url=postgres_url)
+    catalog = catalog_for(pg.database_url)
+    try:
+        _pool(catalog, {"pony": 1, "furry": 10, "western": 10, "anime": 10, "realism": 0, "other": 10})
+        a = add_processed(catalog, "pg-dup-a", "anime", 0.99, phash="0f0f0f0f0f0f0f0f")
+        b = add_processed(catalog, "pg-dup-b", "anime", 0.98, phash="0f0f0f0f0f0f0f0e")
+        from pony_common.curation.duplicates import regroup
+
+        assert regroup(catalog) == 2
+        report = select_images(pg, 20, DEFAULT_MIX)
+        assert report.shortfalls == {"pony": 1, "realism": 5} and report.selected == 20
+        assert a in report.image_ids and b not in report.image_ids
+        assert load_selection(catalog, "default") == report.image_ids
+    finally:
+        catalog.dispose()
