@@ -16,6 +16,7 @@ import numpy as np
 from celery import Task, chain, chord
 from celery.canvas import Signature
 from sqlalchemy import update
+from sqlalchemy.exc import OperationalError
 
 from pony.v1 import (
     captioner_pb2,
@@ -95,27 +96,40 @@ def _mark_retrying(catalog: Catalog, image_id: str, stage: str, note: str) -> No
 
 
 def run_stage(task: Task, image_id: str, stage: str, work: Callable[[Settings, Catalog, ImageRow], None]) -> dict:
-    """Claim (skip when done already), do the work, complete; a permanent error is the stage's failure."""
+    """Claim (skip when done already), do the work, complete; a permanent error is the stage's failure.
+
+    A service that is UNAVAILABLE and a catalog database that cannot be reached are retried with backoff."""
     settings = current_settings()
-    catalog = catalog_for(settings.database_url)
-    if not claim_stage(catalog, image_id, stage):
-        log.info("stage already done", extra={"image_id": image_id, "stage": stage})
-        return {"image_id": image_id, "stage": stage, "status": "done", "skipped": True}
+    catalog: Catalog | None = None
     try:
+        catalog = catalog_for(settings.database_url)
+        if not claim_stage(catalog, image_id, stage):
+            log.info("stage already done", extra={"image_id": image_id, "stage": stage})
+            return {"image_id": image_id, "stage": stage, "status": "done", "skipped": True}
         work(settings, catalog, _image(catalog, image_id))
+        complete_stage(catalog, image_id, stage)
+        return {"image_id": image_id, "stage": stage, "status": "done"}
     except Exception as exc:
-        if is_retryable(exc) and task.request.retries < task.max_retries and not task.request.called_directly:
-            _mark_retrying(catalog, image_id, stage, f"retry {task.request.retries + 1}: {_reason(exc)}")
+        database_down = isinstance(exc, OperationalError)
+        if catalog is None and not database_down:
+            raise
+        retries_left = task.request.retries < task.max_retries and not task.request.called_directly
+        if (is_retryable(exc) or database_down) and retries_left:
+            note = f"retry {task.request.retries + 1}: {_reason(exc)}"
+            if database_down:
+                raise DependencyUnavailable(f"catalog database unavailable: {exc}") from exc
+            if catalog is not None:
+                _mark_retrying(catalog, image_id, stage, note)
             raise
         reason = _reason(exc)
+        if catalog is None:
+            raise
         fail_stage(catalog, image_id, stage, reason)
         if stage == "persist":
             with catalog.session() as s:
                 s.execute(update(ImageRow).where(ImageRow.id == image_id).values(status="failed", error=reason))
         log.warning("stage failed", extra={"image_id": image_id, "stage": stage, "error": reason})
         return {"image_id": image_id, "stage": stage, "status": "failed", "error": reason}
-    complete_stage(catalog, image_id, stage)
-    return {"image_id": image_id, "stage": stage, "status": "done"}
 
 
 def _reason(exc: BaseException) -> str:
