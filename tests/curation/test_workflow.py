@@ -98,6 +98,11 @@ def test_ingest_curates_each_image_once_fails_corrupt_files_and_reingest_adds_no
         assert row["special_tags"][0].startswith("score_") and row["special_tags"][-1].startswith("rating_")
         assert row["prompt"].startswith(", ".join(row["special_tags"]))
     assert len(out.shards) == 1
+    # The trainer reads it as written.
+    from services.trainer.manifest import read_manifest
+
+    items = read_manifest(out.manifest)
+    assert [i.image_id for i in items] == report.image_ids and all(i.special_tags and i.prompt for i in items)
     page = write_report(settings, tmp_path / "report", selection="wf")
     html = page.read_text()
     assert html.count("data:image/jpeg;base64,") >= 7 and "<svg" in html and "block" in html
