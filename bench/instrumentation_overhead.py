@@ -146,6 +146,12 @@ def main(argv: list[str] | None = None) -> int:
             grpc.insecure_channel(f"127.0.0.1:{running.port}", options=OPTIONS), ClientInterceptor()
         )
         inst = scorer_pb2_grpc.ScorerStub(inst_channel)
+        # The two halves on their own (breakdown): our client interceptor to the bare server, a plain channel to ours.
+        client_only_channel = grpc.intercept_channel(
+            grpc.insecure_channel(f"127.0.0.1:{bare_port}", options=OPTIONS), ClientInterceptor()
+        )
+        client_only = scorer_pb2_grpc.ScorerStub(client_only_channel)
+        server_only = scorer_pb2_grpc.ScorerStub(grpc.insecure_channel(f"127.0.0.1:{running.port}", options=OPTIONS))
 
         images = [common_pb2.ImageRef(data=png(i)) for i in range(args.images)]
         score = scorer_pb2.ScoreRequest(images=images)
@@ -171,6 +177,14 @@ def main(argv: list[str] | None = None) -> int:
                     f"{label} (tracing off)",
                     lambda b=b, r=request: b(r),
                     lambda i=i, r=request: i(r),
+                    args.calls,
+                    args.rounds,
+                )
+            for label, stub in (("client interceptor only", client_only), ("server interceptor only", server_only)):
+                compare(
+                    f"  ScoreEmbeddings: {label}",
+                    lambda: bare.ScoreEmbeddings(score_emb),
+                    lambda stub=stub: stub.ScoreEmbeddings(score_emb),
                     args.calls,
                     args.rounds,
                 )
@@ -207,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{100 * (worst - 1):+.1f}%")  # fmt: skip
         finally:
             inst_channel.close()
+            client_only_channel.close()
             run(bare_server.stop(0))
             run(running.stop(0))
             loop.call_soon_threadsafe(loop.stop)

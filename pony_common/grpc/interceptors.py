@@ -87,10 +87,15 @@ def _wrap(
 ) -> grpc.RpcMethodHandler:
     # Health and reflection keep their full name: grpc.health.v1.Health/Check is not the safety service's Check.
     short = method.lstrip("/") if quiet else method.rsplit("/", 1)[-1]
+    named = "x-request-id" in (meta or {})
 
     async def begin(context: aio.ServicerContext) -> tuple[float, Any]:
         request_id_var.set(rid)
-        await context.send_initial_metadata((("x-request-id", rid),))
+        # The caller finds the request id in the trailers (free: they go with the status); one that named the
+        # request itself also gets it back up front (initial metadata on its own is an extra send per call).
+        context.set_trailing_metadata((("x-request-id", rid),))
+        if named:
+            await context.send_initial_metadata((("x-request-id", rid),))
         if denied:
             RPC_LATENCY.labels(service, short, "UNAUTHENTICATED").observe(0.0)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, denied)

@@ -75,7 +75,8 @@ def _score(port: int, uri: str) -> tuple[grpc.StatusCode, str]:
             _, c = call(scorer_pb2.ScoreRequest(images=[common_pb2.ImageRef(uri=uri)]), metadata=meta, timeout=10)
         except grpc.RpcError as exc:
             c = exc  # type: ignore[assignment]
-    rid = dict(c.initial_metadata())["x-request-id"]
+    rid = dict(c.trailing_metadata())["x-request-id"]  # the id the server made for the call
+    assert "x-request-id" not in dict(c.initial_metadata() or ())  # (sent up front only when the caller named one)
     return c.code(), rid
 
 
