@@ -31,6 +31,7 @@ class Failure:
     image_id: str
     stage: str
     reason: str
+    source: str = ""
 
 
 @dataclass
@@ -94,12 +95,13 @@ def curation_status(catalog: Catalog, *, failures: int = 20) -> CurationStatus:
                 row.per_second = _rate(span.n, span.first, span.last)
             out.stages.append(row)
         failed = s.execute(
-            select(StageRow.image_id, StageRow.stage, StageRow.error)
+            select(StageRow.image_id, StageRow.stage, StageRow.error, ImageRow.source_uri)
+            .join(ImageRow, ImageRow.id == StageRow.image_id)
             .where(StageRow.status == "failed")
             .order_by(StageRow.finished_at.desc())
             .limit(failures)
         )
-        out.failures = [Failure(r.image_id, r.stage, r.error or "") for r in failed]
+        out.failures = [Failure(r.image_id, r.stage, r.error or "", r.source_uri or "") for r in failed]
         waiting = s.execute(
             select(StageRow.image_id, StageRow.stage, StageRow.error)
             .where(StageRow.status == "pending", StageRow.error.is_not(None))
@@ -127,7 +129,7 @@ def format_status(status: CurationStatus) -> str:
         lines += [f"  {f.image_id[:12]} {f.stage:<8} {f.reason}" for f in status.retrying]
     if status.failures:
         lines.append("failures:")
-        lines += [f"  {f.image_id[:12]} {f.stage:<8} {f.reason}" for f in status.failures]
+        lines += [f"  {f.image_id[:12]} {f.stage:<8} {f.reason}  ({f.source})" for f in status.failures]
     return "\n".join(lines)
 
 
