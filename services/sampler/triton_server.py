@@ -67,12 +67,15 @@ def stub_environment(base: dict[str, str] | None = None) -> dict[str, str]:
     interpreter's LIBDIR goes first on LD_LIBRARY_PATH (else C extensions fail with `undefined symbol`),
     then the wheel's libraries. The interpreter finds its prefix by looking up `python3` on PATH, so this
     environment's bin folder goes first on PATH: the stub then runs with this virtualenv's site-packages.
-    PYTHONPATH names the repository root for model.py to add when the package is not installed."""
+    PYTHONPATH names the repository root for model.py to add when the package is not installed.
+    OMP_WAIT_POLICY defaults to PASSIVE."""
     env = dict(os.environ if base is None else base)
     libdir = sysconfig.get_config_var("LIBDIR") or ""
     ld = [p for p in (libdir, str(wheel_libs()), env.get("LD_LIBRARY_PATH", "")) if p]
     env["LD_LIBRARY_PATH"] = os.pathsep.join(ld)
     env["PATH"] = os.pathsep.join([str(Path(sys.prefix) / "bin"), env.get("PATH", "/usr/bin:/bin")])
+    # The stub shares the machine's cores with the services: idle OpenMP workers sleep instead of spinning.
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     site_packages = sysconfig.get_paths()["purelib"]
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), site_packages) if p)
     return env
