@@ -19,16 +19,24 @@ CURATION_SERVICES = ("captioner", "scorer", "style-tagger", "safety")
 
 
 class StackThread:
-    """`StackThread(settings, names)` starts the services on free ports and waits until they are ready;
-    `.settings` then has their addresses. `close()` stops them (use it in a finally)."""
+    """`StackThread(settings, names)` starts the services (on free ports unless `free_ports=False`: then on their
+    configured ports) and waits until they are ready; `.settings` then has their addresses. `close()` stops them
+    (use it in a finally)."""
 
-    def __init__(self, settings: Settings, names: Sequence[str] = CURATION_SERVICES, *, ready_timeout: float = 600):
+    def __init__(
+        self,
+        settings: Settings,
+        names: Sequence[str] = CURATION_SERVICES,
+        *,
+        free_ports: bool = True,
+        ready_timeout: float = 600,
+    ) -> None:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="service-stack", daemon=True)
         self._thread.start()
         self.stack: Stack | None = None
         try:
-            self.stack = self.run(start_stack(settings, list(names), free_ports=True), ready_timeout)
+            self.stack = self.run(start_stack(settings, list(names), free_ports=free_ports), ready_timeout)
             self.run(self.stack.wait_ready(ready_timeout), ready_timeout + 5)
         except BaseException:
             self.close()
