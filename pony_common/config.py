@@ -133,6 +133,8 @@ class Settings:
     trainer_namespace: str = "pony"
     trainer_pool_label: str = "pony.ai/pool"
     trainer_image: str = "pony-platform/cuda:0.1.0"
+    trainer_models_pvc: str = "pony-models"  # training Jobs mount it read-only at PONY_MODELS_DIR; empty = tiny models
+    trainer_blobs_pvc: str = ""  # PVC mounted at a local-path PONY_BLOB_URL in training Jobs (dev); empty = none
     trainer_output_dir: str = ""  # run outputs (checkpoints, final pipeline); default <state_dir>/runs
     trainer_kube_url: str = ""  # Kubernetes API URL; empty = in-cluster config, else the kubeconfig
     trainer_resync_s: float = 10.0  # the controller relists Jobs at least this often

@@ -40,4 +40,5 @@ ENV PYTHONPATH=/app:/opt/venv/lib/python3.11/site-packages \
     PONY_STATE_DIR=/tmp/pony
 USER 10001:10001
 ENTRYPOINT []
-CMD ["tritonserver", "--model-repository=/models", "--model-control-mode=explicit", "--load-model=pony_v7"]
+# The sampler renders the repository and loads pony_v7 through the model-control API (deploy/base/triton.yaml).
+CMD ["tritonserver", "--model-repository=/triton-repo", "--model-control-mode=explicit"]

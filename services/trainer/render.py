@@ -1,5 +1,6 @@
-"""Kubernetes objects of a training run: spec ConfigMap, checkpoint PVC, and a Job (one node) or a headless
-Service plus an Indexed Job (several nodes, torchrun node rank = completion index), pinned to the training pool."""
+"""Kubernetes objects of a training run: the checkpoint PVC, and a Job (one node) or a headless Service plus an
+Indexed Job (several nodes, torchrun node rank = completion index) on the training pool. The spec travels in the
+container's environment (PONY_TRAIN_SPEC), so the controller needs no rights beyond Jobs, Services and PVCs."""
 
 from __future__ import annotations
 
@@ -12,12 +13,20 @@ from services.trainer.spec import TrainSpec
 
 MANAGED_BY = "pony-trainer-controller"
 RUN_LABEL = "pony.ai/run-id"
-APP_LABELS = {"app.kubernetes.io/name": "pony-trainer", "app.kubernetes.io/managed-by": MANAGED_BY}
-SPEC_MOUNT = "/etc/pony/train"
+COMPONENT_LABEL = "app.kubernetes.io/component"
+COMPONENT = "training-job"  # what the training NetworkPolicy (deploy/base/network-policies.yaml) selects
+APP_LABELS = {
+    "app.kubernetes.io/name": "pony-trainer",
+    "app.kubernetes.io/managed-by": MANAGED_BY,
+    "app.kubernetes.io/part-of": "pony",
+}
+SPEC_ENV = "PONY_TRAIN_SPEC"
+SPEC_REF = f"env:{SPEC_ENV}"  # `python -m services.trainer.train --spec env:PONY_TRAIN_SPEC`
 CHECKPOINT_MOUNT = "/checkpoints"
 MASTER_PORT = 29500
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
-UID = 1000
+GPU = "nvidia.com/gpu"
+UID = 10001  # the images' user (deploy/docker/*.Dockerfile)
 JOB_TTL_S = 7 * 24 * 3600
 
 
@@ -27,14 +36,13 @@ class RenderedRun:
 
     job_name: str
     service_name: str  # "" for a single-node run
-    config_map: dict[str, Any]
     pvc: dict[str, Any]
     service: dict[str, Any] | None
     job: dict[str, Any]
 
     @property
     def objects(self) -> list[dict[str, Any]]:
-        return [o for o in (self.pvc, self.config_map, self.service, self.job) if o is not None]
+        return [o for o in (self.pvc, self.service, self.job) if o is not None]
 
 
 def job_name(run_id: str) -> str:
@@ -42,7 +50,7 @@ def job_name(run_id: str) -> str:
 
 
 def run_labels(run_id: str) -> dict[str, str]:
-    return {**APP_LABELS, RUN_LABEL: run_id}
+    return {**APP_LABELS, COMPONENT_LABEL: COMPONENT, RUN_LABEL: run_id}
 
 
 def label_selector(run_id: str | None = None) -> str:
@@ -50,6 +58,16 @@ def label_selector(run_id: str | None = None) -> str:
     if run_id:
         parts.append(f"{RUN_LABEL}={run_id}")
     return ",".join(parts)
+
+
+def env_literal(value: str) -> str:
+    """`value` as a container env value the kubelet passes on unchanged (it expands `$(VAR)` and `$$` -> `$`)."""
+    return value.replace("$", "$$")
+
+
+def gpus_per_node(spec: TrainSpec, settings: Settings) -> int:
+    """GPUs each pod asks for: none when PONY_TRAINER_POOL_LABEL is empty (a cluster without a training pool)."""
+    return spec.resources.gpus_per_node if settings.trainer_pool_label else 0
 
 
 def _meta(name: str, namespace: str, run_id: str) -> dict[str, Any]:
@@ -77,7 +95,7 @@ def _torchrun(spec: TrainSpec, run_id: str, master: str | None) -> list[str]:
     else:
         # $(JOB_COMPLETION_INDEX) is expanded by the kubelet from the container env below.
         args += ["--node-rank=$(JOB_COMPLETION_INDEX)", f"--master-addr={master}", f"--master-port={MASTER_PORT}"]
-    args += ["-m", "services.trainer.train", "--spec", f"{SPEC_MOUNT}/spec.yaml", "--run-id", run_id]
+    args += ["-m", "services.trainer.train", "--spec", SPEC_REF, "--run-id", run_id]
     return args
 
 
@@ -91,11 +109,13 @@ def _env(spec: TrainSpec, settings: Settings, indexed: bool) -> list[dict[str, A
             }
         )
     plain = {
-        "PONY_DEVICE": "cuda" if spec.resources.gpus_per_node > 0 else "cpu",
-        "PONY_BLOB_URL": settings.blob_url,
+        SPEC_ENV: env_literal(spec.to_yaml()),
+        "PONY_DEVICE": "cuda" if gpus_per_node(spec, settings) > 0 else "cpu",
+        "PONY_BLOB_URL": env_literal(settings.blob_url),
         "PONY_MODELS_DIR": settings.models_dir,
         "PONY_TRAINER_OUTPUT_DIR": CHECKPOINT_MOUNT,
         "PONY_LOG_JSON": "true",
+        "PONY_STATE_DIR": "/tmp/pony",
         "HOME": "/tmp",
         "HF_HOME": "/tmp/hf",
         "PYTHONUNBUFFERED": "1",
@@ -104,27 +124,82 @@ def _env(spec: TrainSpec, settings: Settings, indexed: bool) -> list[dict[str, A
     return env
 
 
-def _pod_template(
-    spec: TrainSpec, settings: Settings, run_id: str, config_map: str, master: str | None, subdomain: str
-) -> dict[str, Any]:
+def _placement(spec: TrainSpec, settings: Settings) -> dict[str, Any]:
+    """Required node affinity `<PONY_TRAINER_POOL_LABEL> In [pool]` plus the GPU taint toleration; nothing when
+    the label is empty (dev: the Job lands on any node, on CPU)."""
+    key = settings.trainer_pool_label
+    if not key:
+        return {}
+    term = {"matchExpressions": [{"key": key, "operator": "In", "values": [spec.resources.pool]}]}
+    return {
+        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}}},
+        "tolerations": [{"key": GPU, "operator": "Exists", "effect": "NoSchedule"}],
+    }
+
+
+def _volumes(
+    spec: TrainSpec, settings: Settings, image: str
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(volumes, the trainer's mounts, init containers): /dev/shm, /tmp, checkpoints, the models (a PVC, or tiny
+    models written by an init container) and, for a local-path blob store, its PVC."""
     res = spec.resources
+    volumes: list[dict[str, Any]] = [
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": res.shm_size}},
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "checkpoints", "persistentVolumeClaim": {"claimName": res.checkpoint_pvc}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "checkpoints", "mountPath": CHECKPOINT_MOUNT},
+    ]
+    init: list[dict[str, Any]] = []
+    if settings.trainer_models_pvc:
+        volumes.append(
+            {"name": "models", "persistentVolumeClaim": {"claimName": settings.trainer_models_pvc, "readOnly": True}}
+        )
+        mounts.append({"name": "models", "mountPath": settings.models_dir, "readOnly": True})
+    else:
+        volumes.append({"name": "models", "emptyDir": {}})
+        mounts.append({"name": "models", "mountPath": settings.models_dir, "readOnly": True})
+        init.append(
+            {
+                "name": "models-tiny",
+                "image": image,
+                "imagePullPolicy": "IfNotPresent",
+                "command": ["ponyctl", "models", "tiny", settings.models_dir],
+                "env": [{"name": "HOME", "value": "/tmp"}, {"name": "PONY_STATE_DIR", "value": "/tmp/pony"}],
+                "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "2Gi"}},
+                "securityContext": _security_context(),
+                "volumeMounts": [
+                    {"name": "models", "mountPath": settings.models_dir},
+                    {"name": "tmp", "mountPath": "/tmp"},
+                ],
+            }
+        )
+    if settings.trainer_blobs_pvc and "://" not in settings.blob_url:
+        volumes.append({"name": "blobs", "persistentVolumeClaim": {"claimName": settings.trainer_blobs_pvc}})
+        mounts.append({"name": "blobs", "mountPath": settings.blob_url})
+    return volumes, mounts, init
+
+
+def _pod_template(spec: TrainSpec, settings: Settings, run_id: str, master: str | None, subdomain: str) -> dict:
+    res = spec.resources
+    image = res.image or settings.trainer_image
     limits: dict[str, str] = {"cpu": res.cpu, "memory": res.memory}
-    if res.gpus_per_node:
-        limits["nvidia.com/gpu"] = str(res.gpus_per_node)
+    gpus = gpus_per_node(spec, settings)
+    if gpus:
+        limits[GPU] = str(gpus)
+    volumes, mounts, init = _volumes(spec, settings, image)
     container = {
         "name": "trainer",
-        "image": res.image or settings.trainer_image,
+        "image": image,
         "imagePullPolicy": "IfNotPresent",
         "command": _torchrun(spec, run_id, master),
         "env": _env(spec, settings, indexed=master is not None),
         "resources": {"requests": {"cpu": res.cpu, "memory": res.memory}, "limits": limits},
         "securityContext": _security_context(),
-        "volumeMounts": [
-            {"name": "dshm", "mountPath": "/dev/shm"},
-            {"name": "tmp", "mountPath": "/tmp"},
-            {"name": "checkpoints", "mountPath": CHECKPOINT_MOUNT},
-            {"name": "spec", "mountPath": SPEC_MOUNT, "readOnly": True},
-        ],
+        "volumeMounts": mounts,
         "ports": [{"name": "rdzv", "containerPort": MASTER_PORT, "protocol": "TCP"}],
     }
     pod_spec: dict[str, Any] = {
@@ -132,8 +207,7 @@ def _pod_template(
         "priorityClassName": res.priority_class,
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "nodeSelector": {settings.trainer_pool_label: res.pool},
-        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        **_placement(spec, settings),
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": UID,
@@ -142,35 +216,25 @@ def _pod_template(
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [container],
-        "volumes": [
-            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": res.shm_size}},
-            {"name": "tmp", "emptyDir": {}},
-            {"name": "checkpoints", "persistentVolumeClaim": {"claimName": res.checkpoint_pvc}},
-            {"name": "spec", "configMap": {"name": config_map}},
-        ],
+        "volumes": volumes,
     }
+    if init:
+        pod_spec["initContainers"] = init
     if subdomain:
         pod_spec["subdomain"] = subdomain
     return {"metadata": {"labels": run_labels(run_id)}, "spec": pod_spec}
 
 
 def render_run(spec: TrainSpec, settings: Settings, run_id: str) -> RenderedRun:
-    """All objects of a run in the controller's namespace; `spec` is rendered into the ConfigMap as YAML."""
+    """All objects of a run in the controller's namespace; `spec` rides in the trainer container's env as YAML."""
     ns = settings.trainer_namespace
     name = job_name(run_id)
     res = spec.resources
     indexed = res.nodes > 1
-    config_map = {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": _meta(f"{name}-spec", ns, run_id),
-        "data": {"spec.yaml": spec.to_yaml()},
-    }
-    pvc_meta = {"name": res.checkpoint_pvc, "namespace": ns, "labels": dict(APP_LABELS)}
     pvc = {
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
-        "metadata": pvc_meta,
+        "metadata": {"name": res.checkpoint_pvc, "namespace": ns, "labels": dict(APP_LABELS)},
         "spec": {
             "accessModes": ["ReadWriteMany"],
             "resources": {"requests": {"storage": res.checkpoint_size}},
@@ -195,16 +259,14 @@ def render_run(spec: TrainSpec, settings: Settings, run_id: str) -> RenderedRun:
     job_spec: dict[str, Any] = {
         "backoffLimit": res.backoff_limit,
         "ttlSecondsAfterFinished": JOB_TTL_S,
-        "template": _pod_template(
-            spec, settings, run_id, config_map["metadata"]["name"], master, name if indexed else ""
-        ),
+        "template": _pod_template(spec, settings, run_id, master, name if indexed else ""),
     }
     if indexed:
         job_spec.update({"completionMode": "Indexed", "completions": res.nodes, "parallelism": res.nodes})
     if res.active_deadline_s:
         job_spec["activeDeadlineSeconds"] = res.active_deadline_s
     job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": _meta(name, ns, run_id), "spec": job_spec}
-    return RenderedRun(name, name if indexed else "", config_map, pvc, service, job)
+    return RenderedRun(name, name if indexed else "", pvc, service, job)
 
 
 def command_line(job: dict[str, Any]) -> str:

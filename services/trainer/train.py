@@ -1,4 +1,5 @@
-"""Training entrypoint: `python -m services.trainer.train --spec FILE` (or under `torchrun`), progress as JSON lines.
+"""Training entrypoint: `python -m services.trainer.train --spec FILE|env:NAME` (or under `torchrun`), progress as
+JSON lines. `--spec env:PONY_TRAIN_SPEC` reads the spec YAML from that environment variable (training Jobs).
 
 Exit codes: 0 done (or stopped at --stop-after with a checkpoint), 2 bad spec/arguments, 1 training failed.
 """
@@ -11,19 +12,39 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 from pony_common.config import Settings
 from pony_common.errors import InvalidArgument
 
+if TYPE_CHECKING:
+    from services.trainer.spec import TrainSpec
+
 log = logging.getLogger(__name__)
+
+ENV_PREFIX = "env:"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m services.trainer.train", description=__doc__)
-    p.add_argument("--spec", required=True, help="training spec (YAML or JSON)")
+    p.add_argument("--spec", required=True, help="training spec file (YAML or JSON), or env:NAME to read it from $NAME")
     p.add_argument("--run-id", default="", help="run id (names the output folder); default: the spec's name")
     p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps, with a checkpoint")
     return p
+
+
+def read_spec(ref: str, environ: Mapping[str, str]) -> TrainSpec:
+    """The spec named by `--spec`: `env:NAME` parses the text in environment variable NAME, anything else is a file.
+    Raises InvalidArgument("spec", ...) when the variable is unset or empty, or the file unreadable."""
+    from services.trainer.spec import load_spec, parse_spec_text
+
+    if ref.startswith(ENV_PREFIX):
+        name = ref[len(ENV_PREFIX) :]
+        text = environ.get(name, "") if name else ""
+        if not text.strip():
+            raise InvalidArgument("spec", f"environment variable {name or '(none)'} is unset or empty")
+        return parse_spec_text(text)
+    return load_spec(ref)
 
 
 def dist_from_env(environ: Mapping[str, str]):  # -> DistInfo
@@ -44,10 +65,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     from pony_common.logs import setup_logging
 
     setup_logging(settings.log_level, settings.log_json)  # logs go to stderr; stdout carries the events
-    from services.trainer.spec import load_spec
-
     try:
-        spec = load_spec(args.spec)
+        spec = read_spec(args.spec, env)
     except InvalidArgument as exc:
         sys.stderr.write(f"train: {exc}\n")
         return 2

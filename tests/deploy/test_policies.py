@@ -4,11 +4,16 @@ network paths, disruption budgets, and where secrets and settings come from."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 
 import pytest
 
+from pony_common.config import Settings
+from services.trainer.render import CHECKPOINT_MOUNT, render_run
+from services.trainer.spec import ResourceSpec, load_spec
 from tests.deploy.manifests import (
+    CLUSTER_SCOPED_KINDS,
     DEPLOY,
     GPU,
     GPU_POOLS,
@@ -16,6 +21,7 @@ from tests.deploy.manifests import (
     OVERLAYS,
     POOL_KEY,
     QUEUES,
+    REPO,
     find,
     gpu_violations,
     image_tag_violations,
@@ -24,6 +30,7 @@ from tests.deploy.manifests import (
     literal_occurrences,
     name,
     of_kind,
+    pod_labels,
     probe_violations,
     rbac_violations,
     render_dir,
@@ -110,7 +117,8 @@ def test_namespace_enforces_restricted(rendered, overlay):
     namespaces = of_kind(rendered[overlay], "Namespace")
     assert [n["metadata"]["name"] for n in namespaces] == ["pony"]
     assert namespaces[0]["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
-    assert {o["metadata"].get("namespace") for o in rendered[overlay] if o["kind"] != "Namespace"} == {"pony"}
+    namespaced = [o for o in rendered[overlay] if o["kind"] not in CLUSTER_SCOPED_KINDS]
+    assert {o["metadata"].get("namespace") for o in namespaced} == {"pony"}
 
 
 # --- probes, metrics --------------------------------------------------------------------------------
@@ -167,10 +175,14 @@ def test_rbac_check_catches_extra_grants(prod):
     broken = copy.deepcopy(prod)
     role = find(broken, "Role", "trainer")
     role["rules"].append({"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]})
+    role["rules"].append({"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]})
+    role["rules"].append({"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["*"]})
     role["rules"][2]["verbs"].append("delete")
     broken.append({"kind": "ClusterRole", "metadata": {"name": "x"}, "apiVersion": "rbac.authorization.k8s.io/v1"})
     found = rbac_violations(broken)
     assert any("core/secrets" in v for v in found)
+    assert any("core/configmaps" in v for v in found)
+    assert any("batch/jobs verbs ['*']" in v for v in found)
     assert any("['delete']" in v for v in found)
     assert any("cluster-scoped" in v for v in found)
 
@@ -260,8 +272,12 @@ def test_dev_runs_one_replica_of_everything_with_tiny_models(dev):
     for obj, spec in workloads(dev):
         assert obj["spec"]["replicas"] == 1, name(obj)
         if obj["metadata"]["name"] in model_pods:
-            (init,) = spec["initContainers"]
-            assert init["args"] == ["models", "tiny", "/models"]
+            init = spec["initContainers"]
+            assert init[0]["args"] == ["models", "tiny", "/models"]
+            if obj["metadata"]["name"] == "triton":
+                assert init[1]["args"] == ["models", "triton-repo", "/triton-repo"]
+            else:
+                assert len(init) == 1, name(obj)
             models = next(v for v in spec["volumes"] if v["name"] == "models")
             assert models == {"name": "models", "emptyDir": {}}
     assert {"postgres", "rabbitmq", "redis"} <= {s["metadata"]["name"] for s in of_kind(dev, "Service")}
@@ -318,3 +334,154 @@ def test_tls_component_mounts_the_certificate_into_every_pony_pod(rendered, tmp_
         mount = next(m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "tls")
         assert mount == {"name": "tls", "mountPath": "/etc/pony/tls", "readOnly": True}
     assert security_violations(objs) == []
+
+
+# --- the trainer's Jobs against the manifests --------------------------------------------------------
+
+
+def overlay_settings(objs) -> Settings:
+    """The Settings a pony container of this overlay reads (pony-config), as the trainer controller sees them."""
+    config = next(c for c in of_kind(objs, "ConfigMap") if c["metadata"]["name"].startswith("pony-config"))
+    return Settings.from_env(config["data"])
+
+
+def training_job(objs, nodes: int = 2) -> dict:
+    spec = load_spec(REPO / "services" / "trainer" / "specs" / "v7-production.yaml")
+    spec = spec.replace(resources=dataclasses.replace(spec.resources, nodes=nodes))
+    return render_run(spec, overlay_settings(objs), "v7-run-0a1b2c3d").job
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_training_job_pods_meet_the_namespace_policies_and_find_their_volumes(rendered, overlay):
+    objs = rendered[overlay]
+    job = training_job(objs)
+    assert job["metadata"]["namespace"] == "pony"
+    assert security_violations([job]) == []
+    assert restricted_pss_violations([job]) == []
+    pod = job["spec"]["template"]["spec"]
+    assert pod["priorityClassName"] in {p["metadata"]["name"] for p in of_kind(objs, "PriorityClass")}
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    assert claims <= {p["metadata"]["name"] for p in of_kind(objs, "PersistentVolumeClaim")}, claims
+    # the Job's image is built by skaffold for this overlay (dev maps cuda to cpu)
+    image = pod["containers"][0]["image"]
+    assert image == overlay_settings(objs).trainer_image
+    assert ("cuda" in image) == (overlay != "dev")
+
+
+@pytest.mark.parametrize("overlay", ["prod", "prod-redis"])
+def test_prod_training_jobs_are_pinned_to_the_training_pool_with_gpus(rendered, overlay):
+    job = training_job(rendered[overlay])
+    assert gpu_violations([job], {job["metadata"]["name"]: "training"}) == []
+    env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["PONY_DEVICE"] == "cuda"
+
+
+def test_dev_training_jobs_are_not_pinned_and_run_on_cpu_with_tiny_models_and_the_blobs_volume(dev):
+    job = training_job(dev, nodes=1)
+    pod = job["spec"]["template"]["spec"]
+    assert "affinity" not in pod and "nodeSelector" not in pod and "tolerations" not in pod
+    assert all(GPU not in c["resources"]["limits"] for c in pod["containers"])
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["PONY_DEVICE"] == "cpu"
+    (init,) = pod["initContainers"]
+    assert init["command"] == ["ponyctl", "models", "tiny", "/models"]
+    mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes[mounts[env["PONY_BLOB_URL"]]]["persistentVolumeClaim"]["claimName"] == "pony-blobs"
+
+
+def test_training_ranks_talk_to_each_other_and_the_blob_store_only(prod):
+    ranks = pod_labels(training_job(prod))
+    assert traffic_allowed(prod, ranks, ranks, 29500)
+    assert traffic_allowed(prod, ranks, None, 443)
+    assert not traffic_allowed(prod, ranks, labels_of(prod, "scorer"), 50052)
+    assert not traffic_allowed(prod, labels_of(prod, "sampler"), ranks, 29500)
+
+
+# --- sampler, Triton and the model repository ---------------------------------------------------------
+
+
+def mounts_of(objs, workload: str) -> dict[str, tuple[str, bool]]:
+    """mountPath -> (claim name or volume kind, read-only) of a Deployment's main container."""
+    spec = find(objs, "Deployment", workload)["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    out = {}
+    for m in spec["containers"][0]["volumeMounts"]:
+        volume = volumes[m["name"]]
+        source = volume["persistentVolumeClaim"]["claimName"] if "persistentVolumeClaim" in volume else "emptyDir"
+        out[m["mountPath"]] = (source, bool(m.get("readOnly")))
+    return out
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_sampler_renders_the_repository_triton_serves_at_the_same_path(rendered, overlay):
+    objs = rendered[overlay]
+    settings = overlay_settings(objs)
+    assert settings.triton_start is False
+    assert settings.triton_url == "triton:8001"
+    triton_svc = find(objs, "Service", "triton")
+    assert {"name": "grpc", "port": 8001, "targetPort": "grpc", "appProtocol": "grpc"} in triton_svc["spec"]["ports"]
+    repo = settings.triton_repo
+    sampler, triton = mounts_of(objs, "sampler"), mounts_of(objs, "triton")
+    claim, read_only = sampler[repo]
+    assert claim != "emptyDir" and read_only is False  # the sampler writes config.pbtxt and version folders
+    assert triton[repo] == (claim, True)  # version folders name their pipeline by absolute path
+    pvc = find(objs, "PersistentVolumeClaim", claim)
+    assert pvc["spec"]["accessModes"] == (["ReadWriteOnce"] if overlay == "dev" else ["ReadWriteMany"])
+    tritonserver = find(objs, "Deployment", "triton")["spec"]["template"]["spec"]
+    args = tritonserver["containers"][0]["args"]
+    assert f"--model-repository={repo}" in args and "--model-control-mode=explicit" in args
+    # Triton loads pony_v7 at start only where its own init container renders the repository first (dev);
+    # elsewhere the sampler loads it through the model-control API once it has rendered it.
+    renders_first = [
+        c
+        for c in tritonserver.get("initContainers", [])
+        if c["args"][:3] == ["models", "triton-repo", repo]
+        and any(m["mountPath"] == repo and not m.get("readOnly") for m in c["volumeMounts"])
+    ]
+    assert ("--load-model=pony_v7" in args) == bool(renders_first)
+    assert bool(renders_first) == (overlay == "dev")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_published_checkpoints_are_readable_by_the_sampler_and_triton(rendered, overlay):
+    objs = rendered[overlay]
+    claim = ResourceSpec().checkpoint_pvc
+    assert find(objs, "PersistentVolumeClaim", claim)
+    for workload in ("sampler", "triton"):
+        assert mounts_of(objs, workload)[CHECKPOINT_MOUNT] == (claim, True), workload
+    job = training_job(objs)
+    volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in job["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]}
+    assert volumes[mounts[CHECKPOINT_MOUNT]]["persistentVolumeClaim"]["claimName"] == claim
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_weights_path_is_the_same_for_the_sampler_and_triton(rendered, overlay):
+    """config.pbtxt (rendered by the sampler) names <PONY_MODELS_DIR>/auraflow; Triton must see it there."""
+    objs = rendered[overlay]
+    models_dir = overlay_settings(objs).models_dir
+    for workload in ("sampler", "triton"):
+        assert models_dir in mounts_of(objs, workload), workload
+    assert overlay_settings(objs).triton_repo != models_dir
+
+
+def test_the_trainer_reaches_the_sampler_to_publish(prod):
+    trainer, sampler = labels_of(prod, "trainer"), labels_of(prod, "sampler")
+    assert traffic_allowed(prod, trainer, sampler, 50056)
+    assert not traffic_allowed(prod, trainer, labels_of(prod, "triton"), 8001)
+    assert not traffic_allowed(prod, labels_of(prod, "scorer"), sampler, 50056)
+
+
+# --- blob store -------------------------------------------------------------------------------------
+
+
+def test_the_prod_blob_store_filesystem_is_in_the_requirements_and_imports(prod):
+    import fsspec
+
+    url = overlay_settings(prod).blob_url
+    scheme = url.split("://", 1)[0]
+    package = {"s3": "s3fs", "gs": "gcsfs"}[scheme]
+    lines = [line.split("#")[0].strip() for line in (REPO / "requirements.txt").read_text().splitlines()]
+    assert any(line.startswith(package) for line in lines), f"{package} missing from requirements.txt"
+    assert fsspec.get_filesystem_class(scheme).__module__.startswith(package)

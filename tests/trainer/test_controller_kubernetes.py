@@ -74,10 +74,17 @@ async def controller(kube_settings: Settings) -> AsyncIterator[Controller]:
         await c.stop()
 
 
+# The test's own API calls (playing the Job controller and the kubelet) carry this user agent, so that the
+# requests kmock records can be split into the trainer controller's and the test's.
+ACTOR_AGENT = "pony-test-actor"
+
+
 def batch_api(settings: Settings) -> client.BatchV1Api:
     cfg = client.Configuration()
     cfg.host = settings.trainer_kube_url
-    return client.BatchV1Api(client.ApiClient(cfg))
+    api = client.ApiClient(cfg)
+    api.user_agent = ACTOR_AGENT
+    return client.BatchV1Api(api)
 
 
 async def read_job(settings: Settings, name: str) -> dict | None:
@@ -125,8 +132,15 @@ async def test_submit_creates_a_pinned_job_and_job_status_drives_the_run(
     job = await read_job(kube_settings, "train-tiny-1")
     assert job is not None
     pod = job["spec"]["template"]["spec"]
-    assert pod["nodeSelector"] == {kube_settings.trainer_pool_label: "training"}
+    (term,) = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert term["matchExpressions"] == [
+        {"key": kube_settings.trainer_pool_label, "operator": "In", "values": ["training"]}
+    ]
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    assert job["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == "training-job"
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert yaml.safe_load(env["PONY_TRAIN_SPEC"])["name"] == "tiny"
+    assert [o for o in list(kmock) if "/configmaps" in str(o.url)] == []
 
     watched: list[trainer_pb2.WatchRunResponse] = []
 
@@ -250,3 +264,99 @@ async def test_a_bad_spec_is_invalid_argument_naming_the_field(controller: Contr
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
     listed = await stub.ListRuns(trainer_pb2.ListRunsRequest())
     assert list(listed.runs) == []
+
+
+# --- RBAC: the Role in deploy/ grants exactly the calls the controller makes -------------------------
+
+
+def api_call(method: str, path: str, params) -> tuple[str, str, str, bool]:
+    """(API group, resource[/subresource], RBAC verb, namespaced) of one Kubernetes API request, as the API
+    server's request-info resolver derives them."""
+    parts = [p for p in path.split("/") if p]
+    if parts[0] == "api":
+        group, rest = "", parts[2:]
+    else:
+        group, rest = parts[1], parts[3:]
+    namespaced = len(rest) >= 2 and rest[0] == "namespaces"
+    if namespaced:
+        rest = rest[2:]
+    resource, name, sub = [*rest, "", "", ""][:3]
+    watching = str(params.get("watch", "")).lower() in ("true", "1")
+    verb = {
+        "GET": "watch" if watching else ("get" if name else "list"),
+        "POST": "create",
+        "PUT": "update",
+        "PATCH": "patch",
+        "DELETE": "delete" if name else "deletecollection",
+    }[method]
+    return group, f"{resource}/{sub}" if sub else resource, verb, namespaced
+
+
+def role_grants(role: dict) -> set[tuple[str, str, str]]:
+    grants = set()
+    for rule in role["rules"]:
+        assert not rule.get("resourceNames") and not rule.get("nonResourceURLs"), rule
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                grants.update((group, resource, verb) for verb in rule["verbs"])
+    return grants
+
+
+def controller_calls(kmock) -> set[tuple[str, str, str]]:
+    calls = set()
+    for request in list(kmock):
+        headers = {k.lower(): v for k, v in dict(request.headers).items()}
+        if headers.get("user-agent") == ACTOR_AGENT:
+            continue
+        group, resource, verb, namespaced = api_call(str(request.method.value), request.url.path, request.params)
+        assert namespaced and f"/namespaces/{NS}/" in request.url.path, f"outside its namespace: {request.url}"
+        calls.add((group, resource, verb))
+    return calls
+
+
+async def test_the_role_grants_exactly_the_api_calls_the_controller_makes(
+    controller: Controller, kube_settings: Settings, manifest: Path, kmock
+) -> None:
+    from tests.deploy.manifests import find, kubectl, render
+
+    if kubectl() is None:
+        pytest.skip("kubectl is not installed; the Role is read from `kubectl kustomize deploy/overlays/prod`")
+    stub = await controller.start()
+    # a two-node run (PVC, headless Service, Indexed Job), running: its pods are listed and rank 0's log read
+    await stub.SubmitRun(
+        trainer_pb2.SubmitRunRequest(spec_yaml=spec_yaml(manifest, resources={"nodes": 2}), run_id="rbac-1")
+    )
+    core = client.CoreV1Api(batch_api(kube_settings).api_client)
+    pod = {"metadata": {"name": "train-rbac-1-0", "namespace": NS, "labels": {"pony.ai/run-id": "rbac-1"}}}
+    await asyncio.to_thread(core.create_namespaced_pod, NS, pod, _preload_content=False)
+    kmock[f"get /api/v1/namespaces/{NS}/pods/train-rbac-1-0/log"] << b'{"loss": 0.5, "pony_event": "step", "step": 1}\n'
+    await patch_status(kube_settings, "train-rbac-1", {"active": 2, "ready": 2})
+    running = await wait_state(stub, "rbac-1", trainer_pb2.RUN_STATE_RUNNING)
+    deadline = asyncio.get_running_loop().time() + 10
+    while running.step != 1 and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.1)
+        running = (await stub.GetRun(trainer_pb2.GetRunRequest(run_id="rbac-1"))).run
+    assert running.step == 1
+    # a pending run whose Job vanished while the controller was down: the restarted controller's relist misses
+    # it, reads it (404) and creates it again
+    await stub.SubmitRun(trainer_pb2.SubmitRunRequest(spec_yaml=spec_yaml(manifest), run_id="rbac-2"))
+    await controller.stop()
+    await asyncio.to_thread(batch_api(kube_settings).delete_namespaced_job, "train-rbac-2", NS)
+    stub = await controller.start()
+    deadline = asyncio.get_running_loop().time() + 15
+    while await read_job(kube_settings, "train-rbac-2") is None:
+        assert asyncio.get_running_loop().time() < deadline, "the missing Job was not created again"
+        await asyncio.sleep(0.1)
+    # cancel deletes the Job and the Service
+    await stub.CancelRun(trainer_pb2.CancelRunRequest(run_id="rbac-1"))
+    await controller.stop()
+
+    used = controller_calls(kmock)
+    assert {("batch", "jobs", "get"), ("batch", "jobs", "watch"), ("", "pods/log", "get")} <= used  # all paths ran
+    objs = render("prod")
+    granted = role_grants(find(objs, "Role", "trainer"))
+    assert used - granted == set(), "calls the Role does not allow"
+    assert granted - used == set(), "grants the controller never uses"
+    assert not any("*" in part for grant in granted for part in grant)
+    assert not {r for _, r, _ in granted} & {"secrets", "configmaps"}
+    assert not [o for o in objs if o["kind"] in ("ClusterRole", "ClusterRoleBinding")]

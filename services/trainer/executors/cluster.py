@@ -1,5 +1,8 @@
 """The Kubernetes executor: creates a run's objects with the official client, then an informer loop (list, then
-watch until the resync interval, repeat) maps each Job's status onto the run's state; loss comes from rank-0 logs."""
+watch until the resync interval, repeat) maps each Job's status onto the run's state; loss comes from rank-0 logs.
+
+Its API calls are exactly what deploy/base/trainer-rbac.yaml grants (tests/trainer records them against kmock):
+jobs create/get/list/watch/delete, services create/delete, persistentvolumeclaims create, pods list, pods/log get."""
 
 from __future__ import annotations
 
@@ -101,7 +104,6 @@ class KubernetesExecutor:
         create = {
             "Job": self.batch.create_namespaced_job,
             "Service": self.core.create_namespaced_service,
-            "ConfigMap": self.core.create_namespaced_config_map,
             "PersistentVolumeClaim": self.core.create_namespaced_persistent_volume_claim,
         }[kind]
         try:
@@ -136,7 +138,6 @@ class KubernetesExecutor:
         deletes = [
             (self.batch.delete_namespaced_job, run.job_name),
             (self.core.delete_namespaced_service, run.job_name),
-            (self.core.delete_namespaced_config_map, f"{run.job_name}-spec"),
         ]
         for delete, name in deletes:
             try:
