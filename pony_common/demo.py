@@ -1,21 +1,29 @@
-"""The demo: builds the tiny models, starts every service present on localhost, checks health, reports."""
+"""`ponyctl demo`: the whole loop on one machine with the embedded default.
+
+Tiny models -> a synthetic sample pool -> every service on localhost (Triton included) and a Celery worker on
+the embedded SQLite broker -> ingest (caption, score, style, safety) -> select -> export -> a short training
+run through the local executor -> the checkpoint published as a new `pony_v7` version -> images generated
+through the sampler with that version -> the HTML report. A second run reuses what the first built."""
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
+import json
 import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from pony_common import services
 from pony_common.config import Settings
-from pony_common.stack import start_stack
 
 TINY_MARKER = ".pony-tiny-models"
+STACK = ("captioner", "scorer", "style-tagger", "safety", "trainer", "sampler")
+DEMO_PROMPTS = (
+    ("a pony with a rainbow mane on a hill at sunrise", "pony"),
+    ("an anime girl with long blue hair under cherry blossoms", "anime"),
+)
 
 
 def say(msg: str) -> None:
@@ -23,48 +31,248 @@ def say(msg: str) -> None:
     sys.stdout.flush()
 
 
+@dataclass
+class DemoOptions:
+    """Knobs of the demo; the end-to-end test shrinks them."""
+
+    fresh: bool = False
+    free_ports: bool = False
+    per_category: int = 9
+    select_total: int = 40
+    train_steps: int = 4
+    generate_size: int = 64
+    generate_steps: int = 4
+    timeout_s: float = 900.0
+
+
+@dataclass
+class DemoResult:
+    """Where everything is, and the figures the demo printed."""
+
+    state_dir: Path
+    samples: Path
+    export_dir: Path
+    report: Path
+    outputs: list[Path] = field(default_factory=list)
+    blocked_outputs: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+    selected: int = 0
+    run_id: str = ""
+    model_version: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+
 def ensure_tiny_models(settings: Settings) -> Path:
     """Builds the tiny models once; a second run reuses them."""
     out = Path(settings.models_dir)
     if (out / TINY_MARKER).exists():
-        say(f"models: reusing tiny models in {out}")
+        say(f"models   reusing tiny models in {out}")
         return out
     from pony_common.models.tiny import build_tiny_models
 
-    t0 = time.perf_counter()
     build_tiny_models(out)
     (out / TINY_MARKER).write_text("built by ponyctl demo\n")
-    say(f"models: built tiny models in {out} ({time.perf_counter() - t0:.1f} s)")
+    say(f"models   built tiny models in {out}")
     return out
 
 
-def check_health(address: str) -> str:
-    with grpc.insecure_channel(address) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        resp = stub.Check(health_pb2.HealthCheckRequest(service="readiness"), timeout=10)
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+def ensure_sample_pool(settings: Settings, per_category: int) -> Path:
+    from pony_common.curation.samples import write_sample_pool
+
+    root = Path(settings.state_dir) / "samples"
+    marker = root / ".pony-sample-pool.json"
+    if marker.exists():
+        say(f"samples  reusing the sample pool in {root}")
+        return root
+    pool = write_sample_pool(root, per_category=per_category)
+    marker.write_text(json.dumps({"images": len(pool.images), "corrupt": pool.corrupt, "blocked": pool.blocked}))
+    say(
+        f"samples  wrote {len(pool.images)} files to {root}: {len(pool.corrupt)} corrupt, "
+        f"{len(pool.near_duplicates) + len(pool.exact_duplicates)} duplicates, {len(pool.blocked)} to be blocked"
+    )
+    return root
 
 
-def run_demo(settings: Settings, *, fresh: bool = False) -> int:
+def demo_settings(settings: Settings, free_ports: bool) -> Settings:
+    """Ports for Triton (the services get theirs from the stack); free ones when asked."""
+    if not free_ports:
+        return settings
+    from pony_common.netports import free_port
+
+    http, grpc_port, metrics = free_port(), free_port(), free_port()
+    return settings.replace(
+        triton_http_port=http,
+        triton_grpc_port=grpc_port,
+        triton_metrics_port=metrics,
+        triton_url=f"127.0.0.1:{grpc_port}",
+    )
+
+
+def train_and_publish(settings: Settings, manifest: Path, steps: int, timeout_s: float) -> Any:
+    """Submits a short two-stage run to the trainer service over gRPC and follows it to the end."""
+    import yaml
+
+    from pony.v1 import trainer_pb2, trainer_pb2_grpc
+    from pony_common.grpc.client import channel
+    from services.trainer.local_run import demo_spec
+
+    spec = yaml.safe_dump(demo_spec(manifest, name="demo", steps=steps))
+    with channel(settings.replace(rpc_timeout_s=timeout_s), "trainer") as ch:
+        stub = trainer_pb2_grpc.TrainerControllerStub(ch)
+        run = stub.SubmitRun(trainer_pb2.SubmitRunRequest(spec_yaml=spec), timeout=60).run
+        say(f"train    submitted run {run.run_id} ({steps} steps: 32 px buckets, then 64 px)")
+        last = run
+        for event in stub.WatchRun(trainer_pb2.WatchRunRequest(run_id=run.run_id), timeout=timeout_s):
+            last = event.run
+            ev = event.event
+            if ev.kind == trainer_pb2.RUN_EVENT_KIND_LOSS and ev.HasField("loss"):
+                say(f"train    step {ev.step:>3}  loss {ev.loss:.4f}")
+            elif ev.kind == trainer_pb2.RUN_EVENT_KIND_STATE:
+                say(f"train    {trainer_pb2.RunState.Name(ev.state).removeprefix('RUN_STATE_').lower()} {ev.message}")
+            if last.state in (trainer_pb2.RUN_STATE_SUCCEEDED, trainer_pb2.RUN_STATE_FAILED,
+                              trainer_pb2.RUN_STATE_CANCELLED):  # fmt: skip
+                break
+        return stub.GetRun(trainer_pb2.GetRunRequest(run_id=run.run_id), timeout=60).run
+
+
+def generate_images(settings: Settings, out_dir: Path, size: int, steps: int) -> tuple[list[Path], list[str], str]:
+    """Text-to-image through the sampler (gRPC -> Triton), PNGs with their parameters, blocked ones reported."""
+    from pony_common.sampler_client import SamplerClient
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    blocked: list[str] = []
+    version = ""
+    with SamplerClient(settings) as client:
+        for i, (prompt, source) in enumerate(DEMO_PROMPTS):
+            resp = client.generate(
+                prompt, seed=i, width=size, height=size, steps=steps, score=9, source=source, rating="safe"
+            )
+            version = resp.provenance.model_version or version
+            for j, image in enumerate(resp.images):
+                path = out_dir / f"demo-{i}-{j}.png"
+                path.write_bytes(image.png)
+                written.append(path)
+            for b in resp.blocked:
+                blocked.append(f"seed {b.seed}: " + "; ".join(f"{r.rule_id} {r.message}" for r in b.reasons))
+    return written, blocked, str(version)
+
+
+def run_demo(settings: Settings, options: DemoOptions | None = None) -> DemoResult:
+    """Runs the whole loop and returns where everything is. Raises on failure (the CLI turns that into exit 1)."""
+    from pony_common.catalog import catalog_for
+    from pony_common.curation.export import export_selection
+    from pony_common.curation.ingest import ingest_source
+    from pony_common.curation.report import write_report
+    from pony_common.curation.selection import select_images
+    from pony_common.curation.status import curation_status
+    from pony_common.workflows.stack_thread import StackThread
+    from pony_common.workflows.workers import CURATION_QUEUES, start_worker, stop_worker
+
+    opts = options or DemoOptions()
     state = Path(settings.state_dir)
-    if fresh and state.exists():
+    if opts.fresh and state.exists():
         shutil.rmtree(state)
     state.mkdir(parents=True, exist_ok=True)
-    say(f"demo: state in {state}")
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    say(f"demo     state in {state}")
     ensure_tiny_models(settings)
-    return asyncio.run(_run(settings))
+    samples = ensure_sample_pool(settings, opts.per_category)
+    timings["prepare_s"] = time.perf_counter() - t0
 
-
-async def _run(settings: Settings) -> int:
-    present = [s for s in services.available() if s != "sampler"]
-    stack = await start_stack(settings, present)
+    settings = demo_settings(settings, opts.free_ports)
+    t = time.perf_counter()
+    say("stack    starting captioner, scorer, style-tagger, safety, trainer, sampler (+ tritonserver) ...")
+    stack = StackThread(settings, STACK, free_ports=opts.free_ports, ready_timeout=opts.timeout_s)
+    worker = None
     try:
-        await stack.wait_ready()
-        for name in present:
-            address = stack.settings.addr(name.replace("-", "_"))
-            status = await asyncio.to_thread(check_health, address)
-            say(f"service {name:<13} {address:<18} readiness={status}")
+        live = stack.settings
+        for name in STACK:
+            say(f"stack    {name:<13} {live.addr(name.replace('-', '_'))}")
+        say(
+            f"stack    tritonserver  {live.triton_url} "
+            f"(http {live.triton_http_port}, metrics {live.triton_metrics_port})"
+        )
+        worker = start_worker(live, (*CURATION_QUEUES, "default"), name="demo", log_path=state / "worker.log")
+        say(f"stack    celery worker on {live.broker_url.split('://', 1)[0]} (log {state / 'worker.log'})")
+        timings["stack_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        summary = ingest_source(live, str(samples), wait=True, progress=True, timeout_s=opts.timeout_s)
+        status = curation_status(catalog_for(live.database_url))
+        counts = {k: int(v) for k, v in status.images.items()}
+        say(
+            f"ingest   {len(summary.ids)} images ({summary.new} new), "
+            f"{len(summary.submitted)} curated in this run; catalog: {counts}"
+        )
+        for failure in status.failures[:5]:
+            say(f"ingest     failed {failure.image_id[:12]} at {failure.stage}: {failure.reason}")
+        timings["ingest_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        report = select_images(live, opts.select_total)
+        say(f"select   {report.selected} of {opts.select_total} wanted; achieved mix:")
+        for cat in report.categories:
+            say(
+                f"select     {cat.category:<8} target {cat.target_share:>5.0%}  achieved {cat.achieved_share:>5.0%}"
+                f"  ({cat.selected}/{cat.target}, {cat.available} available)"
+            )
+        export_dir = state / "export"
+        exported = export_selection(live, export_dir)
+        say(f"export   {exported.rows} rows -> {exported.manifest}")
+        timings["select_export_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        run = train_and_publish(live, exported.manifest, opts.train_steps, opts.timeout_s)
+        if run.state != 3:  # RUN_STATE_SUCCEEDED
+            raise RuntimeError(f"training run {run.run_id} ended {run.state}: {run.reason}")
+        say(f"train    run {run.run_id} succeeded; published as pony_v7 version {run.model_version}")
+        timings["train_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        outputs, blocked, served = generate_images(live, state / "outputs", opts.generate_size, opts.generate_steps)
+        say(
+            f"generate {len(outputs)} image(s) from pony_v7 version {served or run.model_version} "
+            f"-> {state / 'outputs'}"
+        )
+        for reason in blocked:
+            say(f"generate blocked by safety: {reason}")
+        timings["generate_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        page = write_report(live, state / "report")
+        timings["report_s"] = time.perf_counter() - t
     finally:
-        await stack.stop()
-    say("demo: done")
-    return 0
+        if worker is not None:
+            stop_worker(worker)
+        stack.close()
+    timings["total_s"] = time.perf_counter() - t0
+    result = DemoResult(
+        state_dir=state,
+        samples=samples,
+        export_dir=export_dir,
+        report=page,
+        outputs=outputs,
+        blocked_outputs=blocked,
+        counts=counts,
+        selected=report.selected,
+        run_id=run.run_id,
+        model_version=int(run.model_version),
+        timings=timings,
+    )
+    say("")
+    say("done     everything is under " + str(state))
+    say(f"         report    {page}")
+    say(f"         manifest  {exported.manifest}")
+    say(f"         images    {', '.join(str(p) for p in outputs)}")
+    say(f"         catalog   {live.database_url}")
+    say("         timings   " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+    return result
+
+
+def cli_exit(settings: Settings, options: DemoOptions) -> int:
+    with contextlib.suppress(KeyboardInterrupt):
+        run_demo(settings, options)
+        return 0
+    return 130
