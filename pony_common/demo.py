@@ -12,6 +12,7 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,9 @@ from typing import Any
 from pony_common.config import Settings
 
 TINY_MARKER = ".pony-tiny-models"
-STACK = ("captioner", "scorer", "style-tagger", "safety", "trainer", "sampler")
+# Order matters: a service learns the addresses of those started before it (the sampler finds safety, the
+# trainer finds the sampler it publishes new versions to).
+STACK = ("captioner", "scorer", "style-tagger", "safety", "sampler", "trainer")
 DEMO_PROMPTS = (
     ("a pony with a rainbow mane on a hill at sunrise", "pony"),
     ("an anime girl with long blue hair under cherry blossoms", "anime"),
@@ -55,6 +58,7 @@ class DemoResult:
     report: Path
     outputs: list[Path] = field(default_factory=list)
     blocked_outputs: list[str] = field(default_factory=list)
+    blocked_pool: list[str] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
     selected: int = 0
     run_id: str = ""
@@ -158,8 +162,60 @@ def generate_images(settings: Settings, out_dir: Path, size: int, steps: int) ->
     return written, blocked, str(version)
 
 
+def blocked_images(settings: Settings) -> dict[str, str]:
+    """Images of the pool that safety blocked, with the rule ids that blocked them."""
+    from sqlalchemy import select
+
+    from pony_common.catalog import catalog_for
+    from pony_common.catalog.models import SafetyDecisionRow
+
+    with catalog_for(settings.database_url).session() as s:
+        rows = s.scalars(select(SafetyDecisionRow).where(SafetyDecisionRow.decision == "block")).all()
+    return {r.image_id: ", ".join(str(x.get("rule_id", x)) if isinstance(x, dict) else str(x) for x in r.reasons)
+            for r in rows}  # fmt: skip
+
+
+@contextlib.contextmanager
+def quiet_logs(state: Path) -> Iterator[Path]:
+    """The demo talks to a person: JSON logs of every service go to a file, only warnings reach the terminal.
+    The handlers' levels are restored afterwards."""
+    import logging
+
+    from pony_common.logs import JsonFormatter
+
+    path = state / "demo.log"
+    root = logging.getLogger()
+    before = [(h, h.level) for h in root.handlers]
+    root_level = root.level
+    for handler, _ in before:
+        handler.setLevel(max(handler.level, logging.WARNING))
+    file_handler = logging.FileHandler(path)
+    file_handler.setFormatter(JsonFormatter())
+    file_handler.setLevel(logging.INFO)
+    root.addHandler(file_handler)
+    root.setLevel(min(root_level, logging.INFO) if root_level else logging.INFO)
+    try:
+        yield path
+    finally:
+        root.removeHandler(file_handler)
+        file_handler.close()
+        root.setLevel(root_level)
+        for handler, level in before:
+            handler.setLevel(level)
+
+
 def run_demo(settings: Settings, options: DemoOptions | None = None) -> DemoResult:
     """Runs the whole loop and returns where everything is. Raises on failure (the CLI turns that into exit 1)."""
+    opts = options or DemoOptions()
+    state = Path(settings.state_dir)
+    if opts.fresh and state.exists():
+        shutil.rmtree(state)
+    state.mkdir(parents=True, exist_ok=True)
+    with quiet_logs(state) as log_path:
+        return _run_demo(settings, opts, log_path)
+
+
+def _run_demo(settings: Settings, opts: DemoOptions, log_path: Path) -> DemoResult:
     from pony_common.catalog import catalog_for
     from pony_common.curation.export import export_selection
     from pony_common.curation.ingest import ingest_source
@@ -169,21 +225,17 @@ def run_demo(settings: Settings, options: DemoOptions | None = None) -> DemoResu
     from pony_common.workflows.stack_thread import StackThread
     from pony_common.workflows.workers import CURATION_QUEUES, start_worker, stop_worker
 
-    opts = options or DemoOptions()
     state = Path(settings.state_dir)
-    if opts.fresh and state.exists():
-        shutil.rmtree(state)
-    state.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    say(f"demo     state in {state}")
+    say(f"demo     state in {state} (service logs: {log_path})")
     ensure_tiny_models(settings)
     samples = ensure_sample_pool(settings, opts.per_category)
     timings["prepare_s"] = time.perf_counter() - t0
 
     settings = demo_settings(settings, opts.free_ports)
     t = time.perf_counter()
-    say("stack    starting captioner, scorer, style-tagger, safety, trainer, sampler (+ tritonserver) ...")
+    say("stack    starting captioner, scorer, style-tagger, safety, sampler (+ tritonserver), trainer ...")
     stack = StackThread(settings, STACK, free_ports=opts.free_ports, ready_timeout=opts.timeout_s)
     worker = None
     try:
@@ -208,6 +260,9 @@ def run_demo(settings: Settings, options: DemoOptions | None = None) -> DemoResu
         )
         for failure in status.failures[:5]:
             say(f"ingest     failed {failure.image_id[:12]} at {failure.stage}: {failure.reason}")
+        blocked_pool = blocked_images(live)
+        for image_id, reasons in blocked_pool.items():
+            say(f"safety   blocked {image_id[:12]}: {reasons}")
         timings["ingest_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -232,6 +287,8 @@ def run_demo(settings: Settings, options: DemoOptions | None = None) -> DemoResu
 
         t = time.perf_counter()
         outputs, blocked, served = generate_images(live, state / "outputs", opts.generate_size, opts.generate_steps)
+        if served != str(run.model_version):
+            raise RuntimeError(f"the sampler served pony_v7 version {served}, not the new version {run.model_version}")
         say(
             f"generate {len(outputs)} image(s) from pony_v7 version {served or run.model_version} "
             f"-> {state / 'outputs'}"
@@ -256,6 +313,7 @@ def run_demo(settings: Settings, options: DemoOptions | None = None) -> DemoResu
         outputs=outputs,
         blocked_outputs=blocked,
         counts=counts,
+        blocked_pool=sorted(blocked_pool),
         selected=report.selected,
         run_id=run.run_id,
         model_version=int(run.model_version),
