@@ -216,7 +216,13 @@ class PreferenceStore:
             recorded_at = _aware(row.created_at)
         logger.info(
             "comparison",
-            extra={"rater": rater, "image_a": image_a, "image_b": image_b, "outcome": outcome, "new_comparison": created},
+            extra={
+                "rater": rater,
+                "image_a": image_a,
+                "image_b": image_b,
+                "outcome": outcome,
+                "new_comparison": created,
+            },
         )
         return Submitted(ratings[winner_id][0], ratings[loser_id][0], recorded_at, created)
 
