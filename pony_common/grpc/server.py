@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from pony_common.config import Settings
 from pony_common.grpc.interceptors import ServerInterceptor
 from pony_common.metrics import MODEL_LOAD_SECONDS
+from pony_common.models.loading import model_load_lock
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,9 @@ class RunningServer:
         if self.health_server is not None:
             await self.health_server.stop(0)
         if self.loading is not None and not self.loading.done():
-            self.loading.cancel()
+            # The load runs in a thread that cannot be cancelled: wait for it, so no half-loaded model
+            # keeps building in the background after the server is gone.
+            await asyncio.wait([self.loading], timeout=600)
         if self.definition.close is not None:
             self.definition.close()
 
@@ -129,12 +132,17 @@ async def start_server(
     return running
 
 
+def _locked_load(load: Callable[[], None]) -> None:
+    with model_load_lock:
+        load()
+
+
 async def _load(running: RunningServer) -> None:
     definition = running.definition
     if definition.load is not None:
         started = time.perf_counter()
         try:
-            await asyncio.to_thread(definition.load)
+            await asyncio.to_thread(_locked_load, definition.load)
         except Exception:
             log.exception("model load failed", extra={"service": definition.name})
             for name in definition.full_names:

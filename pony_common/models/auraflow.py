@@ -10,6 +10,8 @@ from diffusers import AuraFlowPipeline, AuraFlowTransformer2DModel, AutoencoderK
 from transformers import UMT5Config, UMT5EncoderModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from pony_common.models.loading import model_load_lock
+
 logger = logging.getLogger(__name__)
 
 SCHEDULER_SHIFT = 1.73
@@ -92,7 +94,7 @@ def build_auraflow_components(
     dev = torch.device(device)
     rng_devices = [dev.index or 0] if dev.type == "cuda" else []
     previous_dtype = torch.get_default_dtype()
-    with torch.random.fork_rng(devices=rng_devices):
+    with model_load_lock, torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(seed)
         torch.set_default_dtype(dtype)
         try:
@@ -121,7 +123,8 @@ def build_auraflow_components(
 def load_pipeline(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> AuraFlowPipeline:
     """`AuraFlowPipeline.from_pretrained` (a local folder or a hub id) on `device`, progress bar off."""
     logger.info("loading AuraFlow pipeline %s on %s (%s)", path, device, dtype)
-    pipe = AuraFlowPipeline.from_pretrained(path, dtype=dtype)
+    with model_load_lock:
+        pipe = AuraFlowPipeline.from_pretrained(path, dtype=dtype)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

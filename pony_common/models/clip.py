@@ -20,6 +20,8 @@ from transformers import (
     CLIPTokenizer,
 )
 
+from pony_common.models.loading import model_load_lock
+
 logger = logging.getLogger(__name__)
 
 TINY_CLIP_IMAGE_SIZE = 32
@@ -118,7 +120,8 @@ class ClipImageTower:
         """Load the weights and image processor (idempotent, thread-safe)."""
         if self._vision is not None:
             return
-        with self._lock:
+        # The process-wide load lock first, then the tower's: one order everywhere, no deadlock.
+        with model_load_lock, self._lock:
             if self._vision is not None:
                 return
             logger.info("loading CLIP image tower %s on %s (%s)", self.model_id, self.device, self.dtype)

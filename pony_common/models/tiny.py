@@ -22,6 +22,7 @@ from transformers import BaseImageProcessor, CLIPModel, CLIPTokenizer, Tokenizer
 from pony_common.models.auraflow import MAX_SEQUENCE_LENGTH, T5_SPECIAL_TOKENS, build_auraflow_components
 from pony_common.models.clip import TINY_CLIP_PROJECTION_DIM, build_tiny_clip
 from pony_common.models.heads import NSFW_LABELS, Calibration, HeadInfo, MLPHead, save_head
+from pony_common.models.loading import model_load_lock
 from pony_common.models.vlm import IMAGE_TOKEN, TINY_VLM_MAX_LENGTH, TINY_VLM_SPECIAL_TOKENS, build_tiny_vlm
 
 logger = logging.getLogger(__name__)
@@ -278,6 +279,11 @@ def build_tiny_models(out_dir: Path, *, seed: int = 0) -> dict[str, Path]:
 
     Returns {"clip", "vlm", "auraflow", "heads/aesthetic", "heads/nsfw"} -> folder.
     """
+    with model_load_lock:
+        return _build_tiny_models(Path(out_dir), seed)
+
+
+def _build_tiny_models(out_dir: Path, seed: int) -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {name: out_dir / name for name in TINY_MODEL_DIRS}

@@ -20,6 +20,8 @@ from transformers import (
 )
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from pony_common.models.loading import model_load_lock
+
 logger = logging.getLogger(__name__)
 
 # Florence-2, Qwen2.5-VL, InternVL, LLaVA ... all load through these two (no trust_remote_code).
@@ -115,9 +117,10 @@ def load_vlm(
     Decoder-only VLMs need left padding for batched `generate`; the real checkpoints ship right padding.
     """
     logger.info("loading VLM %s on %s (%s)", path, device, dtype)
-    processor = VLM_PROCESSOR_CLASS.from_pretrained(path)
-    tokenizer = getattr(processor, "tokenizer", None)
-    if tokenizer is not None:
-        tokenizer.padding_side = "left"
-    model = VLM_MODEL_CLASS.from_pretrained(path, dtype=dtype).to(device).eval()
+    with model_load_lock:
+        processor = VLM_PROCESSOR_CLASS.from_pretrained(path)
+        tokenizer = getattr(processor, "tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.padding_side = "left"
+        model = VLM_MODEL_CLASS.from_pretrained(path, dtype=dtype).to(device).eval()
     return model, processor
