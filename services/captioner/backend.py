@@ -17,6 +17,7 @@ from pony_common.config import Settings
 from pony_common.errors import Cancelled, FailedPrecondition, InvalidArgument
 from pony_common.metrics import BATCH_SIZE, ITEM_FAILURES
 from pony_common.models.clip import weights_version
+from pony_common.models.dtypes import torch_dtype
 from pony_common.models.vlm import load_vlm
 from services.captioner.cleanup import CaptionCleaner
 from services.captioner.prompts import KIND_SPECS, KINDS, PromptBook, split_artist_tags
@@ -25,17 +26,6 @@ logger = logging.getLogger(__name__)
 
 SERVICE = "captioner"
 MAX_NEW_TOKENS_LIMIT = 4096
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
-_DTYPES |= {"half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """`float32`, `float16`/`fp16`, `bfloat16`/`bf16` -> the torch dtype (ValueError for anything else)."""
-    try:
-        return _DTYPES[name.strip().lower()]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(sorted(_DTYPES))}") from None
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,13 @@ import threading
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
 from pony_common.catalog.db import Catalog, catalog_for
 from pony_common.config import ConfigError, Settings
 from pony_common.errors import FailedPrecondition, InvalidArgument
 from pony_common.metrics import BATCH_SIZE, MODEL_INFO
 from pony_common.models.clip import ClipImageTower
+from pony_common.models.dtypes import torch_dtype
 from pony_common.models.registry import head_path
 from services.safety.classifier import NsfwClassifier
 from services.safety.codex import Codex, CodexStore
@@ -23,13 +23,6 @@ from services.safety.tag_rules import TagRules, load_tag_rules
 logger = logging.getLogger(__name__)
 
 SERVICE = "safety"
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ConfigError(f"PONY_DTYPE={name!r} is not a floating-point torch dtype")
-    return dtype
 
 
 def policy_from(settings: Settings) -> Policy:
@@ -62,7 +55,7 @@ class SafetyChecker:
     def load(self) -> None:
         s = self.settings
         self._rules = load_tag_rules(s.safety_blocked_tags_path)
-        tower = ClipImageTower.shared(s.model_path(SERVICE), s.device, _torch_dtype(s.dtype))
+        tower = ClipImageTower.shared(s.model_path(SERVICE), s.device, torch_dtype(s.dtype))
         classifier = NsfwClassifier(tower, head_path(s, SERVICE))
         classifier.load()
         if self._catalog is None:

@@ -14,29 +14,12 @@ from PIL import Image
 from pony_common.config import Settings
 from pony_common.errors import FailedPrecondition, InvalidArgument
 from pony_common.models.clip import ClipImageTower
+from pony_common.models.dtypes import torch_dtype
 from pony_common.models.heads import HeadInfo, MLPHead, load_head
 from pony_common.models.registry import head_path
 from pony_common.tags import cumulative_tags_for_score, score_tag
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """`float32`, `float16`/`fp16`, `bfloat16`/`bf16` -> the torch dtype (ValueError for anything else)."""
-    try:
-        return _DTYPES[name.strip().lower()]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(sorted(_DTYPES))}") from None
 
 
 @dataclass(frozen=True)

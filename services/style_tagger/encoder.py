@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
-from pony_common.config import ConfigError
 from pony_common.models.clip import ClipImageTower, weights_version
 
 logger = logging.getLogger(__name__)
@@ -37,14 +36,6 @@ class ImageEncoder(Protocol):
     def load(self) -> None: ...
 
     def embed(self, images: Sequence[Image.Image], batch_size: int = 64) -> torch.Tensor: ...
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """`PONY_DTYPE` (float32, float16, bfloat16) -> torch dtype."""
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ConfigError(f"PONY_DTYPE={name!r} is not a floating-point torch dtype")
-    return dtype
 
 
 class VitImageEncoder:

@@ -14,9 +14,10 @@ from pony_common.catalog.db import Catalog, catalog_for
 from pony_common.config import ConfigError, Settings
 from pony_common.errors import FailedPrecondition, InvalidArgument
 from pony_common.metrics import BATCH_SIZE, MODEL_INFO
+from pony_common.models.dtypes import torch_dtype
 from services.style_tagger.clusters import STORED_EXAMPLES, ClusterSet, StyleCluster, fit_cluster_set
 from services.style_tagger.clusters import validate_tag_format as _validate_tag_format
-from services.style_tagger.encoder import ImageEncoder, create_encoder, torch_dtype
+from services.style_tagger.encoder import ImageEncoder, create_encoder
 from services.style_tagger.index import StyleIndex, check_index_kind, create_index
 from services.style_tagger.palette import MAX_COLORS, PaletteColor, palette
 from services.style_tagger.store import StyleAssignment, StyleStore
