@@ -129,7 +129,9 @@ def _wrap(
 
     def guard(exc: BaseException) -> bool:
         # aio.AbortError is how context.abort() unwinds; it must pass through untouched.
-        return not isinstance(exc, (aio.AbortError, KeyboardInterrupt, SystemExit)) and not _is_cancel(exc)
+        # GeneratorExit: the client stopped reading a stream (cancelled it); that is not a server error.
+        passthrough = (aio.AbortError, GeneratorExit, KeyboardInterrupt, SystemExit)
+        return not isinstance(exc, passthrough) and not _is_cancel(exc)
 
     if handler.unary_unary:
         inner_uu = handler.unary_unary

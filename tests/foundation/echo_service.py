@@ -9,7 +9,7 @@ import threading
 
 from grpc import aio
 
-from pony.v1 import scorer_pb2, scorer_pb2_grpc
+from pony.v1 import captioner_pb2, captioner_pb2_grpc, scorer_pb2, scorer_pb2_grpc
 from pony_common import errors
 from pony_common.config import Settings
 from pony_common.grpc.server import ServiceDefinition, serve_forever
@@ -31,6 +31,25 @@ class EchoScorer(scorer_pb2_grpc.ScorerServicer):
         return scorer_pb2.ScoreResponse(results=[scorer_pb2.ScoreResult(image_id=uri, score_tag="score_5")])
 
 
+class EchoCaptioner(captioner_pb2_grpc.CaptionerServicer):
+    """A stream of one large result per item (to be cancelled by the client)."""
+
+    async def CaptionStream(self, request: captioner_pb2.CaptionStreamRequest, context: aio.ServicerContext):
+        for i, item in enumerate(request.items):
+            # Large results without a pause: the stream stalls on flow control, suspended at its yield.
+            caption = captioner_pb2.Caption(text="x" * 256 * 1024)
+            yield captioner_pb2.CaptionStreamResponse(
+                result=captioner_pb2.CaptionResult(item_id=item.item_id, captions=[caption]),
+                done=i + 1,
+                total=len(request.items),
+            )
+
+
+def register(server: aio.Server) -> None:
+    scorer_pb2_grpc.add_ScorerServicer_to_server(EchoScorer(), server)
+    captioner_pb2_grpc.add_CaptionerServicer_to_server(EchoCaptioner(), server)
+
+
 def create_service(settings: Settings, gate: threading.Event | None = None) -> ServiceDefinition:
     def load() -> None:
         if gate is not None and not gate.wait(30):
@@ -38,8 +57,8 @@ def create_service(settings: Settings, gate: threading.Event | None = None) -> S
 
     return ServiceDefinition(
         name="scorer",
-        full_names=["pony.v1.Scorer"],
-        register=lambda server: scorer_pb2_grpc.add_ScorerServicer_to_server(EchoScorer(), server),
+        full_names=["pony.v1.Scorer", "pony.v1.Captioner"],
+        register=register,
         load=load,
     )
 

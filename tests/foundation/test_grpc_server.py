@@ -230,3 +230,17 @@ def test_tls_server_with_a_plaintext_health_port_for_probes(settings: Settings, 
             assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
     finally:
         stop()
+
+
+def test_a_client_cancelling_a_stream_is_not_a_server_error(server: int, caplog: pytest.LogCaptureFixture) -> None:
+    from pony.v1 import captioner_pb2, captioner_pb2_grpc
+
+    items = [captioner_pb2.CaptionItem(item_id=str(i)) for i in range(64)]
+    with grpc.insecure_channel(f"127.0.0.1:{server}") as ch:
+        call = captioner_pb2_grpc.CaptionerStub(ch).CaptionStream(
+            captioner_pb2.CaptionStreamRequest(items=items), timeout=30
+        )
+        assert next(call).result.item_id == "0"
+        call.cancel()
+        time.sleep(0.6)  # the server notices the cancellation at its next yield
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], [r.getMessage() for r in caplog.records]
