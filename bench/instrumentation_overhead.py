@@ -105,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample-ratio", type=float, default=1.0, help="PONY_TRACE_SAMPLE_RATIO when tracing is on")
     parser.add_argument("--embeddings", type=int, default=8, help="embeddings per ScoreEmbeddings call")
     parser.add_argument("--images", type=int, default=2, help="images per Score call")
+    parser.add_argument(
+        "--full", action="store_true", help="CLIP ViT-L/14 shapes (random weights): a real model's work per call"
+    )
     args = parser.parse_args(argv)
     # Production logging: one JSON line per call at INFO (written to /dev/null here, not to the terminal).
     devnull = open(os.devnull, "w")  # noqa: SIM115
@@ -122,6 +125,13 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env(
             {}, state_dir=str(Path(tmp) / "state"), models_dir=str(Path(tmp) / "models"), scorer_head_from_catalog=False
         )
+        if args.full:
+            from pony_common.models.clip import build_full_clip
+            from pony_common.models.heads import HeadInfo, MLPHead, save_head
+
+            build_full_clip(Path(tmp) / "clip-l14")
+            head = save_head(Path(tmp) / "head-l14", MLPHead(768), HeadInfo(kind="aesthetic", in_features=768))
+            settings = settings.replace(scorer_model=str(Path(tmp) / "clip-l14"), scorer_head=str(head))
         loop = asyncio.new_event_loop()
         thread = threading.Thread(target=loop.run_forever, daemon=True)
         thread.start()
@@ -161,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         score_emb = scorer_pb2.ScoreEmbeddingsRequest(embeddings=[common_pb2.Embedding(values=v) for v in vectors])
 
         print(
-            f"scorer on tiny models, CPU; {args.calls} calls x {args.rounds} rounds per variant, sequential; "
+            f"scorer on {'CLIP ViT-L/14 shapes' if args.full else 'tiny models'}, CPU; "
+            f"{args.calls} calls x {args.rounds} rounds per variant, sequential; "
             f"Score: {args.images} PNGs of 64x64, ScoreEmbeddings: {args.embeddings} x {dim}"
         )
         print(f"{'':<34} {'wall us/call':^27} | {'process CPU us/call':^27}")

@@ -34,33 +34,11 @@ from pony.v1 import common_pb2, scorer_pb2, scorer_pb2_grpc
 from pony_common.config import Settings
 from pony_common.grpc.server import start_server
 from pony_common.images import decode_image, image_id
+from pony_common.models.clip import build_full_clip
 from services.scorer.app import create_service
 from services.scorer.backend import AestheticScorer
 
 LAION_HEAD = Path("/work/shared/ref/aesthetic/sac+logos+ava1-l14-linearMSE.pth")
-
-
-def build_full_clip(out: Path) -> None:
-    """CLIP ViT-L/14 vision shapes (224 px, patch 14, 24 layers, width 1024, projection 768), random weights.
-
-    The text side is kept small: the scorer loads it but never runs it."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    config = CLIPConfig(
-        text_config={"vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
-                     "num_attention_heads": 2, "max_position_embeddings": 77},
-        vision_config={"image_size": 224, "patch_size": 14, "hidden_size": 1024, "intermediate_size": 4096,
-                       "num_hidden_layers": 24, "num_attention_heads": 16},
-        projection_dim=768,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(out)
-    CLIPImageProcessor(
-        size={"shortest_edge": 224},
-        crop_size={"height": 224, "width": 224},
-        image_mean=[0.48145466, 0.4578275, 0.40821073],
-        image_std=[0.26862954, 0.26130258, 0.27577711],
-    ).save_pretrained(out)
 
 
 def make_settings(work: Path, full: bool, device: str, dtype: str) -> Settings:

@@ -171,3 +171,26 @@ class ClipImageTower:
             self.embed_pixels(self.preprocess(images[i : i + batch_size])) for i in range(0, len(images), batch_size)
         ]
         return torch.cat(parts)
+
+
+def build_full_clip(out: Path) -> None:
+    """For benchmarks: CLIP ViT-L/14 vision shapes (224 px, patch 14, 24 layers, width 1024, projection 768)
+    with random weights; the compute costs what the real model costs. The text side is kept small: the scorer
+    loads it but never runs it."""
+    config = CLIPConfig(
+        text_config={"vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "max_position_embeddings": 77},
+        vision_config={"image_size": 224, "patch_size": 14, "hidden_size": 1024, "intermediate_size": 4096,
+                       "num_hidden_layers": 24, "num_attention_heads": 16},
+        projection_dim=768,
+    )  # fmt: skip
+    with model_load_lock, torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = CLIPModel(config)
+    model.save_pretrained(out)
+    CLIPImageProcessorPil(
+        size={"shortest_edge": 224},
+        crop_size={"height": 224, "width": 224},
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+    ).save_pretrained(out)
