@@ -155,8 +155,15 @@ def test_every_triton_metric_the_dashboard_queries_is_one_tritonserver_exports(t
                 pass
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-2000:]
             time.sleep(0.25)
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
-            text = r.read().decode()
+        # The metrics endpoint may come up a moment after the model is ready: poll it too.
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+                    text = r.read().decode()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-2000:]
+                time.sleep(0.25)
     finally:
         proc.terminate()
         try:
