@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pony_common.config import Settings
+from pony_common.errors import PonyError
 
 TINY_MARKER = ".pony-tiny-models"
 # Order matters: a service learns the addresses of those started before it (the sampler finds safety, the
@@ -27,6 +28,10 @@ DEMO_PROMPTS = (
     ("a pony with a rainbow mane on a hill at sunrise", "pony"),
     ("an anime girl with long blue hair under cherry blossoms", "anime"),
 )
+
+
+class DemoFailed(PonyError):
+    """A step of the demo did not give the result the next step needs (ponyctl exits 1 with this line)."""
 
 
 def say(msg: str) -> None:
@@ -216,6 +221,7 @@ def run_demo(settings: Settings, options: DemoOptions | None = None) -> DemoResu
 
 
 def _run_demo(settings: Settings, opts: DemoOptions, log_path: Path) -> DemoResult:
+    from pony.v1 import trainer_pb2
     from pony_common.catalog import catalog_for
     from pony_common.curation.export import export_selection
     from pony_common.curation.ingest import ingest_source
@@ -280,19 +286,17 @@ def _run_demo(settings: Settings, opts: DemoOptions, log_path: Path) -> DemoResu
 
         t = time.perf_counter()
         run = train_and_publish(live, exported.manifest, opts.train_steps, opts.timeout_s)
-        if run.state != 3:  # RUN_STATE_SUCCEEDED
-            raise RuntimeError(f"training run {run.run_id} ended {run.state}: {run.reason}")
+        if run.state != trainer_pb2.RUN_STATE_SUCCEEDED:
+            state_name = trainer_pb2.RunState.Name(run.state)
+            raise DemoFailed(f"training run {run.run_id} ended {state_name}: {run.reason}")
         say(f"train    run {run.run_id} succeeded; published as pony_v7 version {run.model_version}")
         timings["train_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
         outputs, blocked, served = generate_images(live, state / "outputs", opts.generate_size, opts.generate_steps)
         if served != str(run.model_version):
-            raise RuntimeError(f"the sampler served pony_v7 version {served}, not the new version {run.model_version}")
-        say(
-            f"generate {len(outputs)} image(s) from pony_v7 version {served or run.model_version} "
-            f"-> {state / 'outputs'}"
-        )
+            raise DemoFailed(f"the sampler served pony_v7 version {served}, not the new version {run.model_version}")
+        say(f"generate {len(outputs)} image(s) from pony_v7 version {served} -> {state / 'outputs'}")
         for reason in blocked:
             say(f"generate blocked by safety: {reason}")
         timings["generate_s"] = time.perf_counter() - t
