@@ -2,63 +2,67 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import select, update
 
 from pony_common.catalog.db import Catalog, upsert
 from pony_common.catalog.models import StageRow, utcnow
 
 
-def claim_stage(catalog: Catalog, image_id: str, stage: str) -> bool:
-    """Marks (image, stage) running unless it is already done. False = done already: skip the work."""
+def _advance(catalog: Catalog, image_id: str, stage: str, first: dict[str, Any], **values: Any) -> bool:
+    """Creates the (image, stage) row as `first` if missing, then applies `values` unless the stage is done.
+    True when this call changed the row: the conditional write that makes a redelivered task harmless."""
     with catalog.session() as s:
-        upsert(
-            s,
-            StageRow,
-            {"image_id": image_id, "stage": stage, "status": "pending", "attempts": 0, "writes": 0},
-            keys=("image_id", "stage"),
-            update=(),
-        )
+        row = {"image_id": image_id, "stage": stage, "attempts": 0, "writes": 0, **first}
+        upsert(s, StageRow, row, keys=("image_id", "stage"), update=())
         res = s.execute(
             update(StageRow)
             .where(StageRow.image_id == image_id, StageRow.stage == stage, StageRow.status != "done")
-            .values(status="running", attempts=StageRow.attempts + 1, started_at=utcnow(), error=None)
+            .values(**values)
         )
         return res.rowcount == 1
+
+
+def claim_stage(catalog: Catalog, image_id: str, stage: str) -> bool:
+    """Marks (image, stage) running unless it is already done. False = done already: skip the work."""
+    return _advance(
+        catalog,
+        image_id,
+        stage,
+        {"status": "pending"},
+        status="running",
+        attempts=StageRow.attempts + 1,
+        started_at=utcnow(),
+        error=None,
+    )
 
 
 def complete_stage(catalog: Catalog, image_id: str, stage: str) -> bool:
     """Marks (image, stage) done; True only for the call that made the transition (exactly-once effects)."""
-    with catalog.session() as s:
-        upsert(
-            s,
-            StageRow,
-            {"image_id": image_id, "stage": stage, "status": "pending", "attempts": 0, "writes": 0},
-            keys=("image_id", "stage"),
-            update=(),
-        )
-        res = s.execute(
-            update(StageRow)
-            .where(StageRow.image_id == image_id, StageRow.stage == stage, StageRow.status != "done")
-            .values(status="done", writes=StageRow.writes + 1, finished_at=utcnow(), error=None)
-        )
-        return res.rowcount == 1
+    return _advance(
+        catalog,
+        image_id,
+        stage,
+        {"status": "pending"},
+        status="done",
+        writes=StageRow.writes + 1,
+        finished_at=utcnow(),
+        error=None,
+    )
 
 
 def fail_stage(catalog: Catalog, image_id: str, stage: str, error: str) -> None:
     """Records a permanent failure with its reason (a later successful run still wins)."""
-    with catalog.session() as s:
-        upsert(
-            s,
-            StageRow,
-            {"image_id": image_id, "stage": stage, "status": "failed", "attempts": 1, "writes": 0, "error": error},
-            keys=("image_id", "stage"),
-            update=(),
-        )
-        s.execute(
-            update(StageRow)
-            .where(StageRow.image_id == image_id, StageRow.stage == stage, StageRow.status != "done")
-            .values(status="failed", error=error, finished_at=utcnow())
-        )
+    _advance(
+        catalog,
+        image_id,
+        stage,
+        {"status": "failed", "attempts": 1, "error": error},
+        status="failed",
+        error=error,
+        finished_at=utcnow(),
+    )
 
 
 def stage_row(catalog: Catalog, image_id: str, stage: str) -> StageRow | None:
