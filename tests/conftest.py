@@ -13,6 +13,14 @@ import pytest
 
 from pony_common.config import Settings
 
+ROOT = Path(__file__).resolve().parents[1]
+# The project's reference data: ../shared/ref beside the checkout (CI clones main next to shared/).
+SHARED_REF = next(
+    (p for p in (ROOT.parent / "shared" / "ref", Path("/work/shared/ref")) if p.is_dir()),
+    ROOT.parent / "shared" / "ref",
+)
+LAION_HEAD_PATH = SHARED_REF / "aesthetic" / "sac+logos+ava1-l14-linearMSE.pth"
+
 PG_ADMIN_URL = os.environ.get("PONY_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_HOST = ("127.0.0.1", 6379)
 RABBIT_URL = os.environ.get("PONY_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")

@@ -12,11 +12,13 @@ from typing import Any
 
 import yaml
 
+from tests.conftest import SHARED_REF as _SHARED_REF
+
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 OVERLAYS = ("dev", "prod", "prod-redis")
 SCHEMAS = Path(__file__).resolve().parent / "schemas"  # copies of /work/shared/ref (see its README)
-SHARED_REF = Path("/work/shared/ref")
+SHARED_REF = _SHARED_REF
 KEDA_CRDS = SCHEMAS / "keda"
 SKAFFOLD_SCHEMA = SCHEMAS / "skaffold-schema.json"
 

@@ -18,9 +18,10 @@ from pony_common.models.heads import (
     load_head,
     save_head,
 )
+from tests.conftest import LAION_HEAD_PATH
 
 # LAION's published head (christophschuhmann/improved-aesthetic-predictor), from the shared reference folder.
-LAION_PTH = Path(os.environ.get("PONY_TEST_LAION_HEAD", "/work/shared/ref/aesthetic/sac+logos+ava1-l14-linearMSE.pth"))
+LAION_PTH = Path(os.environ.get("PONY_TEST_LAION_HEAD", str(LAION_HEAD_PATH)))
 
 
 class LaionReferenceMLP(nn.Module):

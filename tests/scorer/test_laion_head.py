@@ -15,9 +15,10 @@ from pony.v1 import common_pb2, scorer_pb2, scorer_pb2_grpc
 from pony_common.config import Settings
 from pony_common.models.heads import load_head
 from services.scorer.app import create_service
+from tests.conftest import LAION_HEAD_PATH
 from tests.scorer.serving import png_bytes, serve
 
-LAION_HEAD = Path(os.environ.get("PONY_TEST_LAION_HEAD", "/work/shared/ref/aesthetic/sac+logos+ava1-l14-linearMSE.pth"))
+LAION_HEAD = Path(os.environ.get("PONY_TEST_LAION_HEAD", str(LAION_HEAD_PATH)))
 
 
 @pytest.fixture(scope="module")
