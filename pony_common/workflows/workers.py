@@ -42,8 +42,10 @@ def start_worker(
     name: str = "curation",
     pool: str = "solo",
     log_path: Path | None = None,
+    include: Sequence[str] = (),
 ) -> subprocess.Popen:
-    """Starts `ponyctl worker --queues ... --pool solo` with `settings` in its environment."""
+    """Starts `ponyctl worker --queues ... --pool solo` with `settings` in its environment (`include`: extra
+    task modules the worker imports, `--include`)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PONY_")}
     env.update(settings_env(settings))
     env["PYTHONUNBUFFERED"] = "1"
@@ -59,6 +61,8 @@ def start_worker(
         "--hostname",
         f"{name}-{os.getpid()}-{time.monotonic_ns()}@%h",
     ]
+    for module in include:
+        cmd += ["--include", module]
     out = open(log_path, "ab") if log_path is not None else subprocess.DEVNULL  # noqa: SIM115
     try:
         return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

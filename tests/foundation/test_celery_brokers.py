@@ -3,10 +3,8 @@ worker killed with SIGKILL mid-task whose task is redelivered and whose catalog 
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,41 +17,21 @@ from pony_common.catalog import catalog_for, upsert
 from pony_common.catalog.models import ImageRow, StageRow
 from pony_common.celery_app import configure_app
 from pony_common.config import Settings
+from pony_common.workflows.workers import start_worker, stop_worker
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def env_for(settings: Settings, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PONY_")}
-    env.update(
-        PONY_STATE_DIR=settings.state_dir,
-        PONY_DATABASE_URL=settings.database_url,
-        PONY_BROKER_URL=settings.broker_url,
-        PONY_RESULT_BACKEND=settings.result_backend,
-        PONY_LOG_JSON="0",
-        PYTHONPATH=str(ROOT),
-        **extra,
-    )
-    return env
-
-
 @contextmanager
 def worker(settings: Settings, name: str, queues: str = "default,persist", **extra: str) -> Iterator[subprocess.Popen]:
-    cmd = [sys.executable, "-m", "pony_common.cli.main", "worker", "--queues", queues, "--pool", "solo"]
-    cmd += ["--include", "tests.foundation.celery_tasks", "--hostname", f"{name}@%h"]
-    log = open(Path(settings.state_dir) / f"{name}.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env_for(settings, **extra), stdout=log, stderr=subprocess.STDOUT)
+    """`ponyctl worker` as its own process with this test's task module, stopped afterwards (SIGTERM, then KILL)."""
+    settings = settings.replace(extra={**settings.extra, **extra})
+    log = Path(settings.state_dir) / f"{name}.log"
+    proc = start_worker(settings, queues.split(","), name=name, log_path=log, include=["tests.foundation.celery_tasks"])
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        log.close()
+        stop_worker(proc)
 
 
 def broker_settings(kind: str, settings: Settings, request: pytest.FixtureRequest) -> Settings:
