@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(
             f"scorer: {'CLIP ViT-L/14 (random weights)' if args.full else 'tiny CLIP'} on {args.device} ({dtype}), "
-            f"{count} JPEGs of {side}x{side}, head {Path(settings.scorer_head or 'tiny').name}"
+            f"{count} JPEGs of {side}x{side}, head {Path(settings.scorer.head or 'tiny').name}"
         )
         print(f"{'batch':>5}  {'direct img/s':>12}  {'gRPC img/s':>10}  {'gRPC/direct':>11}")
         try:

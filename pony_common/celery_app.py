@@ -115,7 +115,7 @@ def configure_app(settings: Settings) -> Celery:
     transport_options: dict[str, Any] = {}
     if settings.broker_url.startswith(("redis://", "rediss://")):
         # Unacked messages of a dead worker come back after this long.
-        visibility = float(settings.extra.get("PONY_BROKER_VISIBILITY_TIMEOUT_S", 300))
+        visibility = settings.broker_visibility_timeout_s
         transport_options["visibility_timeout"] = visibility
         # Workers sweep for such messages every few seconds (kombu's default sweep is ~100 s apart).
         transport_options["unacked_restore_interval"] = max(1.0, min(10.0, visibility / 2))

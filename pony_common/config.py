@@ -1,4 +1,10 @@
-"""The one settings object: every `PONY_*` environment variable, read once and passed explicitly."""
+"""The one settings object: every `PONY_*` environment variable, read once and passed explicitly.
+
+Shared settings (state, addresses, transport, images, Celery, observability) are fields of `Settings`; what one
+service alone reads is its own section (`settings.captioner.batch_size` from `PONY_CAPTIONER_BATCH_SIZE`).
+A setting's name everywhere (environment, `from_env`/`replace` keywords) is its env name without `PONY_`,
+lower-cased: `replace(captioner_batch_size=4)` changes `settings.captioner.batch_size`.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,7 @@ import dataclasses
 import os
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,14 +25,153 @@ PORTS = {
     "trainer": 50055,
     "sampler": 50056,
 }
+# Folder names under PONY_MODELS_DIR, as written by `ponyctl models tiny`.
+MODEL_DIRS = {
+    "captioner": "vlm",
+    "scorer": "clip",
+    "style_tagger": "clip",
+    "safety": "clip",
+    "sampler": "auraflow",
+    "trainer": "auraflow",
+}
+HEAD_DIRS = {"scorer": "heads/aesthetic", "safety": "heads/nsfw"}
 
 
 class ConfigError(ValueError):
     """A `PONY_*` variable has a value that cannot be used."""
 
 
+def env(name: str) -> dict[str, str]:
+    """Field metadata: this field's env name does not follow its section's prefix."""
+    return {"env": name}
+
+
+@dataclass(frozen=True)
+class Section:
+    """A service's own settings; field `foo` is read from `PONY_<PREFIX>FOO` unless its metadata names another."""
+
+    PREFIX: typing.ClassVar[str] = ""
+
+    def replace(self, **changes: typing.Any) -> typing.Self:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class CaptionerSettings(Section):
+    PREFIX: typing.ClassVar[str] = "CAPTIONER_"
+    model: str = ""  # VLM (Florence-2, InternVL, Qwen2.5-VL, LLaVA) id or path; empty = <models_dir>/vlm
+    batch_size: int = 8
+    max_new_tokens: int = 320  # cap on new tokens for every kind (each kind has its own budget below it)
+    fewshot_path: str = ""  # empty = the default examples shipped in services/captioner/data
+    filler_path: str = ""  # empty = the default filler openings shipped in services/captioner/data
+    artist_blocklist_path: str = field(default="", metadata=env("PONY_ARTIST_BLOCKLIST_PATH"))  # one artist per line
+    fewshot_per_prompt: int = 2  # curated example captions put in each prompt
+    max_items: int = 256  # items per Caption/CaptionStream call
+
+
+@dataclass(frozen=True)
+class ScorerSettings(Section):
+    PREFIX: typing.ClassVar[str] = "SCORER_"
+    model: str = ""  # CLIP ViT-L/14 id or path (openai/clip-vit-large-patch14); empty = <models_dir>/clip
+    head: str = ""  # aesthetic head: our head folder or a LAION .pth; empty = <models_dir>/heads/aesthetic
+    batch_size: int = 32
+    max_batch: int = 1024  # images or embeddings per call
+    head_from_catalog: bool = True  # at start, load the head marked active in aesthetic_heads if any
+    elo_k: float = 32.0
+    pair_sample: int = 256  # candidates NextPair looks at per try
+    fit_epochs: int = 60
+    fit_holdout: float = 0.2
+    fit_max_rated: int = 20000  # images with a score but no comparison used for regression in FitHead
+
+
+@dataclass(frozen=True)
+class StyleTaggerSettings(Section):
+    PREFIX: typing.ClassVar[str] = "STYLE_"
+    model: str = field(default="", metadata=env("PONY_STYLE_TAGGER_MODEL"))  # style image encoder (CLIP or ViT)
+    k: int = 16
+    max_artist_share: float = 0.5
+    index: str = "faiss"  # faiss | pgvector
+    max_batch: int = 256  # images per Embed/Tag/Palette call
+    fit_max_points: int = 200_000  # k-means runs on at most this many embeddings (all are assigned)
+    palette_colors: int = 3  # palette tags per image in Tag
+    examples: int = 4  # example image ids per cluster in SimilarStyles
+
+
+@dataclass(frozen=True)
+class SafetySettings(Section):
+    PREFIX: typing.ClassVar[str] = "SAFETY_"
+    model: str = ""  # CLIP id or path for the NSFW head; empty = <models_dir>/clip
+    head: str = ""  # NSFW head folder; empty = <models_dir>/heads/nsfw
+    blocked_tags_path: str = ""
+    explicit_threshold: float = 0.5
+    questionable_threshold: float = 0.5
+    ambiguous_explicit: str = "block"  # block | flag: explicit content with an age-ambiguous character
+    max_batch: int = 256  # items per Check call
+
+
+@dataclass(frozen=True)
+class TrainerSettings(Section):
+    PREFIX: typing.ClassVar[str] = "TRAINER_"
+    executor: str = "local"  # local | kubernetes
+    namespace: str = "pony"
+    pool_label: str = "pony.ai/pool"
+    image: str = "pony-platform/cuda:0.1.0"
+    models_pvc: str = "pony-models"  # training Jobs mount it read-only at PONY_MODELS_DIR; empty = tiny models
+    blobs_pvc: str = ""  # PVC mounted at a local-path PONY_BLOB_URL in training Jobs (dev); empty = none
+    output_dir: str = ""  # run outputs (checkpoints, final pipeline); default <state_dir>/runs
+    kube_url: str = ""  # Kubernetes API URL; empty = in-cluster config, else the kubeconfig
+    resync_s: float = 10.0  # the controller relists Jobs at least this often
+    publish_model: str = "pony_v7"  # model_versions name a finished run publishes
+    local_launcher: str = "auto"  # local executor: auto (torchrun when >1 process) | torchrun | python
+
+
+@dataclass(frozen=True)
+class SamplerSettings(Section):
+    PREFIX: typing.ClassVar[str] = "SAMPLER_"
+    model: str = ""  # AuraFlow pipeline folder or id loaded into Triton as pony_v7; empty = <models_dir>/auraflow
+    triton_url: str = field(default="127.0.0.1:8001", metadata=env("PONY_TRITON_URL"))
+    triton_http_port: int = field(default=8000, metadata=env("PONY_TRITON_HTTP_PORT"))
+    triton_grpc_port: int = field(default=8001, metadata=env("PONY_TRITON_GRPC_PORT"))
+    triton_metrics_port: int = field(default=8002, metadata=env("PONY_TRITON_METRICS_PORT"))
+    triton_bin: str = field(default="", metadata=env("PONY_TRITON_BIN"))  # empty = the nvidia-pytriton binary
+    triton_repo: str = field(default="", metadata=env("PONY_TRITON_REPO"))  # default <state_dir>/triton
+    triton_start: bool = field(default=True, metadata=env("PONY_TRITON_START"))  # the sampler starts tritonserver
+    triton_start_timeout_s: float = field(default=300.0, metadata=env("PONY_TRITON_START_TIMEOUT_S"))
+    max_width: int = 1536
+    max_height: int = 1536
+    max_steps: int = 100
+    max_images: int = 4
+    default_width: int = 1024
+    default_height: int = 1024
+    default_steps: int = 28
+    default_guidance: float = 3.5
+    max_guidance: float = 20.0
+    negative_prompt: str = ""  # used when a request gives none
+    safety: str = "required"  # required: every image checked, safety down -> UNAVAILABLE | off
+    max_batch_size: int = 4  # requests Triton's dynamic batcher hands the model at once
+    batch_delay_us: int = 2000  # how long the batcher waits to fill a batch
+    compile: bool = False  # torch.compile the transformer inside the Triton model
+    warmup: str = ""  # warm-up generations at load, e.g. "1024x1024x28,512x512x4"
+    random_init: str = ""  # "full": random full-size weights instead of loading them (benchmarks)
+    job_timeout_s: float = 600.0  # one generation job's GenerateStream deadline
+
+
+SECTIONS: dict[str, type[Section]] = {
+    "captioner": CaptionerSettings,
+    "scorer": ScorerSettings,
+    "style_tagger": StyleTaggerSettings,
+    "safety": SafetySettings,
+    "trainer": TrainerSettings,
+    "sampler": SamplerSettings,
+}
+
+
 def _env_name(field_name: str) -> str:
     return "PONY_" + field_name.upper()
+
+
+def _section_env(section: type[Section], f: dataclasses.Field) -> str:
+    return f.metadata.get("env") or f"PONY_{section.PREFIX}{f.name.upper()}"
 
 
 @dataclass(frozen=True)
@@ -44,14 +189,7 @@ class Settings:
     blob_url: str = ""  # default <state_dir>/blobs
     models_dir: str = ""  # default <state_dir>/models
 
-    # --- models: Hugging Face id or local path; empty = <models_dir>/<name> ---
-    captioner_model: str = ""  # VLM (Florence-2, InternVL, Qwen2.5-VL, LLaVA) id or path
-    scorer_model: str = ""  # CLIP ViT-L/14 id or path (openai/clip-vit-large-patch14)
-    scorer_head: str = ""  # aesthetic head: our head folder or a LAION .pth; empty = <models_dir>/heads/aesthetic
-    style_tagger_model: str = ""  # style image encoder (CLIP or ViT) id or path
-    safety_model: str = ""  # CLIP id or path for the NSFW head
-    safety_head: str = ""  # NSFW head folder; empty = <models_dir>/heads/nsfw
-    sampler_model: str = ""  # AuraFlow pipeline folder or id loaded into Triton as pony_v7
+    # --- models ---
     device: str = "cpu"  # torch device of the services: cpu | cuda | cuda:N
     dtype: str = "float32"  # float32 | bfloat16 | float16
 
@@ -76,14 +214,16 @@ class Settings:
     rpc_timeout_s: float = 60.0  # client deadline per call
     rpc_retries: int = 5  # client attempts on UNAVAILABLE (2..5)
 
-    # --- images ---
+    # --- images and tags ---
     max_image_pixels: int = 64_000_000  # larger images are refused (decompression bombs)
     image_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP")  # decoder allow-list, comma-separated
+    style_tag_format: str = "style_cluster_{n}"  # style cluster tags in captions, exports and prompts
 
     # --- Celery ---
     worker_concurrency: int = 1  # processes per Celery worker
     task_max_retries: int = 8  # retries of a task whose service is UNAVAILABLE
     task_retry_backoff_s: float = 1.0  # first retry delay; doubles per retry
+    broker_visibility_timeout_s: float = 300.0  # Redis: unacked messages of a dead worker come back after this long
 
     # --- observability ---
     log_level: str = "INFO"  # DEBUG | INFO | WARNING | ERROR
@@ -92,100 +232,40 @@ class Settings:
     otlp_endpoint: str = ""  # empty = tracing export off; e.g. http://otel-collector:4317 (OTLP over gRPC)
     trace_sample_ratio: float = 1.0  # share of new traces recorded (a propagated parent's decision is kept)
 
-    # --- captioner ---
-    captioner_batch_size: int = 8
-    captioner_max_new_tokens: int = 320  # cap on new tokens for every kind (each kind has its own budget below it)
-    captioner_fewshot_path: str = ""  # empty = the default examples shipped in services/captioner/data
-    captioner_filler_path: str = ""  # empty = the default filler openings shipped in services/captioner/data
-    artist_blocklist_path: str = ""  # one artist name per line; empty = no blocklist
-    captioner_fewshot_per_prompt: int = 2  # curated example captions put in each prompt
-    captioner_max_items: int = 256  # items per Caption/CaptionStream call
-
-    # --- scorer ---
-    scorer_batch_size: int = 32
-    scorer_max_batch: int = 1024  # images or embeddings per call
-    scorer_head_from_catalog: bool = True  # at start, load the head marked active in aesthetic_heads if any
-    scorer_elo_k: float = 32.0
-    scorer_pair_sample: int = 256  # candidates NextPair looks at per try
-    scorer_fit_epochs: int = 60
-    scorer_fit_holdout: float = 0.2
-    scorer_fit_max_rated: int = 20000  # images with a score but no comparison used for regression in FitHead
-
-    # --- style tagger ---
-    style_k: int = 16
-    style_tag_format: str = "style_cluster_{n}"
-    style_max_artist_share: float = 0.5
-    style_index: str = "faiss"  # faiss | pgvector
-    style_max_batch: int = 256  # images per Embed/Tag/Palette call
-    style_fit_max_points: int = 200_000  # k-means runs on at most this many embeddings (all are assigned)
-    style_palette_colors: int = 3  # palette tags per image in Tag
-    style_examples: int = 4  # example image ids per cluster in SimilarStyles
-
-    # --- safety ---
-    safety_blocked_tags_path: str = ""
-    safety_explicit_threshold: float = 0.5
-    safety_questionable_threshold: float = 0.5
-    safety_ambiguous_explicit: str = "block"  # block | flag: explicit content with an age-ambiguous character
-    safety_max_batch: int = 256  # items per Check call
-
-    # --- trainer ---
-    trainer_executor: str = "local"  # local | kubernetes
-    trainer_namespace: str = "pony"
-    trainer_pool_label: str = "pony.ai/pool"
-    trainer_image: str = "pony-platform/cuda:0.1.0"
-    trainer_models_pvc: str = "pony-models"  # training Jobs mount it read-only at PONY_MODELS_DIR; empty = tiny models
-    trainer_blobs_pvc: str = ""  # PVC mounted at a local-path PONY_BLOB_URL in training Jobs (dev); empty = none
-    trainer_output_dir: str = ""  # run outputs (checkpoints, final pipeline); default <state_dir>/runs
-    trainer_kube_url: str = ""  # Kubernetes API URL; empty = in-cluster config, else the kubeconfig
-    trainer_resync_s: float = 10.0  # the controller relists Jobs at least this often
-    trainer_publish_model: str = "pony_v7"  # model_versions name a finished run publishes
-    trainer_local_launcher: str = "auto"  # local executor: auto (torchrun when >1 process) | torchrun | python
-
-    # --- sampler / Triton ---
-    triton_url: str = "127.0.0.1:8001"
-    triton_http_port: int = 8000
-    triton_grpc_port: int = 8001
-    triton_metrics_port: int = 8002
-    triton_bin: str = ""  # empty = the binary bundled in the nvidia-pytriton wheel
-    triton_repo: str = ""  # default <state_dir>/triton
-    triton_start: bool = True  # single machine: the sampler starts tritonserver itself
-    sampler_max_width: int = 1536
-    sampler_max_height: int = 1536
-    sampler_max_steps: int = 100
-    sampler_max_images: int = 4
-    sampler_default_width: int = 1024
-    sampler_default_height: int = 1024
-    sampler_default_steps: int = 28
-    sampler_default_guidance: float = 3.5
-    sampler_max_guidance: float = 20.0
-    sampler_negative_prompt: str = ""  # used when a request gives none
-    sampler_safety: str = "required"  # required: every image checked, safety down -> UNAVAILABLE | off
-    sampler_max_batch_size: int = 4  # requests Triton's dynamic batcher hands the model at once
-    sampler_batch_delay_us: int = 2000  # how long the batcher waits to fill a batch
-    sampler_compile: bool = False  # torch.compile the transformer inside the Triton model
-    sampler_warmup: str = ""  # warm-up generations at load, e.g. "1024x1024x28,512x512x4"
-    sampler_random_init: str = ""  # "full": random full-size weights instead of loading them (benchmarks)
-    sampler_job_timeout_s: float = 600.0  # one generation job's GenerateStream deadline
-    triton_start_timeout_s: float = 300.0
+    # --- per-service sections (see the classes above) ---
+    captioner: CaptionerSettings = field(default_factory=CaptionerSettings)
+    scorer: ScorerSettings = field(default_factory=ScorerSettings)
+    style_tagger: StyleTaggerSettings = field(default_factory=StyleTaggerSettings)
+    safety: SafetySettings = field(default_factory=SafetySettings)
+    trainer: TrainerSettings = field(default_factory=TrainerSettings)
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)
 
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
+    def env_names(cls) -> Iterator[tuple[str, str | None, str]]:
+        """(env name, section or None, attribute) for every setting."""
+        for f in dataclasses.fields(cls):
+            if f.name == "extra" or f.name in SECTIONS:
+                continue
+            yield _env_name(f.name), None, f.name
+        for key, section in SECTIONS.items():
+            for f in dataclasses.fields(section):
+                yield _section_env(section, f), key, f.name
+
+    @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: typing.Any) -> Settings:
         """Reads `PONY_*` from `environ` (default: os.environ); keyword overrides win over both."""
-        env = os.environ if environ is None else environ
-        hints = typing.get_type_hints(cls)
+        env_ = os.environ if environ is None else environ
         values: dict[str, typing.Any] = {}
-        for f in dataclasses.fields(cls):
-            if f.name == "extra":
-                continue
-            name = _env_name(f.name)
-            if name in env:
-                values[f.name] = _parse(name, env[name], hints[f.name])
-        known = {_env_name(f.name) for f in dataclasses.fields(cls)}
-        values["extra"] = {k: v for k, v in env.items() if k.startswith("PONY_") and k not in known}
+        known: set[str] = set()
+        for name, section, attr in cls.env_names():
+            known.add(name)
+            if name in env_:
+                values[name[len("PONY_") :].lower()] = _parse(name, env_[name], _hint(section, attr))
         values.update(overrides)
-        return cls(**values).resolved()
+        extra = {k: v for k, v in env_.items() if k.startswith("PONY_") and k not in known}
+        return cls().replace(extra=extra, **values).resolved()
 
     def resolved(self) -> Settings:
         """Fills the empty state paths from `state_dir`."""
@@ -196,13 +276,29 @@ class Settings:
             "result_backend": f"db+sqlite:///{state / 'results.db'}",
             "blob_url": str(state / "blobs"),
             "models_dir": str(state / "models"),
-            "triton_repo": str(state / "triton"),
         }
-        changes = {k: v for k, v in defaults.items() if not getattr(self, k)}
+        changes: dict[str, typing.Any] = {k: v for k, v in defaults.items() if not getattr(self, k)}
+        if not self.sampler.triton_repo:
+            changes["sampler"] = self.sampler.replace(triton_repo=str(state / "triton"))
         return dataclasses.replace(self, state_dir=str(state), **changes) if changes else self
 
     def replace(self, **changes: typing.Any) -> Settings:
-        return dataclasses.replace(self, **changes)
+        """A copy with `changes`: top-level fields, whole sections, or any setting by its name (`sampler_safety`)."""
+        top: dict[str, typing.Any] = {}
+        nested: dict[str, dict[str, typing.Any]] = {}
+        names = _flat_names()
+        for key, value in changes.items():
+            if key in _TOP_FIELDS:
+                top[key] = value
+            elif key in names:
+                section, attr = names[key]
+                nested.setdefault(section, {})[attr] = value
+            else:
+                raise TypeError(f"unknown setting {key!r}")
+        for section, attrs in nested.items():
+            top[section] = getattr(top.get(section) or self, section) if section in top else getattr(self, section)
+            top[section] = top[section].replace(**attrs)
+        return dataclasses.replace(self, **top)
 
     def addr(self, service: str) -> str:
         return getattr(self, f"{_service_key(service)}_addr")
@@ -212,9 +308,44 @@ class Settings:
 
     def model_path(self, service: str) -> str:
         """The model a service loads: `PONY_<SERVICE>_MODEL`, else its tiny/default folder in models_dir."""
-        from pony_common.models.registry import model_path
+        key = service.replace("-", "_")
+        if key not in MODEL_DIRS:
+            raise ConfigError(f"no model registered for service {service!r}")
+        explicit = getattr(getattr(self, key), "model", "")
+        return explicit or str(Path(self.models_dir) / MODEL_DIRS[key])
 
-        return model_path(self, service)
+    def head_path(self, service: str) -> str:
+        """`PONY_<SERVICE>_HEAD` when set, else `<models_dir>/heads/<name>`."""
+        key = service.replace("-", "_")
+        if key not in HEAD_DIRS:
+            raise ConfigError(f"no head registered for service {service!r}")
+        return getattr(self, key).head or str(Path(self.models_dir) / HEAD_DIRS[key])
+
+    def to_env(self) -> dict[str, str]:
+        """Every setting as `PONY_*` variables (what a child process reads back into equal settings)."""
+        out: dict[str, str] = {}
+        for name, section, attr in self.env_names():
+            value = getattr(getattr(self, section) if section else self, attr)
+            if isinstance(value, bool):
+                out[name] = "1" if value else "0"
+            elif isinstance(value, tuple):
+                out[name] = ",".join(value)
+            else:
+                out[name] = str(value)
+        out.update({k: str(v) for k, v in self.extra.items()})
+        return out
+
+
+_TOP_FIELDS = {f.name for f in dataclasses.fields(Settings)}
+
+
+def _flat_names() -> dict[str, tuple[str, str]]:
+    return {name[len("PONY_") :].lower(): (section, attr) for name, section, attr in Settings.env_names() if section}
+
+
+def _hint(section: str | None, attr: str) -> typing.Any:
+    cls = SECTIONS[section] if section else Settings
+    return typing.get_type_hints(cls)[attr]
 
 
 def _service_key(service: str) -> str:

@@ -249,8 +249,8 @@ def _run_demo(settings: Settings, opts: DemoOptions, log_path: Path) -> DemoResu
         for name in STACK:
             say(f"stack    {name:<13} {live.addr(name.replace('-', '_'))}")
         say(
-            f"stack    tritonserver  {live.triton_url} "
-            f"(http {live.triton_http_port}, metrics {live.triton_metrics_port})"
+            f"stack    tritonserver  {live.sampler.triton_url} "
+            f"(http {live.sampler.triton_http_port}, metrics {live.sampler.triton_metrics_port})"
         )
         worker = start_worker(live, (*CURATION_QUEUES, "default"), name="demo", log_path=state / "worker.log")
         say(f"stack    celery worker on {live.broker_url.split('://', 1)[0]} (log {state / 'worker.log'})")

@@ -108,7 +108,7 @@ class SamplerClient:
 
         call = self.stub.WatchJob(
             sampler_pb2.WatchJobRequest(job_id=job_id, omit_images=omit_images),
-            timeout=timeout or self.settings.sampler_job_timeout_s,
+            timeout=timeout or self.settings.sampler.job_timeout_s,
         )
         try:
             for event in call:
@@ -125,7 +125,7 @@ class SamplerClient:
         from pony.v1 import sampler_pb2
 
         req = sampler_pb2.LoadVersionRequest(uri=uri, source_run_id=source_run_id)
-        return self.stub.LoadVersion(req, timeout=timeout or self.settings.triton_start_timeout_s).version
+        return self.stub.LoadVersion(req, timeout=timeout or self.settings.sampler.triton_start_timeout_s).version
 
     def list_versions(self) -> list[Any]:
         from pony.v1 import sampler_pb2

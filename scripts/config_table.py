@@ -2,40 +2,53 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pony_common.config import SECTIONS, Settings  # noqa: E402
+
 LINE = re.compile(r"^    (?P<name>[a-z_0-9]+): (?P<type>[^=]+?) = (?P<default>.+?)(?:\s+# (?P<note>.*))?$")
-SECTION = re.compile(r"^    # --- (?P<title>.+?) ---")
+TITLE = re.compile(r"^    # --- (?P<title>.+?) ---")
+ENV_DEFAULT = re.compile(r'field\(default=(?P<default>.+?), metadata=env\("[A-Z_]+"\)\)$')
 
 
-def rows(source: str) -> list[tuple[str, str, str, str]]:
-    out = []
-    section = ""
-    in_class = False
-    for line in source.splitlines():
-        if line.startswith("class Settings"):
-            in_class = True
-            continue
-        if in_class and line.startswith("    @classmethod"):
-            break
-        if not in_class:
-            continue
-        if m := SECTION.match(line):
-            section = m["title"]
-            continue
-        m = LINE.match(line)
-        if m and m["name"] != "extra":
+def _fields(cls: type) -> dict[str, tuple[str, str, str]]:
+    """attribute -> (group title, default as written, note) from the class source."""
+    out: dict[str, tuple[str, str, str]] = {}
+    title = ""
+    for line in inspect.getsource(cls).splitlines():
+        if m := TITLE.match(line):
+            title = m["title"]
+        elif (m := LINE.match(line)) and m["name"] != "extra":
             default = m["default"].strip()
-            out.append((section, f"PONY_{m['name'].upper()}", default, (m["note"] or "").strip()))
+            if d := ENV_DEFAULT.match(default):
+                default = d["default"]
+            out[m["name"]] = (title, default, (m["note"] or "").strip())
     return out
 
 
-def table(source: str) -> str:
+def rows() -> list[tuple[str, str, str, str]]:
+    shared = _fields(Settings)
+    sections = {key: _fields(cls) for key, cls in SECTIONS.items()}
+    out = []
+    for env, section, attr in Settings.env_names():
+        if section is None:
+            title, default, note = shared[attr]
+        else:
+            _, default, note = sections[section][attr]
+            title = f"{section.replace('_', '-')} (`settings.{section}`)"
+        out.append((title, env, default, note))
+    return out
+
+
+def table() -> str:
     lines = ["| setting | default | what it does |", "|---|---|---|"]
     current = None
-    for section, env, default, note in rows(source):
+    for section, env, default, note in rows():
         if section != current:
             lines.append(f"| **{section}** | | |")
             current = section
@@ -45,5 +58,4 @@ def table(source: str) -> str:
 
 
 if __name__ == "__main__":
-    root = Path(__file__).resolve().parents[1]
-    sys.stdout.write(table((root / "pony_common" / "config.py").read_text()) + "\n")
+    sys.stdout.write(table() + "\n")

@@ -111,7 +111,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         "rating": args.rating,
         "raw_prompt": args.raw or None,
     }
-    with SamplerClient(settings, timeout=args.timeout or settings.sampler_job_timeout_s) as client:
+    with SamplerClient(settings, timeout=args.timeout or settings.sampler.job_timeout_s) as client:
         try:
             response = client.generate(args.prompt, **options)
         except grpc.RpcError as exc:

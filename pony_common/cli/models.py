@@ -44,7 +44,7 @@ def run_tiny(args: argparse.Namespace, settings: Settings) -> int:
 def run_triton_repo(args: argparse.Namespace, settings: Settings) -> int:
     from services.sampler.repository import MODEL_NAME, ModelRepository
 
-    out = Path(args.dir or settings.triton_repo)
+    out = Path(args.dir or settings.sampler.triton_repo)
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out} exists and is not a folder")
     model = args.model.strip()

@@ -60,7 +60,7 @@ def assign_styles(
         if n < 2:
             log.info("too few style embeddings to cluster", extra={"embeddings": n})
             return out
-        k = min(settings.style_k, max(2, n // 6))
+        k = min(settings.style_tagger.k, max(2, n // 6))
         resp = call(
             settings,
             "style_tagger",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import subprocess
@@ -17,24 +16,6 @@ from pony_common.config import Settings
 CURATION_QUEUES = ("caption", "score", "style", "safety", "persist")
 
 
-def settings_env(settings: Settings) -> dict[str, str]:
-    """`PONY_*` variables that make `Settings.from_env()` in a child process equal `settings`."""
-    env: dict[str, str] = {}
-    for f in dataclasses.fields(settings):
-        if f.name == "extra":
-            continue
-        value = getattr(settings, f.name)
-        if isinstance(value, bool):
-            text = "1" if value else "0"
-        elif isinstance(value, tuple):
-            text = ",".join(str(v) for v in value)
-        else:
-            text = str(value)
-        env[f"PONY_{f.name.upper()}"] = text
-    env.update({k: str(v) for k, v in settings.extra.items()})
-    return env
-
-
 def start_worker(
     settings: Settings,
     queues: Sequence[str] = CURATION_QUEUES,
@@ -47,7 +28,7 @@ def start_worker(
     """Starts `ponyctl worker --queues ... --pool solo` with `settings` in its environment (`include`: extra
     task modules the worker imports, `--include`)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PONY_")}
-    env.update(settings_env(settings))
+    env.update(settings.to_env())
     env["PYTHONUNBUFFERED"] = "1"
     cmd = [
         sys.executable,

@@ -107,10 +107,12 @@ class VlmCaptioner:
             settings.model_path("captioner"),
             device=settings.device,
             dtype=torch_dtype(settings.dtype),
-            batch_size=settings.captioner_batch_size,
-            max_new_tokens=settings.captioner_max_new_tokens,
-            prompts=PromptBook.load(settings.captioner_fewshot_path or None, settings.captioner_fewshot_per_prompt),
-            cleaner=CaptionCleaner.load(settings.captioner_filler_path or None, settings.artist_blocklist_path or None),
+            batch_size=settings.captioner.batch_size,
+            max_new_tokens=settings.captioner.max_new_tokens,
+            prompts=PromptBook.load(settings.captioner.fewshot_path or None, settings.captioner.fewshot_per_prompt),
+            cleaner=CaptionCleaner.load(
+                settings.captioner.filler_path or None, settings.captioner.artist_blocklist_path or None
+            ),
         )
 
     # --- lifecycle ---

@@ -80,8 +80,8 @@ class CaptionerServicer(captioner_pb2_grpc.CaptionerServicer):
     def _validate(self, items: Sequence[captioner_pb2.CaptionItem], max_new_tokens: int) -> list[dict]:
         if not items:
             raise InvalidArgument("items", "at least one item is required")
-        if len(items) > self.settings.captioner_max_items:
-            raise InvalidArgument("items", f"{len(items)} given; at most {self.settings.captioner_max_items} per call")
+        if len(items) > self.settings.captioner.max_items:
+            raise InvalidArgument("items", f"{len(items)} given; at most {self.settings.captioner.max_items} per call")
         if not 0 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
             raise InvalidArgument("max_new_tokens", f"must be in 0..{MAX_NEW_TOKENS_LIMIT}, got {max_new_tokens}")
         specs = []

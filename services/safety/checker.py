@@ -14,7 +14,6 @@ from pony_common.errors import FailedPrecondition, InvalidArgument
 from pony_common.metrics import BATCH_SIZE, MODEL_INFO
 from pony_common.models.clip import ClipImageTower
 from pony_common.models.dtypes import torch_dtype
-from pony_common.models.registry import head_path
 from services.safety.classifier import NsfwClassifier
 from services.safety.codex import Codex, CodexStore
 from services.safety.policy import Policy, SafetyInput, SafetyVerdict
@@ -28,9 +27,9 @@ SERVICE = "safety"
 def policy_from(settings: Settings) -> Policy:
     try:
         return Policy(
-            settings.safety_explicit_threshold,
-            settings.safety_questionable_threshold,
-            settings.safety_ambiguous_explicit,
+            settings.safety.explicit_threshold,
+            settings.safety.questionable_threshold,
+            settings.safety.ambiguous_explicit,
         )
     except ValueError as exc:
         raise ConfigError(f"safety settings: {exc}") from None
@@ -54,9 +53,9 @@ class SafetyChecker:
 
     def load(self) -> None:
         s = self.settings
-        self._rules = load_tag_rules(s.safety_blocked_tags_path)
+        self._rules = load_tag_rules(s.safety.blocked_tags_path)
         tower = ClipImageTower.shared(s.model_path(SERVICE), s.device, torch_dtype(s.dtype))
-        classifier = NsfwClassifier(tower, head_path(s, SERVICE))
+        classifier = NsfwClassifier(tower, s.head_path(SERVICE))
         classifier.load()
         if self._catalog is None:
             self._catalog = catalog_for(s.database_url)

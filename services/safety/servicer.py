@@ -57,9 +57,9 @@ class SafetyServicer(safety_pb2_grpc.SafetyServicer):
             raise DependencyUnavailable("the safety service is still loading its model")
         if not request.items:
             raise InvalidArgument("items", "at least one item is required")
-        if len(request.items) > self.settings.safety_max_batch:
+        if len(request.items) > self.settings.safety.max_batch:
             raise InvalidArgument(
-                "items", f"at most {self.settings.safety_max_batch} items per call, got {len(request.items)}"
+                "items", f"at most {self.settings.safety.max_batch} items per call, got {len(request.items)}"
             )
 
         def work() -> safety_pb2.CheckResponse:

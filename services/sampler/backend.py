@@ -82,9 +82,11 @@ class TritonSampler:
 
     def __init__(self, settings: Settings, *, process: TritonProcess | None = None) -> None:
         self.settings = settings
-        self.repository = ModelRepository(settings.triton_repo)
-        self.process = process if process is not None else (TritonProcess(settings) if settings.triton_start else None)
-        self.url = self.process.grpc_url if self.process is not None else settings.triton_url
+        self.repository = ModelRepository(settings.sampler.triton_repo)
+        self.process = (
+            process if process is not None else (TritonProcess(settings) if settings.sampler.triton_start else None)
+        )
+        self.url = self.process.grpc_url if self.process is not None else settings.sampler.triton_url
         self.tokenizer: Any = None
         self.ready = False
         self._control: Any = None
@@ -111,7 +113,7 @@ class TritonSampler:
         self.repository.render(self.settings)
         if self.process is not None:
             self.process.start()
-        self._wait_live(self.settings.triton_start_timeout_s)
+        self._wait_live(self.settings.sampler.triton_start_timeout_s)
         if self._serving_latest():
             log.info("Triton already serves the latest version of %s", MODEL_NAME)
         else:

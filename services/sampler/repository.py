@@ -44,21 +44,21 @@ def render_config(settings: Settings, pipeline_path: str) -> str:
     template = string.Template((TEMPLATE_DIR / "config.pbtxt").read_text())
     on_gpu = settings.device.startswith("cuda")
     return template.substitute(
-        max_batch_size=max(1, settings.sampler_max_batch_size),
-        batch_delay_us=max(0, settings.sampler_batch_delay_us),
+        max_batch_size=max(1, settings.sampler.max_batch_size),
+        batch_delay_us=max(0, settings.sampler.batch_delay_us),
         instance_kind="KIND_GPU" if on_gpu else "KIND_CPU",
         pipeline_path=_quoted(pipeline_path),
         device=_quoted("cuda" if on_gpu else "cpu"),
         dtype=_quoted(settings.dtype),
-        compile=_quoted(str(settings.sampler_compile).lower()),
-        warmup=_quoted(settings.sampler_warmup),
-        random_init=_quoted(settings.sampler_random_init),
+        compile=_quoted(str(settings.sampler.compile).lower()),
+        warmup=_quoted(settings.sampler.warmup),
+        random_init=_quoted(settings.sampler.random_init),
         torch_threads=_quoted(0),
-        max_width=_quoted(settings.sampler_max_width),
-        max_height=_quoted(settings.sampler_max_height),
-        max_steps=_quoted(settings.sampler_max_steps),
-        max_images=_quoted(settings.sampler_max_images),
-        max_batch_images=_quoted(max(settings.sampler_max_images, 2 * settings.sampler_max_batch_size)),
+        max_width=_quoted(settings.sampler.max_width),
+        max_height=_quoted(settings.sampler.max_height),
+        max_steps=_quoted(settings.sampler.max_steps),
+        max_images=_quoted(settings.sampler.max_images),
+        max_batch_images=_quoted(max(settings.sampler.max_images, 2 * settings.sampler.max_batch_size)),
     )
 
 

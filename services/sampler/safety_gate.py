@@ -34,12 +34,12 @@ class SafetyGate:
     """Checks images (with the prompt as caption and its comma-separated parts as tags) in one Check call."""
 
     def __init__(self, settings: Settings) -> None:
-        if settings.sampler_safety not in MODES:
-            raise ConfigError(f"PONY_SAMPLER_SAFETY must be one of {', '.join(MODES)}, got {settings.sampler_safety!r}")
+        if settings.sampler.safety not in MODES:
+            raise ConfigError(f"PONY_SAMPLER_SAFETY must be one of {', '.join(MODES)}, got {settings.sampler.safety!r}")
         self.settings = settings
         self.addr = settings.safety_addr
-        self.enabled = settings.sampler_safety == "required" and bool(self.addr)
-        if settings.sampler_safety == "off":
+        self.enabled = settings.sampler.safety == "required" and bool(self.addr)
+        if settings.sampler.safety == "off":
             self.note = "safety check is off (PONY_SAMPLER_SAFETY=off): images were not checked"
         elif not self.addr:
             self.note = "no safety service configured (PONY_SAFETY_ADDR is empty): images were not checked"

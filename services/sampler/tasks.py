@@ -64,7 +64,7 @@ def run_job(settings: Settings, store: JobStore, blobs: BlobStore, job_id: str) 
     with channel(settings, "sampler") as ch:
         call = sampler_pb2_grpc.SamplerStub(ch).GenerateStream(
             sampler_pb2.GenerateStreamRequest(request=request),
-            timeout=settings.sampler_job_timeout_s,
+            timeout=settings.sampler.job_timeout_s,
             metadata=[("x-request-id", f"job-{job_id}")],  # names the job in the sampler's and Triton's logs
         )
         watcher = threading.Thread(target=_watch_cancel, args=(store, job_id, call, stop), daemon=True)

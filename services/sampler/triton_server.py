@@ -86,30 +86,32 @@ class TritonProcess:
 
     def __init__(self, settings: Settings, *, log_path: Path | None = None) -> None:
         self.settings = settings
-        self.binary = Path(settings.triton_bin) if settings.triton_bin else wheel_dir() / "bin" / "tritonserver"
+        self.binary = (
+            Path(settings.sampler.triton_bin) if settings.sampler.triton_bin else wheel_dir() / "bin" / "tritonserver"
+        )
         self.state = Path(settings.state_dir)
         self.log_path = log_path or self.state / "logs" / "tritonserver.log"
         self.proc: subprocess.Popen | None = None
 
     @property
     def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.settings.triton_http_port}"
+        return f"http://127.0.0.1:{self.settings.sampler.triton_http_port}"
 
     @property
     def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.settings.triton_grpc_port}"
+        return f"127.0.0.1:{self.settings.sampler.triton_grpc_port}"
 
     def command(self) -> list[str]:
         s = self.settings
         backends = prepare_backends(self.state / "triton-backends")
         return [
             str(self.binary),
-            f"--model-repository={s.triton_repo}",
+            f"--model-repository={s.sampler.triton_repo}",
             "--model-control-mode=explicit",
             f"--backend-directory={backends}",
-            f"--http-port={s.triton_http_port}",
-            f"--grpc-port={s.triton_grpc_port}",
-            f"--metrics-port={s.triton_metrics_port}",
+            f"--http-port={s.sampler.triton_http_port}",
+            f"--grpc-port={s.sampler.triton_grpc_port}",
+            f"--metrics-port={s.sampler.triton_metrics_port}",
             "--allow-metrics=true",
             "--allow-gpu-metrics=false",
             "--exit-on-error=false",
@@ -129,7 +131,7 @@ class TritonProcess:
             self.proc = subprocess.Popen(
                 cmd, env=stub_environment(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
-        deadline = time.monotonic() + (timeout or self.settings.triton_start_timeout_s)
+        deadline = time.monotonic() + (timeout or self.settings.sampler.triton_start_timeout_s)
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise DependencyUnavailable(f"tritonserver exited with {self.proc.returncode}; see {self.log_path}")

@@ -34,22 +34,22 @@ class RequestValidator:
 
     def spec(self, given: GenerationInput) -> GenerationSpec:
         s = self.settings
-        width = given.width or s.sampler_default_width
-        height = given.height or s.sampler_default_height
-        for name, value, limit in (("width", width, s.sampler_max_width), ("height", height, s.sampler_max_height)):
+        width = given.width or s.sampler.default_width
+        height = given.height or s.sampler.default_height
+        for name, value, limit in (("width", width, s.sampler.max_width), ("height", height, s.sampler.max_height)):
             if value < SIZE_MULTIPLE or value % SIZE_MULTIPLE:
                 raise InvalidArgument(name, f"must be a multiple of {SIZE_MULTIPLE} (at least 16), got {value}")
             if value > limit:
                 raise InvalidArgument(name, f"must be at most {limit}, got {value}")
-        steps = given.steps or s.sampler_default_steps
-        if not 1 <= steps <= s.sampler_max_steps:
-            raise InvalidArgument("steps", f"must be in 1..{s.sampler_max_steps}, got {steps}")
-        guidance = s.sampler_default_guidance if given.guidance is None else float(given.guidance)
-        if not math.isfinite(guidance) or not 0.0 <= guidance <= s.sampler_max_guidance:
-            raise InvalidArgument("guidance", f"must be in 0..{s.sampler_max_guidance:g}, got {guidance:g}")
+        steps = given.steps or s.sampler.default_steps
+        if not 1 <= steps <= s.sampler.max_steps:
+            raise InvalidArgument("steps", f"must be in 1..{s.sampler.max_steps}, got {steps}")
+        guidance = s.sampler.default_guidance if given.guidance is None else float(given.guidance)
+        if not math.isfinite(guidance) or not 0.0 <= guidance <= s.sampler.max_guidance:
+            raise InvalidArgument("guidance", f"must be in 0..{s.sampler.max_guidance:g}, got {guidance:g}")
         num_images = given.num_images or 1
-        if not 1 <= num_images <= s.sampler_max_images:
-            raise InvalidArgument("num_images", f"must be in 1..{s.sampler_max_images}, got {num_images}")
+        if not 1 <= num_images <= s.sampler.max_images:
+            raise InvalidArgument("num_images", f"must be in 1..{s.sampler.max_images}, got {num_images}")
         seed = secrets.randbelow(2**32) if given.seed is None else int(given.seed)
         if not 0 <= seed <= MAX_SEED - num_images:
             raise InvalidArgument("seed", f"must be in 0..{MAX_SEED - num_images}, got {seed}")
@@ -58,7 +58,7 @@ class RequestValidator:
         if not prompt:
             raise InvalidArgument("prompt", "must not be empty (give a prompt or tags)")
         self._check_tokens("prompt", prompt)
-        negative = given.negative_prompt.strip() or s.sampler_negative_prompt
+        negative = given.negative_prompt.strip() or s.sampler.negative_prompt
         self._check_tokens("negative_prompt", negative)
         return GenerationSpec(
             prompt=prompt,

@@ -16,7 +16,6 @@ from pony_common.errors import FailedPrecondition, InvalidArgument
 from pony_common.models.clip import ClipImageTower
 from pony_common.models.dtypes import torch_dtype
 from pony_common.models.heads import HeadInfo, MLPHead, load_head
-from pony_common.models.registry import head_path
 from pony_common.tags import cumulative_tags_for_score, score_tag
 
 logger = logging.getLogger(__name__)
@@ -83,10 +82,10 @@ class AestheticScorer:
         """Tower from `PONY_SCORER_MODEL` (or models_dir/clip), head from `PONY_SCORER_HEAD` (or models_dir)."""
         return cls(
             settings.model_path("scorer"),
-            head_path(settings, "scorer"),
+            settings.head_path("scorer"),
             device=settings.device,
             dtype=torch_dtype(settings.dtype),
-            batch_size=settings.scorer_batch_size,
+            batch_size=settings.scorer.batch_size,
         )
 
     # --- lifecycle ---

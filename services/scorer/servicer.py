@@ -75,7 +75,7 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
                 except OperationalError as exc:
                     raise DependencyUnavailable(f"catalog database unavailable: {exc.orig}") from None
                 self._preferences = PreferenceStore(
-                    self._catalog, k=self.settings.scorer_elo_k, sample_size=self.settings.scorer_pair_sample
+                    self._catalog, k=self.settings.scorer.elo_k, sample_size=self.settings.scorer.pair_sample
                 )
                 self._heads = HeadStore(
                     self._catalog, BlobStore(self.settings.blob_url), os.path.join(self.settings.state_dir, "heads")
@@ -97,7 +97,7 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
     def load(self) -> None:
         """Loads the model; then, if configured, switches to the head marked active in the catalog."""
         self.scorer.load()
-        if self.settings.scorer_head_from_catalog:
+        if self.settings.scorer.head_from_catalog:
             try:
                 stored = self.heads.active()
                 if stored is not None and stored.version != self.scorer.head_version:
@@ -119,8 +119,8 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
     def _check_batch(self, items: Sequence[Any], field: str) -> None:
         if not items:
             raise InvalidArgument(field, "at least one is required")
-        if len(items) > self.settings.scorer_max_batch:
-            raise InvalidArgument(field, f"{len(items)} given; at most {self.settings.scorer_max_batch} per call")
+        if len(items) > self.settings.scorer.max_batch:
+            raise InvalidArgument(field, f"{len(items)} given; at most {self.settings.scorer.max_batch} per call")
 
     def _load_images(self, refs: Sequence[common_pb2.ImageRef]) -> list[LoadedImage | InvalidArgument]:
         def load(i: int) -> LoadedImage | InvalidArgument:
@@ -245,10 +245,10 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
     # --- head training ---
 
     def _fit_config(self, request: scorer_pb2.FitHeadRequest) -> FitConfig:
-        holdout = request.holdout_fraction or self.settings.scorer_fit_holdout
+        holdout = request.holdout_fraction or self.settings.scorer.fit_holdout
         if not (math.isfinite(holdout) and 0.0 < holdout < 1.0):
             raise InvalidArgument("holdout_fraction", f"must be in (0, 1) or 0 for the default, got {holdout}")
-        epochs = request.epochs or self.settings.scorer_fit_epochs
+        epochs = request.epochs or self.settings.scorer.fit_epochs
         if not 0 < epochs <= _MAX_EPOCHS:
             raise InvalidArgument("epochs", f"must be in 1..{_MAX_EPOCHS} or 0 for the default, got {epochs}")
         weight = request.pairwise_weight or 1.0
@@ -259,8 +259,8 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
             epochs=epochs,
             pairwise_weight=weight,
             seed=request.seed,
-            elo_k=self.settings.scorer_elo_k,
-            max_rated=self.settings.scorer_fit_max_rated,
+            elo_k=self.settings.scorer.elo_k,
+            max_rated=self.settings.scorer.fit_max_rated,
         )
 
     def _fit(self, config: FitConfig, activate: bool) -> scorer_pb2.FitHeadResponse:

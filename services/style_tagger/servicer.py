@@ -32,8 +32,10 @@ class StyleTaggerServicer(style_tagger_pb2_grpc.StyleTaggerServicer):
             raise DependencyUnavailable("the style tagger is still loading its model")
         if not images:
             raise InvalidArgument(field, "at least one image is required")
-        if len(images) > self.settings.style_max_batch:
-            raise InvalidArgument(field, f"at most {self.settings.style_max_batch} images per call, got {len(images)}")
+        if len(images) > self.settings.style_tagger.max_batch:
+            raise InvalidArgument(
+                field, f"at most {self.settings.style_tagger.max_batch} images per call, got {len(images)}"
+            )
 
     def _resolve(
         self, refs: Sequence[common_pb2.ImageRef], field: str

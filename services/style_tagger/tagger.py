@@ -95,9 +95,9 @@ class StyleTagger:
             _validate_tag_format(s.style_tag_format)
         except ValueError as exc:
             raise ConfigError(f"PONY_STYLE_TAG_FORMAT: {exc}") from None
-        check_index_kind(s.style_index)
-        if not 0.0 < s.style_max_artist_share <= 1.0:
-            raise ConfigError(f"PONY_STYLE_MAX_ARTIST_SHARE={s.style_max_artist_share} must be in (0, 1]")
+        check_index_kind(s.style_tagger.index)
+        if not 0.0 < s.style_tagger.max_artist_share <= 1.0:
+            raise ConfigError(f"PONY_STYLE_MAX_ARTIST_SHARE={s.style_tagger.max_artist_share} must be in (0, 1]")
         if self._encoder is None:
             self._encoder = create_encoder(s.model_path(SERVICE), s.device, torch_dtype(s.dtype))
         self._encoder.load()
@@ -140,7 +140,7 @@ class StyleTagger:
         """Clusters the catalog's style embeddings of this encoder version and stores the new cluster set."""
         s = self.settings
         if params.k < 0:
-            raise InvalidArgument("k", f"must be >= 0 (0 = the configured {s.style_k}), got {params.k}")
+            raise InvalidArgument("k", f"must be >= 0 (0 = the configured {s.style_tagger.k}), got {params.k}")
         if not 0.0 <= params.max_artist_share <= 1.0:
             raise InvalidArgument(
                 "max_artist_share", f"must be in (0, 1] (0 = configured), got {params.max_artist_share}"
@@ -155,12 +155,12 @@ class StyleTagger:
             )
         cluster_set = fit_cluster_set(
             table,
-            k=params.k or s.style_k,
+            k=params.k or s.style_tagger.k,
             per_family=params.per_family,
-            max_artist_share=params.max_artist_share or s.style_max_artist_share,
+            max_artist_share=params.max_artist_share or s.style_tagger.max_artist_share,
             seed=params.seed,
             tag_format=s.style_tag_format,
-            max_points=s.style_fit_max_points,
+            max_points=s.style_tagger.fit_max_points,
             model=self.model_id,
             model_version=self.model_version,
         )
@@ -192,8 +192,8 @@ class StyleTagger:
             tagged = np.array([c.id for c in cluster_set.clusters if not c.flagged], dtype=np.int64)
             self._active = _ActiveSet(
                 cluster_set,
-                create_index(self.settings.style_index, cluster_set.centroids),
-                create_index(self.settings.style_index, cluster_set.centroids[tagged], tagged),
+                create_index(self.settings.style_tagger.index, cluster_set.centroids),
+                create_index(self.settings.style_tagger.index, cluster_set.centroids[tagged], tagged),
             )
             return self._active
 
@@ -236,7 +236,7 @@ class StyleTagger:
             raise ValueError("images and image_ids differ in length")
         self._usable()  # fail before the encoder runs
         results = self.tag_vectors(self.embed(images), image_ids)
-        colors = self.settings.style_palette_colors
+        colors = self.settings.style_tagger.palette_colors
         for result, image in zip(results, images, strict=True):
             result.palette_tags = [c.tag for c in palette(image, colors)]
         return results
@@ -258,7 +258,7 @@ class StyleTagger:
         if not 0 <= examples <= STORED_EXAMPLES:
             raise InvalidArgument("examples", f"must be in 0..{STORED_EXAMPLES}, got {examples}")
         k = k or DEFAULT_SIMILAR_K
-        examples = examples or self.settings.style_examples
+        examples = examples or self.settings.style_tagger.examples
         active = self._usable()
         cs = active.cluster_set
         exclude = -1

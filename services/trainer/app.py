@@ -29,5 +29,5 @@ def service_definition(controller: TrainerController) -> ServiceDefinition:
         register=register,
         load=controller.load,
         close=controller.close,
-        model_id=controller.settings.trainer_executor,
+        model_id=controller.settings.trainer.executor,
     )

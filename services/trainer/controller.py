@@ -25,15 +25,15 @@ EXECUTORS = ("local", "kubernetes")
 
 
 def make_executor(settings: Settings, store: RunStore, on_success: Any) -> Executor:
-    if settings.trainer_executor == "local":
+    if settings.trainer.executor == "local":
         from services.trainer.executors.local import LocalExecutor
 
         return LocalExecutor(settings, store, on_success)
-    if settings.trainer_executor == "kubernetes":
+    if settings.trainer.executor == "kubernetes":
         from services.trainer.executors.cluster import KubernetesExecutor
 
         return KubernetesExecutor(settings, store, on_success)
-    raise FailedPrecondition(f"PONY_TRAINER_EXECUTOR={settings.trainer_executor!r}; use one of {EXECUTORS}")
+    raise FailedPrecondition(f"PONY_TRAINER_EXECUTOR={settings.trainer.executor!r}; use one of {EXECUTORS}")
 
 
 class TrainerController:
@@ -84,7 +84,7 @@ class TrainerController:
         if self.executor.name == "local":
             self._check_local_paths(parsed)
         job_name = f"train-{run_id}" if self.executor.name == "kubernetes" else ""
-        namespace = self.settings.trainer_namespace if self.executor.name == "kubernetes" else ""
+        namespace = self.settings.trainer.namespace if self.executor.name == "kubernetes" else ""
         run = self.store.create(run_id, parsed.name, parsed.to_dict(), self.executor.name, namespace, job_name)
         try:
             self.executor.start(run, parsed)

@@ -42,19 +42,19 @@ def load_in_sampler(settings: Settings, uri: str, run_id: str) -> tuple[int, boo
         stub = sampler_pb2_grpc.SamplerStub(ch)
         resp = stub.LoadVersion(
             sampler_pb2.LoadVersionRequest(uri=uri, source_run_id=run_id),
-            timeout=max(settings.rpc_timeout_s, settings.triton_start_timeout_s),
+            timeout=max(settings.rpc_timeout_s, settings.sampler.triton_start_timeout_s),
         )
         return int(resp.version.version), bool(resp.version.active)
 
 
 def publish_run(settings: Settings, store: RunStore, run_id: str, uri: str) -> Published:
-    """Makes the run's final pipeline the next `settings.trainer_publish_model` version (once per run).
+    """Makes the run's final pipeline the next `settings.trainer.publish_model` version (once per run).
 
     With a reachable sampler, its LoadVersion picks the version number and serves it; the catalog row is
     linked (or added, when the sampler keeps another catalog). Without one, the row is written here and the
     sampler finds it in model_versions when it starts.
     """
-    name = settings.trainer_publish_model
+    name = settings.trainer.publish_model
     run = store.get(run_id)
     if run.model_version is not None:
         return Published(name, run.model_version, run.checkpoint_uri or uri, False, "already published")

@@ -67,7 +67,7 @@ def env_literal(value: str) -> str:
 
 def gpus_per_node(spec: TrainSpec, settings: Settings) -> int:
     """GPUs each pod asks for: none when PONY_TRAINER_POOL_LABEL is empty (a cluster without a training pool)."""
-    return spec.resources.gpus_per_node if settings.trainer_pool_label else 0
+    return spec.resources.gpus_per_node if settings.trainer.pool_label else 0
 
 
 def _meta(name: str, namespace: str, run_id: str) -> dict[str, Any]:
@@ -127,7 +127,7 @@ def _env(spec: TrainSpec, settings: Settings, indexed: bool) -> list[dict[str, A
 def _placement(spec: TrainSpec, settings: Settings) -> dict[str, Any]:
     """Required node affinity `<PONY_TRAINER_POOL_LABEL> In [pool]` plus the GPU taint toleration; nothing when
     the label is empty (dev: the Job lands on any node, on CPU)."""
-    key = settings.trainer_pool_label
+    key = settings.trainer.pool_label
     if not key:
         return {}
     term = {"matchExpressions": [{"key": key, "operator": "In", "values": [spec.resources.pool]}]}
@@ -154,9 +154,9 @@ def _volumes(
         {"name": "checkpoints", "mountPath": CHECKPOINT_MOUNT},
     ]
     init: list[dict[str, Any]] = []
-    if settings.trainer_models_pvc:
+    if settings.trainer.models_pvc:
         volumes.append(
-            {"name": "models", "persistentVolumeClaim": {"claimName": settings.trainer_models_pvc, "readOnly": True}}
+            {"name": "models", "persistentVolumeClaim": {"claimName": settings.trainer.models_pvc, "readOnly": True}}
         )
         mounts.append({"name": "models", "mountPath": settings.models_dir, "readOnly": True})
     else:
@@ -177,15 +177,15 @@ def _volumes(
                 ],
             }
         )
-    if settings.trainer_blobs_pvc and "://" not in settings.blob_url:
-        volumes.append({"name": "blobs", "persistentVolumeClaim": {"claimName": settings.trainer_blobs_pvc}})
+    if settings.trainer.blobs_pvc and "://" not in settings.blob_url:
+        volumes.append({"name": "blobs", "persistentVolumeClaim": {"claimName": settings.trainer.blobs_pvc}})
         mounts.append({"name": "blobs", "mountPath": settings.blob_url})
     return volumes, mounts, init
 
 
 def _pod_template(spec: TrainSpec, settings: Settings, run_id: str, master: str | None, subdomain: str) -> dict:
     res = spec.resources
-    image = res.image or settings.trainer_image
+    image = res.image or settings.trainer.image
     limits: dict[str, str] = {"cpu": res.cpu, "memory": res.memory}
     gpus = gpus_per_node(spec, settings)
     if gpus:
@@ -227,7 +227,7 @@ def _pod_template(spec: TrainSpec, settings: Settings, run_id: str, master: str 
 
 def render_run(spec: TrainSpec, settings: Settings, run_id: str) -> RenderedRun:
     """All objects of a run in the controller's namespace; `spec` rides in the trainer container's env as YAML."""
-    ns = settings.trainer_namespace
+    ns = settings.trainer.namespace
     name = job_name(run_id)
     res = spec.resources
     indexed = res.nodes > 1

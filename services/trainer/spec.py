@@ -95,8 +95,8 @@ class ResourceSpec:
     checkpoint_pvc: str = "pony-checkpoints"
     checkpoint_size: str = "100Gi"
     priority_class: str = "pony-training"
-    image: str = ""  # empty = settings.trainer_image
-    pool: str = "training"  # value of the settings.trainer_pool_label node label
+    image: str = ""  # empty = settings.trainer.image
+    pool: str = "training"  # value of the settings.trainer.pool_label node label
     backoff_limit: int = 0
     active_deadline_s: int = 0  # 0 = none
 
@@ -439,5 +439,5 @@ def run_output_dir(spec: TrainSpec, settings: Settings, run_id: str) -> str:
     """Where a run writes checkpoints and its final pipeline: the spec's output, else <trainer_output_dir>/<run>."""
     if spec.output:
         return spec.output
-    base = settings.trainer_output_dir or str(Path(settings.state_dir) / "runs")
+    base = settings.trainer.output_dir or str(Path(settings.state_dir) / "runs")
     return str(Path(base) / run_id)

@@ -43,7 +43,7 @@ def workflow_settings(service_stack, redis_url: str) -> Settings:
         task_retry_backoff_s=0.5,
         task_max_retries=12,
         rpc_timeout_s=30.0,
-        extra={"PONY_BROKER_VISIBILITY_TIMEOUT_S": "6"},
+        broker_visibility_timeout_s=6.0,
     )
 
 

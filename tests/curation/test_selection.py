@@ -110,11 +110,10 @@ def test_selection_is_deterministic_and_replaces_the_previous_one(settings: Sett
 
 
 def test_cli_select_prints_target_vs_achieved(settings: Settings, monkeypatch, capsys) -> None:
-    from pony_common.workflows.workers import settings_env
 
     catalog = catalog_for(settings.database_url)
     _pool(catalog, {"anime": 5, "pony": 5})
-    for key, value in settings_env(settings).items():
+    for key, value in settings.to_env().items():
         monkeypatch.setenv(key, value)
     assert main(["select", "--total", "6", "--mix", "pony=0.5,anime=0.5", "--name", "cli"]) == 0
     out = capsys.readouterr().out

@@ -23,7 +23,6 @@ from pony_common.curation.selection import select_images
 from pony_common.curation.status import curation_status
 from pony_common.curation.styles import assign_styles
 from pony_common.images import image_id
-from pony_common.workflows.workers import settings_env
 from tests.curation.ledger_checks import assert_processed_exactly_once, count, stages
 
 
@@ -137,7 +136,7 @@ def test_cli_ingests_a_manifest_and_reports_status_export_and_report(
         + "\n"
     )
     workers(settings)
-    for key, value in settings_env(settings).items():
+    for key, value in settings.to_env().items():
         monkeypatch.setenv(key, value)
     assert main(["ingest", str(tmp_path / "missing"), "--no-progress"]) == 2
     assert main(["ingest", str(manifest), "--no-progress", "--timeout", "300"]) == 0

@@ -364,7 +364,7 @@ def test_training_job_pods_meet_the_namespace_policies_and_find_their_volumes(re
     assert claims <= {p["metadata"]["name"] for p in of_kind(objs, "PersistentVolumeClaim")}, claims
     # the Job's image is built by skaffold for this overlay (dev maps cuda to cpu)
     image = pod["containers"][0]["image"]
-    assert image == overlay_settings(objs).trainer_image
+    assert image == overlay_settings(objs).trainer.image
     assert ("cuda" in image) == (overlay != "dev")
 
 
@@ -417,11 +417,11 @@ def mounts_of(objs, workload: str) -> dict[str, tuple[str, bool]]:
 def test_the_sampler_renders_the_repository_triton_serves_at_the_same_path(rendered, overlay):
     objs = rendered[overlay]
     settings = overlay_settings(objs)
-    assert settings.triton_start is False
-    assert settings.triton_url == "triton:8001"
+    assert settings.sampler.triton_start is False
+    assert settings.sampler.triton_url == "triton:8001"
     triton_svc = find(objs, "Service", "triton")
     assert {"name": "grpc", "port": 8001, "targetPort": "grpc", "appProtocol": "grpc"} in triton_svc["spec"]["ports"]
-    repo = settings.triton_repo
+    repo = settings.sampler.triton_repo
     sampler, triton = mounts_of(objs, "sampler"), mounts_of(objs, "triton")
     claim, read_only = sampler[repo]
     assert claim != "emptyDir" and read_only is False  # the sampler writes config.pbtxt and version folders
@@ -463,7 +463,7 @@ def test_the_weights_path_is_the_same_for_the_sampler_and_triton(rendered, overl
     models_dir = overlay_settings(objs).models_dir
     for workload in ("sampler", "triton"):
         assert models_dir in mounts_of(objs, workload), workload
-    assert overlay_settings(objs).triton_repo != models_dir
+    assert overlay_settings(objs).sampler.triton_repo != models_dir
 
 
 def test_the_trainer_reaches_the_sampler_to_publish(prod):

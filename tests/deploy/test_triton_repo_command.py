@@ -45,7 +45,7 @@ def test_it_writes_what_the_sampler_renders(cli_settings: Settings, tmp_path: Pa
 
 def test_the_default_folder_is_the_configured_repository(cli_settings: Settings) -> None:
     assert main(["models", "triton-repo"]) == 0
-    assert [v.version for v in ModelRepository(cli_settings.triton_repo).versions()] == [1]
+    assert [v.version for v in ModelRepository(cli_settings.sampler.triton_repo).versions()] == [1]
 
 
 def test_model_names_version_one_and_later_versions_are_kept(cli_settings: Settings, tmp_path: Path) -> None:

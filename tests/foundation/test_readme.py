@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import subprocess
 import sys
@@ -25,7 +24,7 @@ def test_readme_opens_with_the_demo_and_test_commands() -> None:
 
 
 def test_every_setting_is_documented_and_the_table_is_current() -> None:
-    names = [f"PONY_{f.name.upper()}" for f in dataclasses.fields(Settings) if f.name != "extra"]
+    names = [name for name, _, _ in Settings.env_names()]
     missing = [n for n in names if f"`{n}`" not in README]
     assert not missing, f"README does not document {missing}: run scripts/config_table.py"
     table = subprocess.run(

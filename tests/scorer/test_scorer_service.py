@@ -12,7 +12,6 @@ from pony.v1 import common_pb2, scorer_pb2, scorer_pb2_grpc
 from pony_common.config import Settings
 from pony_common.models.clip import ClipImageTower
 from pony_common.models.heads import load_head
-from pony_common.models.registry import head_path
 from pony_common.tags import cumulative_tags_for_score, score_tag
 from services.scorer.app import create_service
 from tests.scorer.serving import RANDOM_BYTES, SERVING, bomb_png, png_bytes, readiness, serve
@@ -33,7 +32,7 @@ def test_score_returns_raw_calibrated_score_and_tags_matching_the_head(scorer, m
     images = [png_bytes((200, 30, 30)), png_bytes((0, 0, 0), noise_seed=1), png_bytes((10, 200, 90), (64, 64))]
     reply = stub.Score(scorer_pb2.ScoreRequest(images=refs(*images)), timeout=30)
     assert len(reply.results) == 3
-    head, info = load_head(head_path(model_settings, "scorer"))
+    head, info = load_head(model_settings.head_path("scorer"))
     tower = ClipImageTower.shared(model_settings.model_path("scorer"))
     from pony_common.images import decode_image
 

@@ -81,7 +81,7 @@ ACTOR_AGENT = "pony-test-actor"
 
 def batch_api(settings: Settings) -> client.BatchV1Api:
     cfg = client.Configuration()
-    cfg.host = settings.trainer_kube_url
+    cfg.host = settings.trainer.kube_url
     api = client.ApiClient(cfg)
     api.user_agent = ACTOR_AGENT
     return client.BatchV1Api(api)
@@ -134,7 +134,7 @@ async def test_submit_creates_a_pinned_job_and_job_status_drives_the_run(
     pod = job["spec"]["template"]["spec"]
     (term,) = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
     assert term["matchExpressions"] == [
-        {"key": kube_settings.trainer_pool_label, "operator": "In", "values": ["training"]}
+        {"key": kube_settings.trainer.pool_label, "operator": "In", "values": ["training"]}
     ]
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
     assert job["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == "training-job"

@@ -34,10 +34,10 @@ PROPAGATIONS = ("Background", "Foreground")
 
 
 def api_client(settings: Settings) -> client.ApiClient:
-    """`settings.trainer_kube_url` when set (no auth: a proxy or a test server), else in-cluster, else kubeconfig."""
-    if settings.trainer_kube_url:
+    """`settings.trainer.kube_url` when set (no auth: a proxy or a test server), else in-cluster, else kubeconfig."""
+    if settings.trainer.kube_url:
         cfg = client.Configuration()
-        cfg.host = settings.trainer_kube_url.rstrip("/")
+        cfg.host = settings.trainer.kube_url.rstrip("/")
         return client.ApiClient(cfg)
     try:
         config.load_incluster_config()
@@ -76,7 +76,7 @@ class KubernetesExecutor:
         self.settings = settings
         self.store = store
         self.on_success = on_success
-        self.namespace = settings.trainer_namespace
+        self.namespace = settings.trainer.namespace
         self.api = api_client(settings)
         self.batch = client.BatchV1Api(self.api)
         self.core = client.CoreV1Api(self.api)
@@ -169,11 +169,11 @@ class KubernetesExecutor:
                 if self._stop.is_set():
                     return
                 log.warning("Job informer error; relisting: %s", str(exc)[:300])
-                self._stop.wait(min(self.settings.trainer_resync_s, 2.0))
+                self._stop.wait(min(self.settings.trainer.resync_s, 2.0))
 
     def _watch_once(self) -> None:
         """Watches the managed Jobs until the resync interval ends (client-side timeout), reconciling each event."""
-        timeout = max(1.0, self.settings.trainer_resync_s)
+        timeout = max(1.0, self.settings.trainer.resync_s)
         self._watch = watch.Watch()
         try:
             for event in self._watch.stream(
@@ -269,7 +269,7 @@ class KubernetesExecutor:
         if self._watch is not None:
             self._watch.stop()
         if self._thread is not None:
-            self._thread.join(timeout=self.settings.trainer_resync_s + 5)
+            self._thread.join(timeout=self.settings.trainer.resync_s + 5)
         self.api.close()
 
 

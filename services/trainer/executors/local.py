@@ -25,22 +25,6 @@ PROJECT_ROOT = Path(__file__).resolve().parents[3]
 KILL_GRACE_S = 10.0
 
 
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The settings as `PONY_*` variables, so the child process reads the same configuration."""
-    env = {}
-    for f in dataclasses.fields(settings):
-        value = getattr(settings, f.name)
-        if f.name == "extra":
-            env.update({k: str(v) for k, v in value.items()})
-        elif isinstance(value, bool):
-            env[f"PONY_{f.name.upper()}"] = "true" if value else "false"
-        elif isinstance(value, tuple):
-            env[f"PONY_{f.name.upper()}"] = ",".join(map(str, value))
-        else:
-            env[f"PONY_{f.name.upper()}"] = str(value)
-    return env
-
-
 def train_command(spec_path: Path, run_id: str, processes: int, launcher: str = "auto") -> list[str]:
     """The entrypoint, under `torchrun --standalone` (a one-node gloo/nccl group, even of one process) when
     `launcher` is "torchrun" or "auto" with more than one process; plain `python -m` otherwise."""
@@ -83,10 +67,10 @@ class LocalExecutor:
         spec_path = output / "spec.yaml"
         spec_path.write_text(spec.to_yaml())
         stderr_path = output / "train.log"
-        env = {**os.environ, **settings_env(self.settings)}
+        env = {**os.environ, **self.settings.to_env()}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH", "")]))
         env["PYTHONUNBUFFERED"] = "1"
-        cmd = train_command(spec_path, run.id, spec.resources.processes_per_node, self.settings.trainer_local_launcher)
+        cmd = train_command(spec_path, run.id, spec.resources.processes_per_node, self.settings.trainer.local_launcher)
         with open(stderr_path, "ab") as err:
             popen = subprocess.Popen(
                 cmd,
