@@ -26,10 +26,10 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pony_common.models.dtypes import torch_dtype
-from pony_common.models.tiny import vlm_tokenizer
-from pony_common.models.vlm import IMAGE_TOKEN, LLAVA_CHAT_TEMPLATE, TINY_VLM_SPECIAL_TOKENS
 from services.captioner.backend import CaptionJob, VlmCaptioner
 from services.captioner.prompts import KIND_SPECS
+from services.captioner.vlm import IMAGE_TOKEN, LLAVA_CHAT_TEMPLATE, TINY_VLM_SPECIAL_TOKENS
+from services.stack.tiny import vlm_tokenizer
 
 # (vision: image side, patch, width, layers, heads) (text: width, ffn, layers, heads, kv heads)
 SIZES = {

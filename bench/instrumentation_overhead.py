@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     with tempfile.TemporaryDirectory() as tmp:
-        from pony_common.models.tiny import build_tiny_models
+        from services.stack.tiny import build_tiny_models
 
         build_tiny_models(Path(tmp) / "models")
         settings = Settings.from_env(

@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     from PIL import Image
 
     from pony_common.config import Settings
-    from pony_common.models.tiny import build_tiny_models
-    from pony_common.sampler_client import SamplerClient
+    from services.sampler.client import SamplerClient
+    from services.stack.tiny import build_tiny_models
 
     if args.full and not torch.cuda.is_available():
         parser.error("--full needs CUDA")

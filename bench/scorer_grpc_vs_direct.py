@@ -44,7 +44,7 @@ LAION_HEAD = Path("/work/shared/ref/aesthetic/sac+logos+ava1-l14-linearMSE.pth")
 def make_settings(work: Path, full: bool, device: str, dtype: str) -> Settings:
     settings = Settings.from_env({}, state_dir=str(work / "state"), device=device, dtype=dtype, log_json=False)
     if not full:
-        from pony_common.models.tiny import build_tiny_models
+        from services.stack.tiny import build_tiny_models
 
         build_tiny_models(work / "models")
         return settings.replace(models_dir=str(work / "models"))

@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings.from_env(state_dir=tmp, log_json=False)
         if not (Path(settings.models_dir) / "clip").is_dir():
-            from pony_common.models.tiny import build_tiny_models
+            from services.stack.tiny import build_tiny_models
 
             build_tiny_models(Path(tmp) / "models")
             settings = settings.replace(models_dir=str(Path(tmp) / "models"))

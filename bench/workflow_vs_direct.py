@@ -50,9 +50,9 @@ def direct_loop(settings, paths: list[Path], tags: dict[Path, list[str]]) -> flo
 
 def workflow_run(settings, pool_root: Path, workers: int, count: int) -> float:
     """Seconds from ingest (store + submit) until every image is persisted."""
-    from pony_common.curation.ingest import ingest_source
-    from pony_common.workflows.stack_thread import StackThread
-    from pony_common.workflows.workers import start_worker, stop_worker
+    from pony_common.workers import start_worker, stop_worker
+    from services.curation.ingest import ingest_source
+    from services.stack.stack_thread import StackThread
 
     stack = StackThread(settings)
     procs = []
@@ -91,13 +91,13 @@ def main() -> int:
     import redis
 
     from pony_common.config import Settings
-    from pony_common.curation.samples import write_sample_pool
-    from pony_common.curation.sources import iter_source
+    from services.curation.samples import write_sample_pool
+    from services.curation.sources import iter_source
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="pony-bench-"))
     models = Path(Settings.from_env().models_dir)
     if not (models / "clip").is_dir():
-        from pony_common.models.tiny import build_tiny_models
+        from services.stack.tiny import build_tiny_models
 
         models = work / "models"
         if not (models / "clip").is_dir():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from importlib.metadata import entry_points
 from typing import Any, TypeVar
 
 import grpc
@@ -28,12 +29,15 @@ QUEUES: dict[str, str] = {
     "default": "anything else",
 }
 
-# Modules whose tasks every worker registers. A module that defines tasks adds itself here.
-TASK_MODULES: list[str] = [
-    "pony_common.workflows.tasks",
-    "services.sampler.tasks",
-    "pony_common.workflows.curation",
-]
+# Packages declare the modules holding their tasks as entry points in this group (pyproject.toml); every worker
+# imports them all, so this module names none of them.
+TASK_ENTRY_POINTS = "pony.tasks"
+
+
+def task_modules() -> list[str]:
+    """The task modules every worker registers, from the installed packages' `pony.tasks` entry points."""
+    return sorted(ep.value for ep in entry_points(group=TASK_ENTRY_POINTS))
+
 
 app = Celery("pony")
 _routes: dict[str, dict[str, str]] = {}
@@ -139,7 +143,7 @@ def configure_app(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         result_extended=True,
         task_track_started=True,
-        include=list(TASK_MODULES),
+        include=task_modules(),
         task_queue_max_priority=10,
         task_default_priority=5,
     )
@@ -156,3 +160,9 @@ def current_settings() -> Settings:
         settings = Settings.from_env()
         configure_app(settings)
     return settings
+
+
+@pony_task("pony.ping", queue="default")
+def ping(self: Any, payload: str = "pong") -> dict[str, Any]:
+    """Round trip through the broker and a worker (every worker has it)."""
+    return {"payload": payload, "worker": self.request.hostname}

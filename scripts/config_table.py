@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pony_common.config import SECTIONS, Settings  # noqa: E402
+from pony_common.config import SECTIONS, Settings
 
 LINE = re.compile(r"^    (?P<name>[a-z_0-9]+): (?P<type>[^=]+?) = (?P<default>.+?)(?:\s+# (?P<note>.*))?$")
 TITLE = re.compile(r"^    # --- (?P<title>.+?) ---")

@@ -111,7 +111,7 @@ def rabbitmq_url() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny models, built once per test session (what `ponyctl models tiny` writes)."""
-    from pony_common.models.tiny import build_tiny_models
+    from services.stack.tiny import build_tiny_models
 
     out = tmp_path_factory.mktemp("models")
     build_tiny_models(out)

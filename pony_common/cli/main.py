@@ -6,26 +6,16 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 
 from pony_common.cli.errors import UsageError
 from pony_common.config import ConfigError, Settings
-from pony_common.errors import PonyError
+from pony_common.errors import InvalidArgument, PonyError
 
-# Each module defines `register(subparsers)`; the parser it adds sets `func(args, settings) -> int`.
-COMMAND_MODULES = [
-    "pony_common.cli.serve",
-    "pony_common.cli.worker",
-    "pony_common.cli.models",
-    "pony_common.cli.demo",
-    "pony_common.cli.generate",
-    "pony_common.cli.ingest",
-    "pony_common.cli.status",
-    "pony_common.cli.select",
-    "pony_common.cli.export",
-    "pony_common.cli.report",
-    "pony_common.cli.train",
-    "pony_common.cli.codex",
-]
+# Each module defines `register(subparsers)`; the parser it adds sets `func(args, settings) -> int`. The verbs of
+# the service packages come from their `pony.cli` entry points (pyproject.toml), so this package names none of them.
+CLI_ENTRY_POINTS = "pony.cli"
+COMMAND_MODULES = ["pony_common.cli.worker"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,7 +28,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ponyctl", description="Pony Platform: curate, train and serve Pony models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for name in COMMAND_MODULES:
+    modules = [*COMMAND_MODULES, *sorted(ep.value for ep in entry_points(group=CLI_ENTRY_POINTS))]
+    for name in modules:
         importlib.import_module(name).register(sub)
     return parser
 
@@ -52,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         setup_logging(settings.log_level, settings.log_json)
         return int(args.func(args, settings) or 0)
-    except (UsageError, ConfigError) as exc:
+    except (UsageError, ConfigError, InvalidArgument) as exc:
         sys.stderr.write(f"ponyctl {args.command}: {exc}\n")
         return 2
     except PonyError as exc:

@@ -18,9 +18,9 @@ from pony_common.errors import Cancelled, FailedPrecondition, InvalidArgument
 from pony_common.metrics import BATCH_SIZE, ITEM_FAILURES
 from pony_common.models.clip import weights_version
 from pony_common.models.dtypes import torch_dtype
-from pony_common.models.vlm import load_vlm
 from services.captioner.cleanup import CaptionCleaner
 from services.captioner.prompts import KIND_SPECS, KINDS, PromptBook, split_artist_tags
+from services.captioner.vlm import load_vlm
 
 logger = logging.getLogger(__name__)
 

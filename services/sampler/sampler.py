@@ -12,7 +12,6 @@ from pony_common.catalog import catalog_for
 from pony_common.config import Settings
 from pony_common.errors import DependencyUnavailable
 from pony_common.metrics import BATCH_SIZE, ITEM_FAILURES, SAMPLER_COMPUTE, SAMPLER_QUEUE_WAIT
-from pony_common.pnginfo import encode_png
 from services.sampler.backend import TritonSampler, VersionInfo
 from services.sampler.generation import (
     MODEL_NAME,
@@ -24,6 +23,7 @@ from services.sampler.generation import (
     OutputImage,
     Progress,
 )
+from services.sampler.pnginfo import encode_png
 from services.sampler.safety_gate import SafetyGate
 from services.sampler.validation import RequestValidator
 from services.sampler.versions import VersionCatalog

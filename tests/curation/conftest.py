@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pony_common.config import Settings
-from pony_common.workflows.workers import start_worker, stop_worker
+from pony_common.workers import start_worker, stop_worker
 
 REQUIRED = ("captioner", "scorer", "style_tagger", "safety")
 
@@ -19,7 +19,7 @@ REQUIRED = ("captioner", "scorer", "style_tagger", "safety")
 @pytest.fixture(scope="module")
 def service_stack(tmp_path_factory: pytest.TempPathFactory, tiny_models: Path) -> Iterator[object]:
     """captioner, scorer, style-tagger and safety on localhost, sharing one catalog with the workers."""
-    from pony_common.workflows.stack_thread import StackThread
+    from services.stack.stack_thread import StackThread
 
     root = Path(__file__).resolve().parents[2]
     missing = [s for s in REQUIRED if not (root / "services" / s / "app.py").exists()]

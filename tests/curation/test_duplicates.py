@@ -12,9 +12,9 @@ from sqlalchemy import select, update
 from pony_common.catalog.db import catalog_for
 from pony_common.catalog.models import ImageRow
 from pony_common.config import Settings
-from pony_common.curation.duplicates import group_hashes, regroup, resolve_duplicates
-from pony_common.curation.phash import hamming, phash
-from pony_common.curation.samples import draw_image
+from services.curation.duplicates import group_hashes, regroup, resolve_duplicates
+from services.curation.phash import hamming, phash
+from services.curation.samples import draw_image
 from tests.curation.pool import add_processed
 
 

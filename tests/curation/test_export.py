@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from pony_common.curation.export import manifest_row
-from pony_common.curation.records import ImageRecord
 from pony_common.prompts import assemble_prompt, rating_tag, source_tag, special_tags
+from services.curation.export import manifest_row
+from services.curation.records import ImageRecord
 
 
 def _record(**overrides) -> ImageRecord:

@@ -8,11 +8,11 @@ from sqlalchemy import select, update
 
 from pony_common.catalog.db import catalog_for
 from pony_common.catalog.models import ImageRow, SelectionRow
-from pony_common.cli.errors import UsageError
 from pony_common.cli.main import main
 from pony_common.config import Settings
-from pony_common.curation.categories import CATEGORIES, DEFAULT_MIX
-from pony_common.curation.selection import load_selection, parse_mix, plan_quotas, select_images
+from pony_common.errors import InvalidArgument
+from services.curation.categories import CATEGORIES, DEFAULT_MIX
+from services.curation.selection import load_selection, parse_mix, plan_quotas, select_images
 from tests.curation.pool import add_processed
 
 MIX_TEXT = "pony=0.10,furry=0.10,western=0.20,anime=0.25,realism=0.25,other=0.10"
@@ -21,11 +21,11 @@ MIX_TEXT = "pony=0.10,furry=0.10,western=0.20,anime=0.25,realism=0.25,other=0.10
 def test_parse_mix_normalises_and_rejects_unknown_categories() -> None:
     mix = parse_mix("pony=1,anime=3")
     assert mix == {"pony": 0.25, "anime": 0.75}
-    with pytest.raises(UsageError, match="CATEGORY"):
+    with pytest.raises(InvalidArgument, match="CATEGORY"):
         parse_mix("ponies=1,dragons=2")
-    with pytest.raises(UsageError, match="not a number"):
+    with pytest.raises(InvalidArgument, match="not a number"):
         parse_mix("pony=lots")
-    with pytest.raises(UsageError, match="sum to 0"):
+    with pytest.raises(InvalidArgument, match="sum to 0"):
         parse_mix("pony=0")
 
 
@@ -130,7 +130,7 @@ def test_selection_and_duplicates_on_postgresql(settings: Settings, postgres_url
         _pool(catalog, {"pony": 1, "furry": 10, "western": 10, "anime": 10, "realism": 0, "other": 10})
         a = add_processed(catalog, "pg-dup-a", "anime", 0.99, phash="0f0f0f0f0f0f0f0f")
         b = add_processed(catalog, "pg-dup-b", "anime", 0.98, phash="0f0f0f0f0f0f0f0e")
-        from pony_common.curation.duplicates import regroup
+        from services.curation.duplicates import regroup
 
         assert regroup(catalog) == 2
         report = select_images(pg, 20, DEFAULT_MIX)

@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pony_common.cli.errors import UsageError
-from pony_common.curation.categories import category_of
-from pony_common.curation.sources import iter_source, split_tags
+from pony_common.errors import InvalidArgument
+from services.curation.categories import category_of
+from services.curation.sources import iter_source, split_tags
 
 
 def _png(color: tuple[int, int, int]) -> bytes:
@@ -106,12 +106,12 @@ def test_webdataset_shards(tmp_path: Path) -> None:
 
 
 def test_unknown_sources_are_usage_errors(tmp_path: Path) -> None:
-    with pytest.raises(UsageError, match="no such"):
+    with pytest.raises(InvalidArgument, match="no such"):
         iter_source(str(tmp_path / "nope"))
     (tmp_path / "x.csv").write_text("a,b")
-    with pytest.raises(UsageError, match="not a folder"):
+    with pytest.raises(InvalidArgument, match="not a folder"):
         iter_source(str(tmp_path / "x.csv"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text("[1, 2]\n")
-    with pytest.raises(UsageError, match="not a JSON object"):
+    with pytest.raises(InvalidArgument, match="not a JSON object"):
         list(iter_source(str(bad)))

@@ -8,7 +8,7 @@ from pony_common.catalog.db import catalog_for
 from pony_common.catalog.ledger import claim_stage, complete_stage, fail_stage
 from pony_common.catalog.models import StageRow
 from pony_common.config import Settings
-from pony_common.curation.status import curation_status, format_status
+from services.curation.status import curation_status, format_status
 from tests.curation.pool import add_processed
 
 

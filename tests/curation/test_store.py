@@ -11,10 +11,10 @@ from pony_common.catalog.db import catalog_for
 from pony_common.catalog.ledger import stage_row
 from pony_common.catalog.models import ImageRow
 from pony_common.config import Settings
-from pony_common.curation.duplicates import regroup
-from pony_common.curation.ingest import pending_ids, store_items
-from pony_common.curation.samples import write_sample_pool
-from pony_common.curation.sources import iter_source
+from services.curation.duplicates import regroup
+from services.curation.ingest import pending_ids, store_items
+from services.curation.samples import write_sample_pool
+from services.curation.sources import iter_source
 
 
 def test_sample_pool_is_deterministic(tmp_path: Path) -> None:

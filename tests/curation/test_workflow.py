@@ -15,14 +15,14 @@ from pony_common.catalog.db import catalog_for
 from pony_common.catalog.models import EmbeddingRow, ImageRow, SafetyDecisionRow
 from pony_common.cli.main import main
 from pony_common.config import Settings
-from pony_common.curation.export import export_selection
-from pony_common.curation.ingest import ingest_source
-from pony_common.curation.report import write_report
-from pony_common.curation.samples import write_sample_pool
-from pony_common.curation.selection import select_images
-from pony_common.curation.status import curation_status
-from pony_common.curation.styles import assign_styles
 from pony_common.images import image_id
+from services.curation.export import export_selection
+from services.curation.ingest import ingest_source
+from services.curation.report import write_report
+from services.curation.samples import write_sample_pool
+from services.curation.selection import select_images
+from services.curation.status import curation_status
+from services.curation.styles import assign_styles
 from tests.curation.ledger_checks import assert_processed_exactly_once, count, stages
 
 

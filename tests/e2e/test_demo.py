@@ -15,8 +15,8 @@ from sqlalchemy import func, select
 from pony_common.catalog import catalog_for
 from pony_common.catalog.models import ImageRow, ModelVersionRow, SafetyDecisionRow, TrainingRunRow
 from pony_common.config import Settings
-from pony_common.demo import DemoOptions, run_demo
-from pony_common.pnginfo import read_parameters
+from services.sampler.pnginfo import read_parameters
+from services.stack.demo import DemoOptions, run_demo
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from pony_common.catalog import catalog_for, upsert
 from pony_common.catalog.models import ImageRow, StageRow
 from pony_common.celery_app import configure_app
 from pony_common.config import Settings
-from pony_common.workflows.workers import start_worker, stop_worker
+from pony_common.workers import start_worker, stop_worker
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,7 +48,7 @@ def broker_settings(kind: str, settings: Settings, request: pytest.FixtureReques
 def test_round_trip_through_a_worker(kind: str, settings: Settings, request: pytest.FixtureRequest) -> None:
     settings = broker_settings(kind, settings, request)
     app = configure_app(settings)
-    from pony_common.workflows.tasks import ping
+    from pony_common.celery_app import ping
 
     with worker(settings, f"rt-{kind}"):
         result = ping.delay(f"hello {kind}")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pony_common.models.tiny import build_tiny_models
+from services.stack.tiny import build_tiny_models
 
 
 @pytest.fixture(scope="module")

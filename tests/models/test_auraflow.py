@@ -15,7 +15,7 @@ from pony_common.models.auraflow import (
     build_auraflow_components,
     load_pipeline,
 )
-from pony_common.models.tiny import auraflow_tokenizer
+from services.stack.tiny import auraflow_tokenizer
 
 PROMPT = "score_9, a pony in a meadow, watercolor"
 

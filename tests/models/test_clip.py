@@ -88,7 +88,7 @@ def test_concurrent_first_use_loads_once(tiny_dirs: dict[str, Path]) -> None:
 
 
 def test_version_is_a_stable_short_hash_of_the_weights(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
-    from pony_common.models.tiny import build_tiny_models
+    from services.stack.tiny import build_tiny_models
 
     a = ClipImageTower(str(tiny_dirs["clip"])).version
     assert len(a) == 12 and a == ClipImageTower(str(tiny_dirs["clip"])).version

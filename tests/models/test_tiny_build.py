@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pony_common.models.tiny import TINY_MODEL_DIRS, build_tiny_models
+from services.stack.tiny import TINY_MODEL_DIRS, build_tiny_models
 
 
 def _files(root: Path) -> dict[str, bytes]:

@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-from pony_common.models.tiny import ENGLISH_WORDS
-from pony_common.models.vlm import VLM_MODEL_CLASS, VLM_PROCESSOR_CLASS, load_vlm
+from services.captioner.vlm import VLM_MODEL_CLASS, VLM_PROCESSOR_CLASS, load_vlm
+from services.stack.tiny import ENGLISH_WORDS
 
 
 def _messages(prompt: str) -> list[dict]:

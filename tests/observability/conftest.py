@@ -15,7 +15,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client.parser import text_string_to_metric_families
 
 from pony_common.config import Settings
-from pony_common.stack import Stack, start_stack
+from services.stack.stack import Stack, start_stack
 
 T = TypeVar("T")
 

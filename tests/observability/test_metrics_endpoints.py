@@ -137,7 +137,7 @@ def test_worker_metrics_count_tasks_retries_failures_and_queue_depth(
     settings = settings.replace(broker_url=redis_url, result_backend=redis_url)
     Path(settings.state_dir).mkdir(parents=True, exist_ok=True)
     app = configure_app(settings)
-    from pony_common.workflows.tasks import ping
+    from pony_common.celery_app import ping
     from tests.observability.celery_tasks import boom, flaky
 
     port = free_port()

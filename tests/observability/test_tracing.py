@@ -150,9 +150,9 @@ def test_one_image_through_the_curation_workflow_is_one_linked_trace(
     from pony_common.catalog.db import catalog_for
     from pony_common.catalog.models import ImageRow
     from pony_common.celery_app import configure_app
-    from pony_common.curation.ingest import store_item
-    from pony_common.curation.sources import SourceItem
-    from pony_common.workflows import curation
+    from services.curation import tasks as curation
+    from services.curation.ingest import store_item
+    from services.curation.sources import SourceItem
 
     settings = curation_services.settings.replace(broker_url=redis_url, result_backend=redis_url)
     catalog = catalog_for(settings.database_url)
@@ -232,8 +232,7 @@ def test_a_task_published_inside_an_rpc_continues_the_rpcs_trace(
     from celery.contrib.testing.worker import start_worker
 
     from pony_common import tracing
-    from pony_common.celery_app import configure_app
-    from pony_common.workflows.tasks import ping
+    from pony_common.celery_app import configure_app, ping
 
     app = configure_app(settings.replace(broker_url=redis_url, result_backend=redis_url))
     carrier = {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"}

@@ -16,7 +16,7 @@ import pytest
 
 from pony.v1 import sampler_pb2
 from pony_common.config import Settings
-from pony_common.sampler_client import SamplerClient
+from services.sampler.client import SamplerClient
 from tests.sampler.conftest import SamplerStack
 
 pytestmark = pytest.mark.triton

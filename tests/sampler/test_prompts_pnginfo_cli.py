@@ -16,7 +16,7 @@ from PIL import Image, PngImagePlugin
 
 from pony_common.cli.main import main
 from pony_common.errors import InvalidArgument
-from pony_common.pnginfo import a1111_text, encode_png, parse_a1111, read_parameters
+from services.sampler.pnginfo import a1111_text, encode_png, parse_a1111, read_parameters
 from services.sampler.prompts import PromptTags, assemble_prompt
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -18,8 +18,8 @@ from PIL import Image
 
 from pony.v1 import common_pb2, sampler_pb2, sampler_pb2_grpc
 from pony_common.models.auraflow import load_pipeline
-from pony_common.pnginfo import read_parameters
-from pony_common.sampler_client import SamplerClient, build_request
+from services.sampler.client import SamplerClient, build_request
+from services.sampler.pnginfo import read_parameters
 from tests.sampler.conftest import SIZE, STEPS, SamplerStack
 
 pytestmark = pytest.mark.triton
@@ -252,7 +252,7 @@ def test_versions_swap_under_load_without_failing_a_request(sampler_stack: Sampl
     from pony_common.catalog import catalog_for
     from pony_common.catalog.models import ModelVersionRow
     from pony_common.models.auraflow import build_auraflow_components
-    from pony_common.models.tiny import auraflow_tokenizer
+    from services.stack.tiny import auraflow_tokenizer
 
     checkpoint = tmp_path / "checkpoint"
     AuraFlowPipeline(**build_auraflow_components(auraflow_tokenizer(), seed=11)).save_pretrained(checkpoint)

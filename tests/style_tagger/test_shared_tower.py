@@ -24,7 +24,7 @@ from pony.v1 import (
 )
 from pony_common.config import Settings
 from pony_common.models.clip import ClipImageTower
-from pony_common.stack import start_stack
+from services.stack.stack import start_stack
 
 
 def vision_towers() -> int:

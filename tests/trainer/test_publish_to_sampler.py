@@ -11,7 +11,7 @@ from sqlalchemy import select
 from pony.v1 import sampler_pb2
 from pony_common.catalog import catalog_for
 from pony_common.catalog.models import ModelVersionRow
-from pony_common.sampler_client import SamplerClient
+from services.sampler.client import SamplerClient
 from services.trainer.local_run import demo_spec, train_locally
 from tests.sampler.conftest import SamplerStack, sampler_stack  # noqa: F401  (the session's sampler stack)
 

@@ -212,7 +212,7 @@ def test_a_manifest_in_the_curation_export_schema_reads(manifest: Path, tmp_path
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pony_common.curation.export import SCHEMA
+    from services.curation.export import SCHEMA
 
     ours = pq.read_table(manifest).to_pylist()
     rows = [{f.name: row.get(f.name) for f in SCHEMA} for row in ours]

@@ -10,7 +10,7 @@ from sqlalchemy import select, update
 
 from pony_common.catalog.db import Catalog
 from pony_common.catalog.models import AestheticScoreRow, ImageRow
-from pony_common.curation.phash import hamming
+from services.curation.phash import hamming
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ _CHUNK = 500
 def submit_images(settings: Settings, image_ids: Sequence[str]) -> list[str]:
     """Publishes one workflow per image on the configured broker; returns the ids of the workflows."""
     from pony_common.celery_app import configure_app
-    from pony_common.workflows.curation import workflow
+    from services.curation.tasks import workflow
 
     configure_app(settings)
     ids = [workflow(image_id).apply_async().id for image_id in image_ids]

@@ -43,9 +43,9 @@ from pony_common.catalog.models import (
 )
 from pony_common.celery_app import current_settings, is_retryable, pony_task
 from pony_common.config import Settings
-from pony_common.curation.duplicates import resolve_duplicates
 from pony_common.errors import DependencyUnavailable
-from pony_common.workflows.rpc import ItemFailed, call, only_result
+from services.curation.duplicates import resolve_duplicates
+from services.curation.rpc import ItemFailed, call, only_result
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +242,7 @@ def save_style_embedding(catalog: Catalog, image_id: str, values: Any, provenanc
 
 def style_image(settings: Settings, catalog: Catalog, row: ImageRow) -> None:
     """Tags the image with the active style cluster set and stores its style embedding; before any set
-    exists, stores only the embedding (clustering then tags the pool: `pony_common.curation.styles`)."""
+    exists, stores only the embedding (clustering then tags the pool: `services.curation.styles`)."""
     ref = image_ref(settings, row)
     stub = style_tagger_pb2_grpc.StyleTaggerStub
     try:

@@ -1,5 +1,4 @@
-"""`ponyctl train submit|get|list|cancel`: training runs through the TrainerController over gRPC
-(settings.trainer_addr), or with `submit --local` directly through a local-executor controller in this process."""
+"""The trainer's ponyctl verbs: train submit|get|list|cancel."""
 
 from __future__ import annotations
 
@@ -13,6 +12,10 @@ from pony_common.errors import InvalidArgument
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    _register_train(sub)
+
+
+def _register_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="training runs (TrainerController)")
     tsub = p.add_subparsers(dest="train_command", required=True, parser_class=type(p))
     s = tsub.add_parser("submit", help="validate a spec (YAML) and start a training run")

@@ -13,9 +13,9 @@ from pony.v1 import style_tagger_pb2, style_tagger_pb2_grpc
 from pony_common.catalog.db import Catalog, catalog_for
 from pony_common.catalog.models import EmbeddingRow, ImageRow, StyleAssignmentRow
 from pony_common.config import Settings
-from pony_common.curation.records import active_style_version
-from pony_common.workflows.curation import image_ref, save_style_embedding, save_style_tags
-from pony_common.workflows.rpc import ItemFailed, call
+from services.curation.records import active_style_version
+from services.curation.rpc import ItemFailed, call
+from services.curation.tasks import image_ref, save_style_embedding, save_style_tags
 
 log = logging.getLogger(__name__)
 

@@ -16,12 +16,12 @@ import pyarrow.parquet as pq
 
 from pony_common.blobs import BlobStore
 from pony_common.catalog.db import catalog_for
-from pony_common.cli.errors import UsageError
 from pony_common.config import Settings
-from pony_common.curation.records import ImageRecord, load_records
-from pony_common.curation.selection import load_selection
+from pony_common.errors import InvalidArgument
 from pony_common.prompts import assemble_prompt, rating_tag, source_tag, special_tags
 from pony_common.tags import cumulative_score_tags, parse_score_tag
+from services.curation.records import ImageRecord, load_records
+from services.curation.selection import load_selection
 
 log = logging.getLogger(__name__)
 
@@ -124,11 +124,11 @@ def export_selection(
     catalog = catalog_for(settings.database_url)
     ids = load_selection(catalog, name)
     if not ids:
-        raise UsageError(f"selection {name!r} is empty or does not exist: run `ponyctl select --name {name}` first")
+        raise InvalidArgument("name", f"selection {name!r} is empty or does not exist")
     out = Path(out_dir).absolute()
     records = load_records(catalog, ids)
     if assign_missing_styles and any(r.style_version is None for r in records):
-        from pony_common.curation.styles import assign_styles
+        from services.curation.styles import assign_styles
 
         assign_styles(settings, [r.image_id for r in records if r.style_version is None])
         records = load_records(catalog, ids)

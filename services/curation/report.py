@@ -17,11 +17,11 @@ from PIL import Image
 from pony_common.blobs import BlobStore
 from pony_common.catalog.db import catalog_for
 from pony_common.config import Settings
-from pony_common.curation.categories import CATEGORIES
-from pony_common.curation.charts import bar_chart, histogram
-from pony_common.curation.records import ImageRecord, load_records
-from pony_common.curation.selection import load_selection
-from pony_common.curation.status import curation_status
+from services.curation.categories import CATEGORIES
+from services.curation.charts import bar_chart, histogram
+from services.curation.records import ImageRecord, load_records
+from services.curation.selection import load_selection
+from services.curation.status import curation_status
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ def render_report(
 
 def write_report(settings: Settings, out_dir: str | Path, *, selection: str = "default", limit: int = 1000) -> Path:
     """Writes `out_dir/index.html` for the catalog (at most `limit` image cards: the selection first)."""
-    from pony_common.curation.status import format_status
+    from services.curation.status import format_status
 
     catalog = catalog_for(settings.database_url)
     selected = load_selection(catalog, selection)

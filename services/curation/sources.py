@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pony_common.blobs import open_uri
-from pony_common.cli.errors import UsageError
+from pony_common.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +113,9 @@ def _manifest_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise UsageError(f"{path}:{i + 1}: not a JSON object: {exc.msg}") from None
+                raise InvalidArgument("source", f"{path}:{i + 1}: not a JSON object: {exc.msg}") from None
             if not isinstance(record, dict):
-                raise UsageError(f"{path}:{i + 1}: not a JSON object")
+                raise InvalidArgument("source", f"{path}:{i + 1}: not a JSON object")
             yield i, record
 
 
@@ -125,7 +125,7 @@ def read_manifest(path: Path) -> Iterator[SourceItem]:
     for i, record in _manifest_records(path):
         uri = _text(record.get("uri") or record.get("path") or record.get("image"))
         if not uri:
-            raise UsageError(f"{path}: record {i} has no uri")
+            raise InvalidArgument("source", f"{path}: record {i} has no uri")
         resolved = uri if "://" in uri or uri.startswith("/") else str((path.parent / uri).absolute())
         meta = _metadata(record)
         try:
@@ -172,7 +172,7 @@ def read_shards(shards: list[Path]) -> Iterator[SourceItem]:
 
 def iter_source(source: str) -> Iterator[SourceItem]:
     """Items of any supported source: a folder (images + sidecars, or only .tar shards), a manifest file,
-    a .tar shard or a glob of shards. Raises UsageError when `source` is none of these."""
+    a .tar shard or a glob of shards. Raises InvalidArgument("source") when `source` is none of these."""
     path = Path(source)
     if path.is_dir():
         has_images = any(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.rglob("*") if p.is_file())
@@ -186,8 +186,8 @@ def iter_source(source: str) -> Iterator[SourceItem]:
             return read_manifest(path)
         if suffix == ".tar" or path.name.endswith((".tar.gz", ".tgz")):
             return read_shards([path])
-        raise UsageError(f"{source}: not a folder, a .jsonl/.parquet manifest or a .tar shard")
+        raise InvalidArgument("source", f"{source}: not a folder, a .jsonl/.parquet manifest or a .tar shard")
     matches = sorted(Path(p) for p in glob.glob(source))
     if matches and all(p.name.endswith(".tar") for p in matches):
         return read_shards(matches)
-    raise UsageError(f"{source}: no such folder, manifest or shard")
+    raise InvalidArgument("source", f"{source}: no such folder, manifest or shard")

@@ -16,12 +16,12 @@ from pony_common.catalog.db import Catalog, catalog_for, upsert
 from pony_common.catalog.ledger import fail_stage
 from pony_common.catalog.models import ImageRow
 from pony_common.config import Settings
-from pony_common.curation.categories import category_of
-from pony_common.curation.duplicates import DEFAULT_MAX_DISTANCE, regroup, resolve_duplicates
-from pony_common.curation.phash import phash
-from pony_common.curation.sources import SourceItem, iter_source
 from pony_common.errors import InvalidArgument
 from pony_common.images import decode_image, image_id
+from services.curation.categories import category_of
+from services.curation.duplicates import DEFAULT_MAX_DISTANCE, regroup, resolve_duplicates
+from services.curation.phash import phash
+from services.curation.sources import SourceItem, iter_source
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def ingest_source(
     """`ponyctl ingest`: stores the source, groups near-duplicates, submits the new images to the workflow
     and (with `wait`) follows them to the end with a progress bar, then gives the pool style tags (fitting the
     style clusters when there are none yet, or with `refit_styles`). Needs a broker, workers and the services."""
-    from pony_common.workflows.dispatch import submit_images, wait_for_images
+    from services.curation.dispatch import submit_images, wait_for_images
 
     catalog = catalog_for(settings.database_url)
     summary = store_items(settings, iter_source(source), progress=progress)
@@ -189,8 +189,8 @@ def _assign_styles(settings: Settings, refit: bool) -> dict[str, object]:
     """Style tags for the pool after a batch; a style tagger that cannot be reached is reported, not fatal."""
     import grpc
 
-    from pony_common.curation.styles import assign_styles
-    from pony_common.workflows.rpc import ItemFailed
+    from services.curation.rpc import ItemFailed
+    from services.curation.styles import assign_styles
 
     try:
         out = assign_styles(settings, refit=refit)

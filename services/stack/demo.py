@@ -77,7 +77,7 @@ def ensure_tiny_models(settings: Settings) -> Path:
     if (out / TINY_MARKER).exists():
         say(f"models   reusing tiny models in {out}")
         return out
-    from pony_common.models.tiny import build_tiny_models
+    from services.stack.tiny import build_tiny_models
 
     build_tiny_models(out)
     (out / TINY_MARKER).write_text("built by ponyctl demo\n")
@@ -86,7 +86,7 @@ def ensure_tiny_models(settings: Settings) -> Path:
 
 
 def ensure_sample_pool(settings: Settings, per_category: int) -> Path:
-    from pony_common.curation.samples import write_sample_pool
+    from services.curation.samples import write_sample_pool
 
     root = Path(settings.state_dir) / "samples"
     marker = root / ".pony-sample-pool.json"
@@ -146,7 +146,7 @@ def train_and_publish(settings: Settings, manifest: Path, steps: int, timeout_s:
 
 def generate_images(settings: Settings, out_dir: Path, size: int, steps: int) -> tuple[list[Path], list[str], str]:
     """Text-to-image through the sampler (gRPC -> Triton), PNGs with their parameters, blocked ones reported."""
-    from pony_common.sampler_client import SamplerClient
+    from services.sampler.client import SamplerClient
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
@@ -223,13 +223,13 @@ def run_demo(settings: Settings, options: DemoOptions | None = None) -> DemoResu
 def _run_demo(settings: Settings, opts: DemoOptions, log_path: Path) -> DemoResult:
     from pony.v1 import trainer_pb2
     from pony_common.catalog import catalog_for
-    from pony_common.curation.export import export_selection
-    from pony_common.curation.ingest import ingest_source
-    from pony_common.curation.report import write_report
-    from pony_common.curation.selection import select_images
-    from pony_common.curation.status import curation_status
-    from pony_common.workflows.stack_thread import StackThread
-    from pony_common.workflows.workers import CURATION_QUEUES, start_worker, stop_worker
+    from pony_common.workers import CURATION_QUEUES, start_worker, stop_worker
+    from services.curation.export import export_selection
+    from services.curation.ingest import ingest_source
+    from services.curation.report import write_report
+    from services.curation.selection import select_images
+    from services.curation.status import curation_status
+    from services.stack.stack_thread import StackThread
 
     state = Path(settings.state_dir)
     timings: dict[str, float] = {}

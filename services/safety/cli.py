@@ -1,4 +1,4 @@
-"""`ponyctl codex import FILE.yaml` / `ponyctl codex export FILE.yaml`: the character codex in the catalog."""
+"""The safety service's ponyctl verbs: codex import|export."""
 
 from __future__ import annotations
 
@@ -11,6 +11,10 @@ from pony_common.config import Settings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    _register_codex(sub)
+
+
+def _register_codex(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("codex", help="the character codex (import/export YAML)")
     csub = p.add_subparsers(dest="codex_command", required=True, parser_class=type(p))
     imp = csub.add_parser("import", help="make FILE the codex (a new version unless nothing changed)")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from pony_common.config import Settings
 from pony_common.grpc.server import RunningServer, start_server
-from pony_common.services import create_service
+from services.stack.registry import create_service
 
 
 @dataclass

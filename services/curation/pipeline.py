@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pony_common.config import Settings
-from pony_common.curation.categories import DEFAULT_MIX
-from pony_common.curation.export import ExportSummary, export_selection
-from pony_common.curation.ingest import IngestSummary, ingest_source
-from pony_common.curation.selection import SelectionReport, select_images
-from pony_common.workflows.workers import running_workers
+from pony_common.workers import running_workers
+from services.curation.categories import DEFAULT_MIX
+from services.curation.export import ExportSummary, export_selection
+from services.curation.ingest import IngestSummary, ingest_source
+from services.curation.selection import SelectionReport, select_images
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def run_curation(
         summary = ingest_source(settings, str(source), wait=True, progress=progress, timeout_s=timeout_s)
     selection = select_images(settings, total, dict(mix or DEFAULT_MIX), min_score=min_score, name=name)
     exported = export_selection(settings, out / "dataset", name=name, webdataset=True)
-    from pony_common.curation.report import write_report
+    from services.curation.report import write_report
 
     report = write_report(settings, out / "report", selection=name)
     log.info("curation run done", extra={"selected": selection.selected, "report": str(report)})

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from pony_common.curation.categories import CATEGORIES
+from services.curation.categories import CATEGORIES
 
 # Per family: background colours, shape colours, a drawing style, content tags, characters, artists, site.
 FAMILIES: dict[str, dict] = {

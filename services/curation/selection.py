@@ -17,16 +17,16 @@ from sqlalchemy import delete, select
 from pony_common.blobs import BlobStore
 from pony_common.catalog.db import Catalog, catalog_for
 from pony_common.catalog.models import AestheticScoreRow, ImageRow, SafetyDecisionRow, SelectionRow
-from pony_common.cli.errors import UsageError
 from pony_common.config import Settings
-from pony_common.curation.categories import CATEGORIES, DEFAULT_MIX, normalize_category
-from pony_common.curation.duplicates import resolve_duplicates
+from pony_common.errors import InvalidArgument
+from services.curation.categories import CATEGORIES, DEFAULT_MIX, normalize_category
+from services.curation.duplicates import resolve_duplicates
 
 log = logging.getLogger(__name__)
 
 
 def parse_mix(text: str) -> dict[str, float]:
-    """`pony=0.10,furry=0.10,...` -> weights normalised to sum 1. UsageError on unknown names or bad numbers."""
+    """`pony=0.10,furry=0.10,...` -> weights normalised to sum 1; InvalidArgument("mix") on bad names or numbers."""
     mix: dict[str, float] = {}
     for part in (p.strip() for p in text.split(",")):
         if not part:
@@ -34,17 +34,19 @@ def parse_mix(text: str) -> dict[str, float]:
         name, sep, value = part.partition("=")
         category = normalize_category(name)
         if not sep or category is None:
-            raise UsageError(f"--mix: {part!r} is not CATEGORY=WEIGHT with CATEGORY one of {', '.join(CATEGORIES)}")
+            raise InvalidArgument(
+                "mix", f"{part!r} is not CATEGORY=WEIGHT with CATEGORY one of {', '.join(CATEGORIES)}"
+            )
         try:
             weight = float(value)
         except ValueError:
-            raise UsageError(f"--mix: weight of {name.strip()} is not a number: {value!r}") from None
+            raise InvalidArgument("mix", f"weight of {name.strip()} is not a number: {value!r}") from None
         if weight < 0 or weight != weight:
-            raise UsageError(f"--mix: weight of {name.strip()} must be >= 0")
+            raise InvalidArgument("mix", f"weight of {name.strip()} must be >= 0")
         mix[category] = mix.get(category, 0.0) + weight
     total = sum(mix.values())
     if total <= 0:
-        raise UsageError("--mix: the weights sum to 0")
+        raise InvalidArgument("mix", "the weights sum to 0")
     return {c: w / total for c, w in mix.items()}
 
 
@@ -178,9 +180,9 @@ def select_images(
 ) -> SelectionReport:
     """`ponyctl select`: writes selection `name` (replacing it) and returns target vs achieved mix."""
     if total < 1:
-        raise UsageError("--total must be at least 1")
+        raise InvalidArgument("total", "must be at least 1")
     if min_score is not None and not 0.0 <= min_score <= 1.0:
-        raise UsageError("--min-score must be in [0, 1]")
+        raise InvalidArgument("min_score", "must be in [0, 1]")
     mix = dict(mix or DEFAULT_MIX)
     catalog = catalog_for(settings.database_url)
     resolve_duplicates(catalog)

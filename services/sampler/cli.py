@@ -1,5 +1,4 @@
-"""`ponyctl generate PROMPT --seed S --out FILE`: text-to-image through the sampler; `--read FILE.png` prints the
-parameters a generated PNG carries (A1111 text, or JSON with --json)."""
+"""The sampler's ponyctl verb: generate (and --read a PNG's parameters)."""
 
 from __future__ import annotations
 
@@ -11,11 +10,16 @@ from pathlib import Path
 from pony_common.cli.errors import UsageError
 from pony_common.config import Settings
 
+
+def register(sub: argparse._SubParsersAction) -> None:
+    _register_generate(sub)
+
+
 SOURCES = ("pony", "furry", "cartoon", "anime", "realism")
 RATINGS = ("safe", "questionable", "explicit")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def _register_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "generate",
         help="generate images through the sampler (or --read a PNG's parameters)",
@@ -39,11 +43,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--read", metavar="PNG", help="print the parameters stored in a generated PNG and exit")
     p.add_argument("--json", action="store_true", help="with --read: print the JSON parameters")
     p.add_argument("--timeout", type=float, default=None, help="seconds (default: PONY_SAMPLER_JOB_TIMEOUT_S)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=_run_generate)
 
 
 def _read(args: argparse.Namespace) -> int:
-    from pony_common.pnginfo import TEXT_KEY, read_parameters
+    from services.sampler.pnginfo import TEXT_KEY, read_parameters
 
     path = Path(args.read)
     if not path.is_file():
@@ -86,13 +90,13 @@ def _outputs(out: Path, count: int) -> list[Path]:
     return [out.with_name(f"{out.stem}-{i}{suffix}") for i in range(count)]
 
 
-def run(args: argparse.Namespace, settings: Settings) -> int:
+def _run_generate(args: argparse.Namespace, settings: Settings) -> int:
     if args.read:
         return _read(args)
     _check(args)
     import grpc
 
-    from pony_common.sampler_client import SamplerClient
+    from services.sampler.client import SamplerClient
 
     out = Path(args.out)
     if not out.parent.exists():

@@ -10,8 +10,8 @@ from typing import Any, TypeVar
 
 from pony_common.config import Settings
 from pony_common.grpc.server import start_server
-from pony_common.services import create_service
-from pony_common.stack import Stack, start_stack
+from services.stack.registry import create_service
+from services.stack.stack import Stack, start_stack
 
 T = TypeVar("T")
 

@@ -1,1 +1,0 @@
-"""Dataset curation: ingest sources, near-duplicate grouping, mix selection, training export and the HTML report."""

@@ -1,0 +1,58 @@
+"""The lifecycle every served model shares (as KServe's `Model`): `load()` once, `ready`, `teardown()`.
+
+A service's `model.py` subclasses `Model` and fills `_load`/`_teardown`; it knows nothing of gRPC. The bootstrap
+calls `load()` in a thread after the port is bound and turns readiness SERVING when it returns; service logic
+calls `require_ready()` before using the model, so a call during the load is UNAVAILABLE (retry later).
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+
+from pony_common.errors import DependencyUnavailable
+
+
+class Model(ABC):
+    """A model a service serves. `load()` is idempotent and thread-safe; `teardown()` frees it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._ready = False
+        self._lifecycle_lock = threading.Lock()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    @property
+    def model_id(self) -> str:
+        """What is loaded (a path or hub id), for logs and the model-info metric."""
+        return ""
+
+    def load(self) -> None:
+        """Loads the model unless it is loaded already."""
+        with self._lifecycle_lock:
+            if self._ready:
+                return
+            self._load()
+            self._ready = True
+
+    def teardown(self) -> None:
+        """Releases what `load()` acquired; a later `load()` loads again."""
+        with self._lifecycle_lock:
+            was_ready, self._ready = self._ready, False
+            if was_ready:
+                self._teardown()
+
+    def require_ready(self) -> None:
+        """Raises UNAVAILABLE (retry later) while the model is not loaded."""
+        if not self._ready:
+            raise DependencyUnavailable(f"the {self.name} is still loading its model")
+
+    @abstractmethod
+    def _load(self) -> None:
+        """The blocking load (weights, tokenizers, connections)."""
+
+    def _teardown(self) -> None:
+        """Frees what `_load` acquired (default: nothing)."""
