@@ -54,5 +54,5 @@ class Model(ABC):
     def _load(self) -> None:
         """The blocking load (weights, tokenizers, connections)."""
 
-    def _teardown(self) -> None:
+    def _teardown(self) -> None:  # noqa: B027 (optional hook)
         """Frees what `_load` acquired (default: nothing)."""

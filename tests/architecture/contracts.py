@@ -133,7 +133,8 @@ class NoModuleStringsContract(Contract):
 
     def check(self, graph, verbose: bool) -> ContractCheck:  # type: ignore[no-untyped-def]
         forbidden = [str(p) for p in self.forbidden_packages]  # type: ignore[attr-defined]
-        pattern = re.compile(r"^(%s)(\.[A-Za-z_][A-Za-z0-9_]*)*(:[A-Za-z_]\w*)?$" % "|".join(map(re.escape, forbidden)))
+        names = "|".join(map(re.escape, forbidden))
+        pattern = re.compile(rf"^({names})(\.[A-Za-z_][A-Za-z0-9_]*)*(:[A-Za-z_]\w*)?$")
         bad = []
         for module in sorted(graph.modules):
             if not _package_of(module, [str(p) for p in self.source_packages]):  # type: ignore[attr-defined]
