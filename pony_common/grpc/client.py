@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -153,3 +154,66 @@ def _address(settings: Settings, target: str) -> str:
     if ":" in target:
         return target
     return settings.addr(target)
+
+
+class ServiceClient:
+    """The one way to call one of our services: a typed client in `services/<name>/client.py` subclasses this,
+    sets `SERVICE` (the config name) and `STUB` (the generated stub class), and adds one method per RPC.
+
+    Blocking calls share one channel per address in the process (`stub`); code on an event loop uses `aio_stub`
+    (one channel per loop). Every call gets the configured deadline unless it passes its own. After UNAVAILABLE
+    `reset()` drops the shared channel so the next call dials afresh instead of waiting out a reconnect backoff.
+    """
+
+    SERVICE: str = ""
+    STUB: type | None = None
+
+    _lock = threading.Lock()
+    _channels: dict[tuple[str, str], grpc.Channel] = {}
+
+    def __init__(self, settings: Settings, address: str | None = None) -> None:
+        self.settings = settings
+        self.address = address if address is not None else settings.addr(self.SERVICE)
+        self._aio: dict[int, aio.Channel] = {}
+
+    @property
+    def timeout(self) -> float:
+        return self.settings.rpc_timeout_s
+
+    @property
+    def stub(self) -> Any:
+        """The blocking stub on the process-wide channel to `address`."""
+        key = (self.address, self.settings.auth_token)
+        with ServiceClient._lock:
+            ch = ServiceClient._channels.get(key)
+            if ch is None:
+                ch = ServiceClient._channels[key] = channel(self.settings, self.address)
+        assert self.STUB is not None, f"{type(self).__name__} sets no STUB"
+        return self.STUB(ch)
+
+    @property
+    def aio_stub(self) -> Any:
+        """The asyncio stub on this client's channel for the running event loop."""
+        import asyncio
+
+        loop = id(asyncio.get_running_loop())
+        if loop not in self._aio:
+            self._aio[loop] = aio_channel(self.settings, self.address)
+        assert self.STUB is not None, f"{type(self).__name__} sets no STUB"
+        return self.STUB(self._aio[loop])
+
+    def reset(self) -> None:
+        """Forgets the shared blocking channel to `address` (after UNAVAILABLE)."""
+        key = (self.address, self.settings.auth_token)
+        with ServiceClient._lock:
+            ch = ServiceClient._channels.pop(key, None)
+        if ch is not None:
+            ch.close()
+
+    async def aclose(self) -> None:
+        """Closes this client's channel for the running event loop."""
+        import asyncio
+
+        ch = self._aio.pop(id(asyncio.get_running_loop()), None)
+        if ch is not None:
+            await ch.close()
