@@ -1,7 +1,7 @@
 """Captioner throughput (captions/s) with batched generation against plain `model.generate` on the same model.
 
 Builds a LLaVA-1.5-layout VLM of the chosen size with random weights (CLIP vision tower + Llama decoder, the
-tiny word-level tokenizer), saves it, loads it through `VlmCaptioner` (the service's code path), and times
+tiny word-level tokenizer), saves it, loads it through `CaptionerService` (the service's code path), and times
 `caption()` of one kind against `model.generate` on the same prompts, batch and token budget (the baseline,
 as in /work/shared/ref/bench/vlm_caption_anchor.py). The ratio is what prompting, pre/post-processing and
 clean-up cost on top of generation.
@@ -26,9 +26,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pony_common.models.dtypes import torch_dtype
-from services.captioner.backend import CaptionJob, VlmCaptioner
+from services.captioner.model import IMAGE_TOKEN, LLAVA_CHAT_TEMPLATE, TINY_VLM_SPECIAL_TOKENS, CaptionerModel
 from services.captioner.prompts import KIND_SPECS
-from services.captioner.vlm import IMAGE_TOKEN, LLAVA_CHAT_TEMPLATE, TINY_VLM_SPECIAL_TOKENS
+from services.captioner.service import CaptionerService, CaptionJob
 from services.stack.tiny import vlm_tokenizer
 
 # (vision: image side, patch, width, layers, heads) (text: width, ffn, layers, heads, kv heads)
@@ -121,11 +121,13 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         build_vlm(Path(tmp) / "vlm", args.size, dtype)
-        captioner = VlmCaptioner(
-            str(Path(tmp) / "vlm"), device=args.device, dtype=dtype, batch_size=max(batches), max_new_tokens=tokens
+        captioner = CaptionerService(
+            CaptionerModel(str(Path(tmp) / "vlm"), device=args.device, dtype=dtype),
+            batch_size=max(batches),
+            max_new_tokens=tokens,
         )
-        captioner.load()
-        model, processor = captioner.model, captioner.processor
+        captioner.model.load()
+        model, processor = captioner.model.vlm, captioner.model.processor
         params = sum(p.numel() for p in model.parameters()) / 1e9
         print(f"captioner: LLaVA-layout {args.size} ({params:.2f}B params) on {args.device} ({dtype_name}), "
               f"kind {args.kind}, {tokens} new tokens, greedy")  # fmt: skip
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             jobs = [CaptionJob(p, tags=["pony", "blue_sky"], characters=["Twilight Sparkle"], kinds=[args.kind])
                     for p in pics]  # fmt: skip
             prompts = [captioner.prompts.prompt(args.kind, ["pony", "blue_sky"], ["Twilight Sparkle"])] * batch
-            texts = [captioner.chat_prompt(p) for p in prompts]
+            texts = [captioner.model.chat_prompt(p) for p in prompts]
 
             def plain(pics: list = pics, texts: list = texts) -> None:
                 inputs = processor(images=pics, text=texts, return_tensors="pt", padding=True).to(args.device)

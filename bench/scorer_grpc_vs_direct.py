@@ -1,7 +1,7 @@
 """Scorer throughput over gRPC (in-process server on a free port) against a direct call to the same model.
 
 Both paths decode the same JPEG bytes with the same thread pool and score them with the same
-`AestheticScorer` (one CLIP tower in the process), torch running in a worker thread in both (the servicer
+`ScorerModel` (one CLIP tower in the process), torch running in a worker thread in both (the servicer
 uses asyncio.to_thread); the ratio is what the transport costs. Best of --repeats alternating runs.
 
     .venv/bin/python bench/scorer_grpc_vs_direct.py            # tiny CLIP + tiny head (CPU)
@@ -36,7 +36,7 @@ from pony_common.grpc.server import start_server
 from pony_common.images import decode_image, image_id
 from pony_common.models.clip import build_full_clip
 from services.scorer.app import create_service
-from services.scorer.backend import AestheticScorer
+from services.scorer.model import ScorerModel
 
 LAION_HEAD = Path("/work/shared/ref/aesthetic/sac+logos+ava1-l14-linearMSE.pth")
 
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         images = make_images(count, side)
 
         # direct: the same model class and decode pool the servicer uses, no transport
-        scorer = AestheticScorer.from_settings(settings)
+        scorer = ScorerModel.from_settings(settings)
         scorer.load()
         pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
 

@@ -1,4 +1,4 @@
-"""Style tags per second through gRPC (`pony.v1.StyleTagger/Tag`) vs in-process (`StyleTagger.tag`), same model,
+"""Style tags per second through gRPC (`pony.v1.StyleTagger/Tag`) vs in-process (`StyleTaggerService.tag`), same model,
 same images, same batch size; prints both and their ratio.
 
     .venv/bin/python bench/style_grpc_vs_direct.py [--images 64] [--batch 16] [--rounds 5] [--size 256]
@@ -32,7 +32,7 @@ from pony_common.config import Settings  # noqa: E402
 from pony_common.grpc.server import start_server  # noqa: E402
 from pony_common.images import decode_image, image_id  # noqa: E402
 from services.style_tagger.app import create_service  # noqa: E402
-from services.style_tagger.tagger import FitParams, StyleTagger  # noqa: E402
+from services.style_tagger.service import FitParams, StyleTaggerService  # noqa: E402
 
 
 def make_images(count: int, size: int) -> list[bytes]:
@@ -47,10 +47,10 @@ def make_images(count: int, size: int) -> list[bytes]:
     return out
 
 
-def prepare(settings: Settings, blobs: list[bytes]) -> StyleTagger:
+def prepare(settings: Settings, blobs: list[bytes]) -> StyleTaggerService:
     """Loads the tagger, stores the images' style embeddings and fits an active cluster set."""
-    tagger = StyleTagger(settings)
-    tagger.load()
+    tagger = StyleTaggerService(settings)
+    tagger.model.load()
     ids = [image_id(b) for b in blobs]
     with catalog_for(settings.database_url).session() as s:
         upsert(s, ImageRow, [{"id": i, "blob_key": i, "category": "other"} for i in ids], keys=["id"])
@@ -64,8 +64,8 @@ def batches(blobs: list[bytes], size: int) -> list[list[bytes]]:
     return [blobs[i : i + size] for i in range(0, len(blobs), size)]
 
 
-def tag_direct(tagger: StyleTagger, chunks: list[list[bytes]]) -> int:
-    """One pass in-process: decode the same bytes, then `StyleTagger.tag` per batch. Returns tags made."""
+def tag_direct(tagger: StyleTaggerService, chunks: list[list[bytes]]) -> int:
+    """One pass in-process: decode the same bytes, then `StyleTaggerService.tag` per batch. Returns tags made."""
     n = 0
     for chunk in chunks:
         images = [decode_image(b) for b in chunk]
@@ -73,7 +73,7 @@ def tag_direct(tagger: StyleTagger, chunks: list[list[bytes]]) -> int:
     return n
 
 
-async def measure(settings: Settings, tagger: StyleTagger, blobs: list[bytes], batch: int, rounds: int):
+async def measure(settings: Settings, tagger: StyleTaggerService, blobs: list[bytes], batch: int, rounds: int):
     """(in-process tags/s, gRPC tags/s); rounds alternate the two paths so background load hits both alike."""
     running = await start_server(settings, create_service(settings, tagger), port=0, host="127.0.0.1")
     try:
@@ -129,9 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         tagger = prepare(settings, blobs)
         direct, grpc_rate = asyncio.run(measure(settings, tagger, blobs, args.batch, args.rounds))
 
-    print(
-        f"model {tagger.model_id} ({tagger.encoder.dim}-d), {args.images} images of {args.size}px, batch {args.batch}"
-    )
+    print(f"model {tagger.model_id} ({tagger.dim}-d), {args.images} images of {args.size}px, batch {args.batch}")
     print(f"in-process StyleTagger.tag : {direct:10.1f} tags/s (baseline)")
     print(f"gRPC StyleTagger/Tag       : {grpc_rate:10.1f} tags/s")
     print(f"ratio gRPC / in-process    : {grpc_rate / direct:10.3f}")

@@ -25,17 +25,17 @@ sys.path.insert(0, str(REPO))
 def direct_loop(settings, paths: list[Path], tags: dict[Path, list[str]]) -> float:
     """Seconds for the in-process loop over every image (models loaded beforehand)."""
     from pony_common.images import decode_image
-    from services.captioner.backend import CaptionJob, VlmCaptioner
-    from services.safety.checker import SafetyChecker
+    from services.captioner.service import CaptionerService, CaptionJob
     from services.safety.policy import SafetyInput
-    from services.scorer.backend import AestheticScorer
-    from services.style_tagger.tagger import StyleTagger
+    from services.safety.service import SafetyService
+    from services.scorer.model import ScorerModel
+    from services.style_tagger.service import StyleTaggerService
 
-    captioner = VlmCaptioner.from_settings(settings)
-    scorer = AestheticScorer.from_settings(settings)
-    styles = StyleTagger(settings)
-    safety = SafetyChecker(settings)
-    for model in (captioner, scorer, styles, safety):
+    captioner = CaptionerService.from_settings(settings)
+    scorer = ScorerModel.from_settings(settings)
+    styles = StyleTaggerService(settings)
+    safety = SafetyService(settings)
+    for model in (captioner.model, scorer, styles.model, safety.model):
         model.load()
     start = time.perf_counter()
     for path in paths:

@@ -24,10 +24,11 @@ def start_worker(
     pool: str = "solo",
     log_path: Path | None = None,
     include: Sequence[str] = (),
+    concurrency: int | None = None,
 ) -> subprocess.Popen:
     """Starts `ponyctl worker --queues ... --pool solo` with `settings` in its environment (`include`: extra
     task modules the worker imports, `--include`)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PONY_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PONY_", "PROMETHEUS_"))}
     env.update(settings.to_env())
     env["PYTHONUNBUFFERED"] = "1"
     cmd = [
@@ -44,6 +45,8 @@ def start_worker(
     ]
     for module in include:
         cmd += ["--include", module]
+    if concurrency is not None:
+        cmd += ["--concurrency", str(concurrency)]
     out = open(log_path, "ab") if log_path is not None else subprocess.DEVNULL  # noqa: SIM115
     try:
         return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

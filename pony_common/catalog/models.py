@@ -11,7 +11,6 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
-    Index,
     Integer,
     LargeBinary,
     String,
@@ -96,36 +95,6 @@ class EmbeddingRow(Base):
     created_at: Mapped[dt.datetime] = mapped_column(TS, default=utcnow)
 
 
-class AestheticHeadRow(Base):
-    __tablename__ = "aesthetic_heads"
-    version: Mapped[str] = mapped_column(String(64), primary_key=True)
-    path: Mapped[str] = mapped_column(Text)
-    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    active: Mapped[bool] = mapped_column(Boolean, default=False)
-    created_at: Mapped[dt.datetime] = mapped_column(TS, default=utcnow)
-
-
-class ComparisonRow(Base):
-    """One human preference judgement; (rater, image_a, image_b) with image_a < image_b is unique."""
-
-    __tablename__ = "comparisons"
-    __table_args__ = (UniqueConstraint("rater", "image_a", "image_b", name="uq_comparisons_rater_pair"),)
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    rater: Mapped[str] = mapped_column(String(128), index=True)
-    image_a: Mapped[str] = mapped_column(ForeignKey(IMAGE_FK, ondelete="CASCADE"))
-    image_b: Mapped[str] = mapped_column(ForeignKey(IMAGE_FK, ondelete="CASCADE"))
-    # "a", "b" or "tie"
-    outcome: Mapped[str] = mapped_column(String(8))
-    created_at: Mapped[dt.datetime] = mapped_column(TS, default=utcnow)
-
-
-class EloRatingRow(Base):
-    __tablename__ = "elo_ratings"
-    image_id: Mapped[str] = mapped_column(ForeignKey(IMAGE_FK, ondelete="CASCADE"), primary_key=True)
-    rating: Mapped[float] = mapped_column(Float, default=1500.0, index=True)
-    games: Mapped[int] = mapped_column(Integer, default=0)
-
-
 class StyleClusterSetRow(Base):
     __tablename__ = "style_cluster_sets"
     version: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -168,27 +137,6 @@ class SafetyDecisionRow(Base):
     created_at: Mapped[dt.datetime] = mapped_column(TS, default=utcnow)
 
 
-class CodexVersionRow(Base):
-    __tablename__ = "codex_versions"
-    version: Mapped[int] = mapped_column(Integer, primary_key=True)
-    note: Mapped[str] = mapped_column(Text, default="")
-    created_at: Mapped[dt.datetime] = mapped_column(TS, default=utcnow)
-
-
-class CodexCharacterRow(Base):
-    """A character in the codex; `key` is the normalised name (lower case, single spaces, underscores as spaces)."""
-
-    __tablename__ = "codex_characters"
-    key: Mapped[str] = mapped_column(String(255), primary_key=True)
-    name: Mapped[str] = mapped_column(String(255))
-    aliases: Mapped[list[Any]] = mapped_column(JSON, default=list)
-    franchise: Mapped[str] = mapped_column(String(255), default="")
-    # adult | minor | ambiguous
-    age_class: Mapped[str] = mapped_column(String(16))
-    real_person: Mapped[bool] = mapped_column(Boolean, default=False)
-    version: Mapped[int] = mapped_column(Integer, default=1)
-
-
 class StageRow(Base):
     """The idempotency ledger of the curation workflow: one row per (image, stage)."""
 
@@ -213,38 +161,6 @@ class SelectionRow(Base):
     created_at: Mapped[dt.datetime] = mapped_column(TS, default=utcnow)
 
 
-class TrainingRunRow(Base):
-    __tablename__ = "training_runs"
-    id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    name: Mapped[str] = mapped_column(String(128))
-    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
-    executor: Mapped[str] = mapped_column(String(16))
-    # Pending | Running | Succeeded | Failed | Cancelled
-    state: Mapped[str] = mapped_column(String(16), index=True)
-    reason: Mapped[str] = mapped_column(Text, default="")
-    namespace: Mapped[str] = mapped_column(String(64), default="")
-    job_name: Mapped[str] = mapped_column(String(128), default="")
-    step: Mapped[int] = mapped_column(Integer, default=0)
-    last_loss: Mapped[float | None] = mapped_column(Float)
-    checkpoint_uri: Mapped[str] = mapped_column(Text, default="")
-    model_version: Mapped[int | None] = mapped_column(Integer)
-    created_at: Mapped[dt.datetime] = mapped_column(TS, default=utcnow)
-    updated_at: Mapped[dt.datetime] = mapped_column(TS, default=utcnow, onupdate=utcnow)
-
-
-class RunEventRow(Base):
-    __tablename__ = "run_events"
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    run_id: Mapped[str] = mapped_column(ForeignKey("training_runs.id", ondelete="CASCADE"), index=True)
-    # state | loss | log
-    kind: Mapped[str] = mapped_column(String(16))
-    state: Mapped[str] = mapped_column(String(16), default="")
-    step: Mapped[int] = mapped_column(Integer, default=0)
-    loss: Mapped[float | None] = mapped_column(Float)
-    message: Mapped[str] = mapped_column(Text, default="")
-    created_at: Mapped[dt.datetime] = mapped_column(TS, default=utcnow)
-
-
 class ModelVersionRow(Base):
     """A published model version (e.g. `pony_v7` version 3) and where its weights are."""
 
@@ -255,21 +171,3 @@ class ModelVersionRow(Base):
     source_run_id: Mapped[str] = mapped_column(String(64), default="")
     active: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[dt.datetime] = mapped_column(TS, default=utcnow)
-
-
-class GenerationJobRow(Base):
-    __tablename__ = "generation_jobs"
-    id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    # queued | running | succeeded | failed | cancelled | blocked
-    state: Mapped[str] = mapped_column(String(16), index=True)
-    priority: Mapped[int] = mapped_column(Integer, default=5)
-    request: Mapped[dict[str, Any]] = mapped_column(JSON)
-    result: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    error: Mapped[str] = mapped_column(Text, default="")
-    progress_step: Mapped[int] = mapped_column(Integer, default=0)
-    progress_total: Mapped[int] = mapped_column(Integer, default=0)
-    created_at: Mapped[dt.datetime] = mapped_column(TS, default=utcnow)
-    updated_at: Mapped[dt.datetime] = mapped_column(TS, default=utcnow, onupdate=utcnow)
-
-
-Index("ix_comparisons_pair", ComparisonRow.image_a, ComparisonRow.image_b)

@@ -180,6 +180,10 @@ class ServiceClient:
     def timeout(self) -> float:
         return self.settings.rpc_timeout_s
 
+    def deadline(self, timeout: float | None = None) -> float:
+        """A call's deadline in seconds: `timeout` when given, else the configured one."""
+        return self.timeout if timeout is None else timeout
+
     @property
     def stub(self) -> Any:
         """The blocking stub on the process-wide channel to `address`."""

@@ -1,4 +1,4 @@
-"""`pony.v1.Captioner` over gRPC: converts protos to caption jobs for the VLM captioner and back."""
+"""`pony.v1.Captioner` over gRPC, transport only: protos to caption jobs for `CaptionerService` and back."""
 
 from __future__ import annotations
 
@@ -9,19 +9,10 @@ from collections.abc import AsyncIterator, Sequence
 from grpc import aio
 
 from pony.v1 import captioner_pb2, captioner_pb2_grpc, common_pb2
-from pony_common.config import Settings
 from pony_common.errors import InvalidArgument
 from pony_common.imagerefs import ImageResolver
-from pony_common.metrics import ITEM_FAILURES, MODEL_INFO
-from services.captioner.backend import (
-    MAX_NEW_TOKENS_LIMIT,
-    SERVICE,
-    CaptionJob,
-    CaptionOutcome,
-    VlmCaptioner,
-    check_kinds,
-)
 from services.captioner.prompts import KINDS
+from services.captioner.service import CaptionerService, CaptionJob, CaptionOutcome, CaptionSpec
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +24,6 @@ KIND_OF_ENUM = {
 }
 ENUM_OF_KIND = {v: k for k, v in KIND_OF_ENUM.items()}
 assert set(ENUM_OF_KIND) == set(KINDS)
-_MAX_TEXT = 256  # characters per tag, character or artist name
-_MAX_LIST = 512  # tags per item
 
 
 def _kinds(item: captioner_pb2.CaptionItem, i: int) -> list[str]:
@@ -48,63 +37,31 @@ def _kinds(item: captioner_pb2.CaptionItem, i: int) -> list[str]:
     return kinds
 
 
-def _strings(values: Sequence[str], field: str) -> list[str]:
-    if len(values) > _MAX_LIST:
-        raise InvalidArgument(field, f"{len(values)} given; at most {_MAX_LIST}")
-    for j, value in enumerate(values):
-        if len(value) > _MAX_TEXT:
-            raise InvalidArgument(f"{field}[{j}]", f"longer than {_MAX_TEXT} characters")
-    return [v for v in values if v.strip()]
-
-
 class CaptionerServicer(captioner_pb2_grpc.CaptionerServicer):
     """A problem with the request as a whole (no items, too many, an unknown kind, a bad token budget, an
     oversized tag) is INVALID_ARGUMENT naming the field; a bad image of one item is that item's ItemError
     (reason "invalid_image", field `items[i].image...`) and the other items are captioned."""
 
-    def __init__(self, settings: Settings, captioner: VlmCaptioner) -> None:
-        self.settings = settings
-        self.captioner = captioner
-        self.resolver = ImageResolver(settings)
+    def __init__(self, service: CaptionerService, resolver: ImageResolver) -> None:
+        self.service = service
+        self.resolver = resolver
 
-    def load(self) -> None:
-        self.captioner.load()
-        MODEL_INFO.labels(SERVICE).info(
-            {
-                "model": self.captioner.model_id,
-                "version": self.captioner.model_version,
-                "template": self.captioner.template_version,
-            }
-        )
-
-    def _validate(self, items: Sequence[captioner_pb2.CaptionItem], max_new_tokens: int) -> list[dict]:
-        if not items:
-            raise InvalidArgument("items", "at least one item is required")
-        if len(items) > self.settings.captioner.max_items:
-            raise InvalidArgument("items", f"{len(items)} given; at most {self.settings.captioner.max_items} per call")
-        if not 0 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
-            raise InvalidArgument("max_new_tokens", f"must be in 0..{MAX_NEW_TOKENS_LIMIT}, got {max_new_tokens}")
-        specs = []
-        for i, item in enumerate(items):
-            specs.append(
-                {
-                    "kinds": check_kinds(_kinds(item, i), f"items[{i}].kinds"),
-                    "tags": _strings(item.tags, f"items[{i}].tags"),
-                    "characters": _strings(item.characters, f"items[{i}].characters"),
-                    "artists": _strings(item.artists, f"items[{i}].artists"),
-                }
-            )
-        return specs
+    def _validate(self, items: Sequence[captioner_pb2.CaptionItem], max_new_tokens: int) -> list[CaptionSpec]:
+        self.service.check_request(len(items), max_new_tokens)
+        return [
+            self.service.check_item(f"items[{i}]", _kinds(item, i), item.tags, item.characters, item.artists)
+            for i, item in enumerate(items)
+        ]
 
     def _run(
         self,
         items: Sequence[captioner_pb2.CaptionItem],
-        specs: list[dict],
+        specs: list[CaptionSpec],
         offset: int,
         max_new_tokens: int,
         context: aio.ServicerContext,
     ) -> list[captioner_pb2.CaptionResult]:
-        """Loads the images (bad ones become item errors) and captions the rest in one backend call; stops between
+        """Loads the images (bad ones become item errors) and captions the rest in one service call; stops between
         generation batches once the caller's deadline has passed or the call was cancelled."""
         results: list[captioner_pb2.CaptionResult] = []
         jobs: list[CaptionJob] = []
@@ -114,13 +71,10 @@ class CaptionerServicer(captioner_pb2_grpc.CaptionerServicer):
             try:
                 loaded = self.resolver.load(item.image, field=f"items[{offset + k}].image")
             except InvalidArgument as exc:
-                ITEM_FAILURES.labels(SERVICE, "invalid_image").inc()
-                result.error.CopyFrom(
-                    common_pb2.ItemError(reason="invalid_image", message=exc.message, field=exc.field)
-                )
+                self._fill(result, self.service.rejected_image(exc), exc.field)
             else:
                 result.image_id = loaded.image_id
-                jobs.append(CaptionJob(image=loaded.image, **spec))
+                jobs.append(spec.job(loaded.image))
                 positions.append(k)
             results.append(result)
 
@@ -128,7 +82,7 @@ class CaptionerServicer(captioner_pb2_grpc.CaptionerServicer):
             remaining = context.time_remaining()
             return context.cancelled() or (remaining is not None and remaining <= 0)
 
-        outcomes = self.captioner.caption(jobs, max_new_tokens, should_stop) if jobs else []
+        outcomes = self.service.caption(jobs, max_new_tokens, should_stop) if jobs else []
         for k, outcome in zip(positions, outcomes, strict=True):
             self._fill(results[k], outcome, f"items[{offset + k}]")
         return results
@@ -164,7 +118,7 @@ class CaptionerServicer(captioner_pb2_grpc.CaptionerServicer):
         """Captions `captioner_batch_size` items at a time and sends each result as its batch finishes."""
         items = list(request.items)
         specs = self._validate(items, request.max_new_tokens)
-        step = self.captioner.batch_size
+        step = self.service.batch_size
         done = 0
         for start in range(0, len(items), step):
             chunk = items[start : start + step]

@@ -18,6 +18,7 @@ from pony_common.blobs import BlobStore
 from pony_common.catalog.db import catalog_for
 from pony_common.config import Settings
 from pony_common.errors import InvalidArgument
+from pony_common.manifest import SCHEMA
 from pony_common.prompts import assemble_prompt, rating_tag, source_tag, special_tags
 from pony_common.tags import cumulative_score_tags, parse_score_tag
 from services.curation.records import ImageRecord, load_records
@@ -26,32 +27,6 @@ from services.curation.selection import load_selection
 log = logging.getLogger(__name__)
 
 SHARD_SIZE = 1000
-
-SCHEMA = pa.schema(
-    [
-        ("image_id", pa.string()),
-        ("image_uri", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("category", pa.string()),
-        ("captions", pa.string()),  # JSON object: kind -> text
-        ("special_tags", pa.list_(pa.string())),  # score, style, source, rating (V7 order)
-        ("tags", pa.list_(pa.string())),  # extra content tags (characters first, no artist)
-        ("prompt", pa.string()),  # the assembled V7 prompt
-        ("score", pa.float32()),
-        ("score_tag", pa.string()),
-        ("score_tags_v6", pa.list_(pa.string())),  # V6 cumulative: score_9, score_8_up, ...
-        ("style_tag", pa.string()),
-        ("style_cluster", pa.int32()),
-        ("palette_tags", pa.list_(pa.string())),
-        ("source_tag", pa.string()),
-        ("rating", pa.string()),
-        ("rating_tag", pa.string()),
-        ("source", pa.string()),  # where the image came from (site)
-        ("characters", pa.list_(pa.string())),
-        ("rank", pa.int32()),
-    ]
-)
 
 
 def content_tags(rec: ImageRecord) -> list[str]:

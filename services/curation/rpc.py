@@ -1,22 +1,17 @@
-"""The workers' gRPC side: one cached channel per service address, calls with deadlines, and per-item errors
-turned into exceptions that say whether a retry can help."""
+"""The workers' gRPC side: calls through the services' typed clients, with per-item errors turned into
+exceptions that say whether a retry can help."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import grpc
 
 from pony_common.celery_app import RETRYABLE_CODES
-from pony_common.config import Settings
-from pony_common.grpc.client import channel
+from pony_common.grpc.client import ServiceClient
 
 T = TypeVar("T")
-
-_lock = threading.Lock()
-_channels: dict[str, grpc.Channel] = {}
 
 
 class ItemFailed(Exception):
@@ -28,36 +23,19 @@ class ItemFailed(Exception):
         super().__init__(f"{reason}: {message}")
 
 
-def service_channel(settings: Settings, service: str) -> grpc.Channel:
-    """The process-wide channel to `service` (its configured address)."""
-    address = settings.addr(service)
-    with _lock:
-        ch = _channels.get(address)
-        if ch is None:
-            ch = _channels[address] = channel(settings, address)
-        return ch
-
-
-def drop_channel(settings: Settings, service: str) -> None:
-    """Forgets the channel so the next call dials afresh (after UNAVAILABLE: no waiting out a reconnect backoff)."""
-    address = settings.addr(service)
-    with _lock:
-        ch = _channels.pop(address, None)
-    if ch is not None:
-        ch.close()
-
-
-def call(settings: Settings, service: str, stub_class: type, method: str, request: Any) -> Any:
-    """`stub_class(channel).method(request)` with the configured deadline. Retryable statuses propagate as
-    grpc.RpcError (the house task retries them with backoff); other statuses become ItemFailed."""
-    stub = stub_class(service_channel(settings, service))
+def call(method: Callable[[Any], T], request: Any) -> T:
+    """`method(request)`, a bound method of a service's typed client (`CaptionerClient(settings).caption`), with
+    its configured deadline. Retryable statuses propagate as grpc.RpcError (the house task retries them with
+    backoff; after UNAVAILABLE the client's channel is dropped so the retry dials afresh); other statuses become
+    ItemFailed."""
+    client: ServiceClient = method.__self__  # type: ignore[attr-defined]
     try:
-        return getattr(stub, method)(request, timeout=settings.rpc_timeout_s)
+        return method(request)
     except grpc.RpcError as exc:
         code = exc.code()  # type: ignore[attr-defined]
         if code in RETRYABLE_CODES:
             if code == grpc.StatusCode.UNAVAILABLE:
-                drop_channel(settings, service)
+                client.reset()
             raise
         raise ItemFailed(code.name.lower(), exc.details() or code.name) from None  # type: ignore[attr-defined]
 

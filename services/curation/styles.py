@@ -9,13 +9,14 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import func, select
 
-from pony.v1 import style_tagger_pb2, style_tagger_pb2_grpc
+from pony.v1 import style_tagger_pb2
 from pony_common.catalog.db import Catalog, catalog_for
 from pony_common.catalog.models import EmbeddingRow, ImageRow, StyleAssignmentRow
 from pony_common.config import Settings
 from services.curation.records import active_style_version
 from services.curation.rpc import ItemFailed, call
 from services.curation.tasks import image_ref, save_style_embedding, save_style_tags
+from services.style_tagger.client import StyleTaggerClient
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def assign_styles(
     """Fits and activates a style cluster set when none is active (or `refit`) from the stored style embeddings,
     then tags the processed images (of `image_ids`, default all) that have no tag under the active set."""
     catalog = catalog_for(settings.database_url)
-    stub = style_tagger_pb2_grpc.StyleTaggerStub
+    client = StyleTaggerClient(settings)
     out = StyleAssignment(cluster_set_version=active_style_version(catalog))
     if out.cluster_set_version is None or refit:
         with catalog.session() as s:
@@ -61,13 +62,7 @@ def assign_styles(
             log.info("too few style embeddings to cluster", extra={"embeddings": n})
             return out
         k = min(settings.style_tagger.k, max(2, n // 6))
-        resp = call(
-            settings,
-            "style_tagger",
-            stub,
-            "FitClusters",
-            style_tagger_pb2.FitClustersRequest(k=k, seed=seed, activate=True),
-        )
+        resp = call(client.fit_clusters, style_tagger_pb2.FitClustersRequest(k=k, seed=seed, activate=True))
         out.cluster_set_version, out.fitted, out.clusters = resp.cluster_set_version, True, resp.clusters
         log.info("fitted style clusters", extra={"version": resp.cluster_set_version, "clusters": resp.clusters})
     todo = _untagged(catalog, out.cluster_set_version, image_ids)
@@ -85,9 +80,7 @@ def assign_styles(
                 out.failed[image_id] = str(exc)
         if not refs:
             continue
-        resp = call(
-            settings, "style_tagger", stub, "Tag", style_tagger_pb2.TagRequest(images=refs, include_embedding=True)
-        )
+        resp = call(client.tag, style_tagger_pb2.TagRequest(images=refs, include_embedding=True))
         good = []
         for image_id, tag in zip(ids, resp.results, strict=True):
             if tag.error.reason or tag.error.message:

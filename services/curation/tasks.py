@@ -20,14 +20,10 @@ from sqlalchemy.exc import OperationalError
 
 from pony.v1 import (
     captioner_pb2,
-    captioner_pb2_grpc,
     common_pb2,
     safety_pb2,
-    safety_pb2_grpc,
     scorer_pb2,
-    scorer_pb2_grpc,
     style_tagger_pb2,
-    style_tagger_pb2_grpc,
 )
 from pony_common.blobs import BlobStore
 from pony_common.catalog.db import Catalog, catalog_for, upsert
@@ -44,8 +40,12 @@ from pony_common.catalog.models import (
 from pony_common.celery_app import current_settings, is_retryable, pony_task
 from pony_common.config import Settings
 from pony_common.errors import DependencyUnavailable
+from services.captioner.client import CaptionerClient
 from services.curation.duplicates import resolve_duplicates
 from services.curation.rpc import ItemFailed, call, only_result
+from services.safety.client import SafetyClient
+from services.scorer.client import ScorerClient
+from services.style_tagger.client import StyleTaggerClient
 
 log = logging.getLogger(__name__)
 
@@ -155,9 +155,7 @@ def caption_image(settings: Settings, catalog: Catalog, row: ImageRow) -> None:
         artists=[row.artist] if row.artist else [],
         item_id=row.id,
     )
-    resp = call(
-        settings, "captioner", captioner_pb2_grpc.CaptionerStub, "Caption", captioner_pb2.CaptionRequest(items=[item])
-    )
+    resp = call(CaptionerClient(settings).caption, captioner_pb2.CaptionRequest(items=[item]))
     result = only_result(resp.results)
     rows = [
         {
@@ -178,13 +176,7 @@ def caption_image(settings: Settings, catalog: Catalog, row: ImageRow) -> None:
 
 
 def score_image(settings: Settings, catalog: Catalog, row: ImageRow) -> None:
-    resp = call(
-        settings,
-        "scorer",
-        scorer_pb2_grpc.ScorerStub,
-        "Score",
-        scorer_pb2.ScoreRequest(images=[image_ref(settings, row)]),
-    )
+    resp = call(ScorerClient(settings).score, scorer_pb2.ScoreRequest(images=[image_ref(settings, row)]))
     r = only_result(resp.results)
     with catalog.session() as s:
         upsert(
@@ -244,15 +236,13 @@ def style_image(settings: Settings, catalog: Catalog, row: ImageRow) -> None:
     """Tags the image with the active style cluster set and stores its style embedding; before any set
     exists, stores only the embedding (clustering then tags the pool: `services.curation.styles`)."""
     ref = image_ref(settings, row)
-    stub = style_tagger_pb2_grpc.StyleTaggerStub
+    client = StyleTaggerClient(settings)
     try:
-        resp = call(
-            settings, "style_tagger", stub, "Tag", style_tagger_pb2.TagRequest(images=[ref], include_embedding=True)
-        )
+        resp = call(client.tag, style_tagger_pb2.TagRequest(images=[ref], include_embedding=True))
     except ItemFailed as exc:
         if exc.reason != "failed_precondition":
             raise
-        emb = call(settings, "style_tagger", stub, "Embed", style_tagger_pb2.StyleTaggerEmbedRequest(images=[ref]))
+        emb = call(client.embed, style_tagger_pb2.StyleTaggerEmbedRequest(images=[ref]))
         save_style_embedding(catalog, row.id, only_result(emb.results).embedding, emb.provenance)
         return
     tag = only_result(resp.results)
@@ -277,7 +267,7 @@ def safety_image(settings: Settings, catalog: Catalog, row: ImageRow) -> None:
         characters=row.characters or [],
         item_id=row.id,
     )
-    resp = call(settings, "safety", safety_pb2_grpc.SafetyStub, "Check", safety_pb2.CheckRequest(items=[item]))
+    resp = call(SafetyClient(settings).check, safety_pb2.CheckRequest(items=[item]))
     r = only_result(resp.results)
     decision = enum_name(safety_pb2.Decision, r.decision, "DECISION_")
     if not decision:

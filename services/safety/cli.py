@@ -29,7 +29,8 @@ def _register_codex(sub: argparse._SubParsersAction) -> None:
 
 def run_import(args: argparse.Namespace, settings: Settings) -> int:
     from pony_common.catalog.db import catalog_for
-    from services.safety.codex import CodexFormatError, CodexStore, parse_codex
+    from services.safety.codex import CodexFormatError, parse_codex
+    from services.safety.store import CodexStore
 
     path = Path(args.file)
     try:
@@ -52,7 +53,8 @@ def run_import(args: argparse.Namespace, settings: Settings) -> int:
 
 def run_export(args: argparse.Namespace, settings: Settings) -> int:
     from pony_common.catalog.db import catalog_for
-    from services.safety.codex import CodexStore, dump_codex
+    from services.safety.codex import dump_codex
+    from services.safety.store import CodexStore
 
     codex = CodexStore(catalog_for(settings.database_url)).load()
     text = dump_codex(codex.characters, codex.version)

@@ -1,5 +1,5 @@
-"""The character codex: a versioned registry of characters (aliases, franchise, age class, real person) in the
-catalog, its YAML file format (`ponyctl codex import/export`), and name lookup that never guesses.
+"""The character codex: a versioned registry of characters (aliases, franchise, age class, real person), its YAML
+file format (`ponyctl codex import/export`), and name lookup that never guesses. `store.py` keeps it in the catalog.
 
 A name matches a character when it equals the character's name or one of its aliases after normalisation:
 Unicode NFKC, lower case, underscores as spaces, runs of whitespace as one space (so `Twilight_Sparkle`,
@@ -16,10 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
-from sqlalchemy import delete, func, select
-
-from pony_common.catalog.db import Catalog, upsert
-from pony_common.catalog.models import CodexCharacterRow, CodexVersionRow
 
 AGE_CLASSES = ("adult", "minor", "ambiguous")
 CHARACTER_KEYS = ("name", "aliases", "franchise", "age_class", "real_person")
@@ -67,7 +63,8 @@ class CodexCharacter:
         }
 
 
-def _check_unique(characters: Sequence[CodexCharacter], where: str) -> None:
+def check_unique(characters: Sequence[CodexCharacter], where: str) -> None:
+    """Raises CodexFormatError when a name or alias of one character is also one of another's."""
     owners: dict[str, tuple[int, str]] = {}
     for i, c in enumerate(characters):
         for spelled in c.names:
@@ -140,7 +137,7 @@ def parse_codex(text: str, source: str = "codex") -> list[CodexCharacter]:
     if not isinstance(raw, list):
         raise CodexFormatError(f"{source}: 'characters' must be a list")
     characters = [_character(entry, f"{source}: characters[{i}]") for i, entry in enumerate(raw)]
-    _check_unique(characters, source)
+    check_unique(characters, source)
     return characters
 
 
@@ -192,58 +189,3 @@ class Codex:
             else:
                 i += 1
         return found
-
-
-class CodexStore:
-    """The codex tables of one catalog: `codex_versions` (one row per import) and `codex_characters`."""
-
-    def __init__(self, catalog: Catalog) -> None:
-        self.catalog = catalog
-
-    def latest_version(self) -> int:
-        """The current codex version (0 when nothing was ever imported)."""
-        with self.catalog.session() as s:
-            return int(s.scalar(select(func.max(CodexVersionRow.version))) or 0)
-
-    def load(self) -> Codex:
-        with self.catalog.session() as s:
-            version = int(s.scalar(select(func.max(CodexVersionRow.version))) or 0)
-            rows = s.scalars(select(CodexCharacterRow).order_by(CodexCharacterRow.key)).all()
-            characters = tuple(
-                CodexCharacter(r.name, tuple(r.aliases or ()), r.franchise, r.age_class, r.real_person) for r in rows
-            )
-        return Codex(version, characters)
-
-    def import_characters(
-        self, characters: Sequence[CodexCharacter], note: str = "", merge: bool = False
-    ) -> tuple[int, bool]:
-        """Makes `characters` the codex (with `merge`, adds/updates them and keeps the rest) as a new version.
-
-        Returns (version, changed); an import that changes nothing keeps the current version.
-        """
-        _check_unique(characters, "import")
-        with self.catalog.session() as s:
-            current = int(s.scalar(select(func.max(CodexVersionRow.version))) or 0)
-            rows = s.scalars(select(CodexCharacterRow)).all()
-            existing = {
-                r.key: CodexCharacter(r.name, tuple(r.aliases or ()), r.franchise, r.age_class, r.real_person)
-                for r in rows
-            }
-            incoming = {c.key: c for c in characters}
-            target = {**existing, **incoming} if merge else incoming
-            if target == existing and current > 0:
-                return current, False
-            _check_unique(list(target.values()), "codex after merge" if merge else "import")
-            version = current + 1
-            s.add(CodexVersionRow(version=version, note=note))
-            removed = [key for key in existing if key not in target]
-            if removed:
-                s.execute(delete(CodexCharacterRow).where(CodexCharacterRow.key.in_(removed)))
-            changed = [c for key, c in target.items() if existing.get(key) != c]
-            upsert(
-                s,
-                CodexCharacterRow,
-                [{"key": c.key, **c.to_dict(), "aliases": list(c.aliases), "version": version} for c in changed],
-                keys=["key"],
-            )
-            return version, True

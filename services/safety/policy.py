@@ -66,20 +66,6 @@ class SafetyVerdict:
     def blocked(self) -> bool:
         return self.decision == BLOCK
 
-    def row_values(self, model: str, model_version: str) -> dict[str, Any]:
-        """Column values of this verdict's `safety_decisions` row (needs an image_id)."""
-        return {
-            "image_id": self.image_id,
-            "rating": self.rating.label,
-            "decision": self.decision,
-            "reasons": [{"rule_id": r.rule_id, "message": r.message} for r in self.reasons],
-            "flags": list(self.flags),
-            "unknown_characters": list(self.unknown_characters),
-            "codex_version": self.codex_version,
-            "model": model,
-            "model_version": model_version,
-        }
-
 
 @dataclass(frozen=True)
 class Policy:

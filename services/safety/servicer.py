@@ -1,21 +1,19 @@
-"""`pony.v1.Safety` over gRPC: converts protos to and from the `SafetyChecker` backend's domain objects."""
+"""`pony.v1.Safety` over gRPC, transport only: protos to `SafetyInput`s for `SafetyService` and verdicts back."""
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 from grpc import aio
 
 from pony.v1 import common_pb2, safety_pb2, safety_pb2_grpc
-from pony_common.config import Settings
-from pony_common.errors import DependencyUnavailable, InvalidArgument
+from pony_common.errors import InvalidArgument
 from pony_common.imagerefs import ImageResolver
 from pony_common.metrics import ITEM_FAILURES
-from services.safety.checker import SERVICE, SafetyChecker
+from services.safety.model import SERVICE
 from services.safety.policy import BLOCK, SafetyInput, SafetyVerdict
-
-MAX_CAPTION_CHARS = 20_000
-MAX_NAMES = 1024
+from services.safety.service import Provenance, SafetyService
 
 
 def _item_error(reason: str, exc: InvalidArgument) -> common_pb2.ItemError:
@@ -24,43 +22,32 @@ def _item_error(reason: str, exc: InvalidArgument) -> common_pb2.ItemError:
 
 
 class SafetyServicer(safety_pb2_grpc.SafetyServicer):
-    def __init__(self, settings: Settings, backend: SafetyChecker) -> None:
-        self.settings = settings
-        self.backend = backend
-        self.resolver = ImageResolver(settings)
+    """A problem with the request as a whole (no items, too many) is INVALID_ARGUMENT naming the field; a bad item
+    (over a budget, nothing to check, an image that does not decode) is that item's ItemError and the other items
+    are checked."""
+
+    def __init__(self, service: SafetyService, resolver: ImageResolver) -> None:
+        self.service = service
+        self.resolver = resolver
 
     def _input(self, item: safety_pb2.SafetyItem, i: int) -> SafetyInput:
         field = f"items[{i}]"
-        if len(item.caption) > MAX_CAPTION_CHARS:
-            raise InvalidArgument(f"{field}.caption", f"longer than {MAX_CAPTION_CHARS} characters")
-        for name in ("tags", "characters"):
-            if len(getattr(item, name)) > MAX_NAMES:
-                raise InvalidArgument(f"{field}.{name}", f"more than {MAX_NAMES} entries")
-        image, image_id = None, item.image.image_id if item.HasField("image") else ""
-        if item.HasField("image"):
-            loaded = self.resolver.load(item.image, f"{field}.image")
-            image, image_id = loaded.image, loaded.image_id
+        has_image = item.HasField("image")
         result = SafetyInput(
             item_id=item.item_id,
-            image_id=image_id,
+            image_id=item.image.image_id if has_image else "",
             caption=item.caption,
             tags=tuple(item.tags),
             characters=tuple(item.characters),
-            image=image,
         )
-        if result.empty:
-            raise InvalidArgument(field, "needs an image, a caption, tags or character names")
+        self.service.check_item(field, result, has_image)
+        if has_image:
+            loaded = self.resolver.load(item.image, f"{field}.image")
+            result = replace(result, image=loaded.image, image_id=loaded.image_id)
         return result
 
     async def Check(self, request: safety_pb2.CheckRequest, context: aio.ServicerContext) -> safety_pb2.CheckResponse:
-        if not self.backend.ready:
-            raise DependencyUnavailable("the safety service is still loading its model")
-        if not request.items:
-            raise InvalidArgument("items", "at least one item is required")
-        if len(request.items) > self.settings.safety.max_batch:
-            raise InvalidArgument(
-                "items", f"at most {self.settings.safety.max_batch} items per call, got {len(request.items)}"
-            )
+        self.service.check_request(len(request.items))
 
         def work() -> safety_pb2.CheckResponse:
             inputs: list[tuple[int, SafetyInput]] = []
@@ -75,13 +62,9 @@ class SafetyServicer(safety_pb2_grpc.SafetyServicer):
                         else "invalid_argument"
                     )
                     errors[i] = _item_error(reason, exc)
-            verdicts = self.backend.check([x for _, x in inputs]) if inputs else []
+            verdicts = self.service.check([x for _, x in inputs]) if inputs else []
             by_index = dict(zip((i for i, _ in inputs), verdicts, strict=True))
-            provenance = common_pb2.Provenance(
-                model=self.backend.model_id,
-                model_version=self.backend.model_version,
-                component_version=self.backend.component_version,
-            )
+            provenance = provenance_proto(self.service.provenance())
             results = []
             for i, item in enumerate(request.items):
                 if i in errors:
@@ -93,6 +76,10 @@ class SafetyServicer(safety_pb2_grpc.SafetyServicer):
             return safety_pb2.CheckResponse(results=results)
 
         return await asyncio.to_thread(work)
+
+
+def provenance_proto(p: Provenance) -> common_pb2.Provenance:
+    return common_pb2.Provenance(model=p.model, model_version=p.model_version, component_version=p.component_version)
 
 
 def result_proto(v: SafetyVerdict, provenance: common_pb2.Provenance) -> safety_pb2.SafetyResult:

@@ -2,29 +2,30 @@
 
 from __future__ import annotations
 
-from grpc import aio
+import dataclasses
 
 from pony.v1 import sampler_pb2_grpc
 from pony_common.config import Settings
+from pony_common.grpc.app import service_definition
 from pony_common.grpc.server import ServiceDefinition
-from services.sampler.backend import TritonSampler
+from services.sampler.model import SamplerModel
 from services.sampler.safety_gate import SafetyGate
-from services.sampler.sampler import Sampler
+from services.sampler.service import SamplerService
 from services.sampler.servicer import SamplerServicer
 
 
-def create_service(settings: Settings, *, backend: TritonSampler | None = None) -> ServiceDefinition:
-    """`backend` lets a caller (a test, the demo) keep a handle on Triton; by default one is made from settings."""
-    sampler = Sampler(settings, backend or TritonSampler(settings), SafetyGate(settings))
-
-    def register(server: aio.Server) -> None:
-        sampler_pb2_grpc.add_SamplerServicer_to_server(SamplerServicer(settings, sampler), server)
-
-    return ServiceDefinition(
-        name="sampler",
-        full_names=["pony.v1.Sampler"],
-        register=register,
-        load=sampler.load,
-        close=sampler.close,
-        model_id=settings.model_path("sampler"),
+def create_service(settings: Settings, *, model: SamplerModel | None = None) -> ServiceDefinition:
+    """`model` lets a caller (a test, the demo) keep a handle on Triton; by default one is made from settings."""
+    model = model or SamplerModel(settings)
+    service = SamplerService(settings, model, SafetyGate(settings))
+    definition = service_definition(
+        "sampler",
+        "pony.v1.Sampler",
+        sampler_pb2_grpc.add_SamplerServicer_to_server,
+        SamplerServicer(service),
+        model,
+        close=service.close,
     )
+    # The service's load wraps the model's: catalog versions become repository folders before Triton starts,
+    # and the folders are recorded in the catalog once it serves them.
+    return dataclasses.replace(definition, load=service.load)

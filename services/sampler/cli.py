@@ -9,14 +9,11 @@ from pathlib import Path
 
 from pony_common.cli.errors import UsageError
 from pony_common.config import Settings
+from services.sampler.prompts import RATINGS, SOURCES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     _register_generate(sub)
-
-
-SOURCES = ("pony", "furry", "cartoon", "anime", "realism")
-RATINGS = ("safe", "questionable", "explicit")
 
 
 def _register_generate(sub: argparse._SubParsersAction) -> None:

@@ -1,4 +1,5 @@
-"""A small blocking client of `pony.v1.Sampler` for app backends: generate, stream, and asynchronous jobs.
+"""The typed, blocking client of `pony.v1.Sampler` for app backends (and the trainer, the CLI): generate, stream,
+asynchronous jobs and model versions.
 
 client = SamplerClient(settings)                  # settings.sampler_addr, bearer token, TLS, retries
 resp = client.generate("a pony in a meadow", seed=1, width=1024, height=1024, score=9, source="pony")
@@ -15,8 +16,9 @@ from typing import Any
 
 import grpc
 
+from pony.v1 import sampler_pb2, sampler_pb2_grpc
 from pony_common.config import Settings
-from pony_common.grpc.client import channel
+from pony_common.grpc.client import ServiceClient
 
 RATINGS = {"safe": 1, "questionable": 2, "explicit": 3}
 
@@ -24,8 +26,6 @@ RATINGS = {"safe": 1, "questionable": 2, "explicit": 3}
 def build_request(prompt: str = "", **options: Any) -> Any:
     """A GenerateRequest from keyword options: negative_prompt, width, height, steps, guidance, seed, num_images,
     raw_prompt, preview, and the tags score, style_clusters, source, rating ("safe" | "questionable" | "explicit")."""
-    from pony.v1 import sampler_pb2
-
     tags = sampler_pb2.PromptTags()
     if options.get("score") is not None:
         tags.score = int(options.pop("score"))
@@ -47,20 +47,25 @@ def build_request(prompt: str = "", **options: Any) -> Any:
     return request
 
 
-class SamplerClient:
-    """One channel to the sampler. Methods return the `pony.v1` response messages; errors are grpc.RpcError
-    (INVALID_ARGUMENT names the field, UNAVAILABLE means retry later)."""
+class SamplerClient(ServiceClient):
+    """The sampler at `target` (default `settings.sampler_addr`) on the process's shared channel. Methods return
+    the `pony.v1` response messages; errors are grpc.RpcError (INVALID_ARGUMENT names the field, UNAVAILABLE means
+    retry later). `timeout` is the default deadline of a call (default `rpc_timeout_s`)."""
+
+    SERVICE = "sampler"
+    STUB = sampler_pb2_grpc.SamplerStub
 
     def __init__(self, settings: Settings, target: str | None = None, timeout: float | None = None) -> None:
-        from pony.v1 import sampler_pb2_grpc
+        super().__init__(settings, target or None)
+        self._timeout = timeout or settings.rpc_timeout_s
 
-        self.settings = settings
-        self.timeout = timeout or settings.rpc_timeout_s
-        self._channel = channel(settings, target or settings.sampler_addr)
-        self.stub = sampler_pb2_grpc.SamplerStub(self._channel)
+    @property
+    def timeout(self) -> float:
+        return self._timeout
 
     def close(self) -> None:
-        self._channel.close()
+        """Ends a `with` block. The channel is the process's, shared with other clients of the same address, so
+        it stays open (`reset()` drops it)."""
 
     def __enter__(self) -> SamplerClient:
         return self
@@ -75,8 +80,6 @@ class SamplerClient:
     def stream(self, prompt: str = "", *, timeout: float | None = None, **options: Any) -> Iterator[Any]:
         """GenerateStreamResponse events: `progress` (step, total, preview_png) then one `result`.
         Stopping the iteration early (break, close) cancels the generation in Triton."""
-        from pony.v1 import sampler_pb2
-
         call = self.stub.GenerateStream(
             sampler_pb2.GenerateStreamRequest(request=build_request(prompt, **options)),
             timeout=timeout or self.timeout,
@@ -88,24 +91,18 @@ class SamplerClient:
 
     def submit_job(self, prompt: str = "", *, priority: int | None = None, **options: Any) -> Any:
         """The queued Job (its job_id); priority 0 (lowest) .. 9 (highest)."""
-        from pony.v1 import sampler_pb2
-
         req = sampler_pb2.SubmitJobRequest(request=build_request(prompt, **options))
         if priority is not None:
             req.priority = priority
         return self.stub.SubmitJob(req, timeout=self.timeout).job
 
     def get_job(self, job_id: str, *, omit_images: bool = False) -> Any:
-        from pony.v1 import sampler_pb2
-
         return self.stub.GetJob(
             sampler_pb2.GetJobRequest(job_id=job_id, omit_images=omit_images), timeout=self.timeout
         ).job
 
     def watch_job(self, job_id: str, *, timeout: float | None = None, omit_images: bool = False) -> Iterator[Any]:
         """Job snapshots: now, then at every change, until the job ends."""
-        from pony.v1 import sampler_pb2
-
         call = self.stub.WatchJob(
             sampler_pb2.WatchJobRequest(job_id=job_id, omit_images=omit_images),
             timeout=timeout or self.settings.sampler.job_timeout_s,
@@ -117,19 +114,13 @@ class SamplerClient:
             call.cancel()
 
     def cancel_job(self, job_id: str) -> Any:
-        from pony.v1 import sampler_pb2
-
         return self.stub.CancelJob(sampler_pb2.CancelJobRequest(job_id=job_id), timeout=self.timeout).job
 
     def load_version(self, uri: str, source_run_id: str = "", *, timeout: float | None = None) -> Any:
-        from pony.v1 import sampler_pb2
-
         req = sampler_pb2.LoadVersionRequest(uri=uri, source_run_id=source_run_id)
         return self.stub.LoadVersion(req, timeout=timeout or self.settings.sampler.triton_start_timeout_s).version
 
     def list_versions(self) -> list[Any]:
-        from pony.v1 import sampler_pb2
-
         return list(self.stub.ListVersions(sampler_pb2.ListVersionsRequest(), timeout=self.timeout).versions)
 
 

@@ -7,8 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from services.sampler.prompts import PromptTags
-
-MODEL_NAME = "pony_v7"
+from services.sampler.repository import MODEL_NAME
 
 
 @dataclass(frozen=True)

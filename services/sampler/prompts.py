@@ -1,14 +1,21 @@
-"""Prompt assembly in V7 order: score tags, style cluster tags, source tag, rating tag, then the caller's text."""
+"""Prompt assembly of a generation request in V7 order: score tags, style cluster tags, source tag, rating tag,
+then the caller's text.
+
+The vocabulary (source and rating tags) is pony_common.prompts'. The assembly stays the sampler's own, because it
+differs from the export's `special_tags`/`assemble_prompt` there: a request names a score (its cumulative tags)
+and any number of style clusters (kept as given, repeats included), and its text is sent as written (stripped
+only), where the export takes one style tag, drops repeated tags and collapses whitespace."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from pony_common.errors import InvalidArgument
+from pony_common.prompts import RATINGS, SOURCE_TAGS
 from pony_common.tags import TOP_BUCKET, cumulative_score_tags
 
-SOURCES = ("pony", "furry", "cartoon", "anime", "realism")
-RATINGS = ("safe", "questionable", "explicit")
+# The source a request names is its tag without the prefix: pony, furry, cartoon, anime, realism.
+SOURCES = tuple(tag.removeprefix("source_") for tag in SOURCE_TAGS.values())
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,6 @@ says so in every response and in the log."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass, field
 
@@ -14,6 +13,7 @@ import grpc
 
 from pony_common.config import ConfigError, Settings
 from pony_common.errors import DependencyUnavailable
+from services.safety.client import SafetyClient
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,8 @@ class Verdict:
 
 
 class SafetyGate:
-    """Checks images (with the prompt as caption and its comma-separated parts as tags) in one Check call."""
+    """Checks images (with the prompt as caption and its comma-separated parts as tags) in one Check call
+    through the safety service's client."""
 
     def __init__(self, settings: Settings) -> None:
         if settings.sampler.safety not in MODES:
@@ -45,7 +46,7 @@ class SafetyGate:
             self.note = "no safety service configured (PONY_SAFETY_ADDR is empty): images were not checked"
         else:
             self.note = ""
-        self._channels: dict[int, grpc.aio.Channel] = {}
+        self.client = SafetyClient(settings, self.addr)
 
     def announce(self) -> None:
         if self.enabled:
@@ -53,19 +54,8 @@ class SafetyGate:
         else:
             log.warning("output safety check OFF: %s", self.note)
 
-    def _stub(self):  # type: ignore[no-untyped-def]
-        from pony.v1 import safety_pb2_grpc
-        from pony_common.grpc.client import aio_channel
-
-        loop = id(asyncio.get_running_loop())
-        if loop not in self._channels:
-            self._channels[loop] = aio_channel(self.settings, self.addr)
-        return safety_pb2_grpc.SafetyStub(self._channels[loop])
-
     async def aclose(self) -> None:
-        ch = self._channels.pop(id(asyncio.get_running_loop()), None)
-        if ch is not None:
-            await ch.close()
+        await self.client.aclose()
 
     async def check(self, pngs: list[bytes], prompt: str, timeout: float | None = None) -> list[Verdict]:
         """One verdict per PNG. Raises DependencyUnavailable when the check cannot be made (fail closed)."""
@@ -79,7 +69,7 @@ class SafetyGate:
             for i, png in enumerate(pngs)
         ]
         try:
-            response = await self._stub().Check(safety_pb2.CheckRequest(items=items), timeout=timeout or 30.0)
+            response = await self.client.acheck(safety_pb2.CheckRequest(items=items), timeout=timeout or 30.0)
         except grpc.aio.AioRpcError as exc:
             log.warning("safety check failed", extra={"code": exc.code().name, "details": exc.details()})
             raise DependencyUnavailable(

@@ -14,7 +14,7 @@ from pony_common.catalog import catalog_for
 from pony_common.celery_app import is_retryable, pony_task
 from pony_common.config import Settings
 from pony_common.errors import DependencyUnavailable
-from services.sampler.jobs import BLOCKED, CANCELLED, FAILED, SUCCEEDED, JobRecord, JobStore
+from services.sampler.store import BLOCKED, CANCELLED, FAILED, SUCCEEDED, JobRecord, JobStore
 
 log = logging.getLogger(__name__)
 

@@ -6,27 +6,22 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sqlalchemy import select
 
-from pony_common.catalog.db import Catalog
-from pony_common.catalog.models import AestheticScoreRow, ComparisonRow, EmbeddingRow
 from pony_common.errors import FailedPrecondition
 from pony_common.models.heads import LAION_HIDDEN, Calibration, HeadInfo, MLPHead
 from services.scorer.preferences import DEFAULT_K, OUTCOME_SCORE, elo_probability, replay_elo
+from services.scorer.store import EMBEDDING_KIND, FitRows
 
 logger = logging.getLogger(__name__)
 
-EMBEDDING_KIND = "clip"
 # Games after which an image's Elo counts as much as its stored score in the regression target.
 ELO_TRUST_GAMES = 10
 CALIBRATION_POINTS = 21
-_IN_CHUNK = 500
 
 
 @dataclass(frozen=True)
@@ -68,76 +63,19 @@ class FitResult:
     rated_images: int
 
 
-def _decode(vector: bytes, dim: int) -> np.ndarray | None:
-    values = np.frombuffer(vector, dtype="<f4")
-    return values if values.shape[0] == dim and np.isfinite(values).all() else None
-
-
-def load_fit_data(catalog: Catalog, dim: int, config: FitConfig) -> FitData:
-    """Comparisons, the `clip` embeddings of width `dim` of their images, and stored scores."""
-    with catalog.session() as session:
-        comparisons = list(
-            session.execute(
-                select(ComparisonRow.image_a, ComparisonRow.image_b, ComparisonRow.outcome).order_by(
-                    ComparisonRow.created_at, ComparisonRow.id
-                )
-            )
-        )
-        compared = sorted({c.image_a for c in comparisons} | {c.image_b for c in comparisons})
-        vectors: dict[str, np.ndarray] = {}
-        for i in range(0, len(compared), _IN_CHUNK):
-            rows = session.execute(
-                select(EmbeddingRow.image_id, EmbeddingRow.vector).where(
-                    EmbeddingRow.kind == EMBEDDING_KIND,
-                    EmbeddingRow.dim == dim,
-                    EmbeddingRow.image_id.in_(compared[i : i + _IN_CHUNK]),
-                )
-            )
-            for image_id, vector in rows:
-                decoded = _decode(vector, dim)
-                if decoded is not None:
-                    vectors[image_id] = decoded
-        if config.max_rated > 0:
-            start = f"{random.Random(config.seed).getrandbits(256):064x}"
-            scored = (
-                select(EmbeddingRow.image_id, EmbeddingRow.vector)
-                .join(AestheticScoreRow, AestheticScoreRow.image_id == EmbeddingRow.image_id)
-                .where(EmbeddingRow.kind == EMBEDDING_KIND, EmbeddingRow.dim == dim)
-            )
-            rows = list(
-                session.execute(
-                    scored.where(EmbeddingRow.image_id >= start).order_by(EmbeddingRow.image_id).limit(config.max_rated)
-                )
-            )
-            if len(rows) < config.max_rated:
-                rows += session.execute(
-                    scored.where(EmbeddingRow.image_id < start)
-                    .order_by(EmbeddingRow.image_id)
-                    .limit(config.max_rated - len(rows))
-                )
-            for image_id, vector in rows:
-                if image_id not in vectors and (decoded := _decode(vector, dim)) is not None:
-                    vectors[image_id] = decoded
-        ids = sorted(vectors)
-        absolute = dict.fromkeys(ids, math.nan)
-        for i in range(0, len(ids), _IN_CHUNK):
-            rows = session.execute(
-                select(AestheticScoreRow.image_id, AestheticScoreRow.score).where(
-                    AestheticScoreRow.image_id.in_(ids[i : i + _IN_CHUNK])
-                )
-            )
-            for image_id, score in rows:
-                absolute[image_id] = float(score)
+def fit_data(rows: FitRows, dim: int) -> FitData:
+    """The tensors a fit trains on: the images with an embedding (in id order) and the comparisons between them."""
+    ids = sorted(rows.vectors)
     index = {image_id: i for i, image_id in enumerate(ids)}
-    kept = [c for c in comparisons if c.image_a in index and c.image_b in index]
-    embeddings = torch.from_numpy(np.stack([vectors[i] for i in ids])) if ids else torch.empty(0, dim)
+    kept = [(a, b, outcome) for a, b, outcome in rows.comparisons if a in index and b in index]
+    embeddings = torch.from_numpy(np.stack([rows.vectors[i] for i in ids])) if ids else torch.empty(0, dim)
     return FitData(
         ids=ids,
         embeddings=embeddings.to(torch.float32),
-        absolute=torch.tensor([absolute[i] for i in ids], dtype=torch.float32),
-        pairs=torch.tensor([[index[c.image_a], index[c.image_b]] for c in kept], dtype=torch.long).reshape(-1, 2),
-        outcome=torch.tensor([OUTCOME_SCORE[c.outcome] for c in kept], dtype=torch.float32),
-        dropped_pairs=len(comparisons) - len(kept),
+        absolute=torch.tensor([rows.scores.get(i, math.nan) for i in ids], dtype=torch.float32),
+        pairs=torch.tensor([[index[a], index[b]] for a, b, _ in kept], dtype=torch.long).reshape(-1, 2),
+        outcome=torch.tensor([OUTCOME_SCORE[outcome] for _, _, outcome in kept], dtype=torch.float32),
+        dropped_pairs=len(rows.comparisons) - len(kept),
     )
 
 

@@ -106,7 +106,7 @@ def demo_settings(settings: Settings, free_ports: bool) -> Settings:
     """Ports for Triton (the services get theirs from the stack); free ones when asked."""
     if not free_ports:
         return settings
-    from pony_common.netports import free_port
+    from services.stack.netports import free_port
 
     http, grpc_port, metrics = free_port(), free_port(), free_port()
     return settings.replace(

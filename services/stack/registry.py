@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 from pony_common.config import Settings
 from pony_common.grpc.server import ServiceDefinition
@@ -43,3 +44,17 @@ def available() -> list[str]:
 def create_service(name: str, settings: Settings) -> ServiceDefinition:
     module = importlib.import_module(SERVICE_MODULES[canonical(name)])
     return module.create_service(settings)
+
+
+def load_all_tables() -> set[str]:
+    """Imports every package's `store.py` so that each table the platform owns is in `Base.metadata`; returns
+    their names (what the catalog migrations must create)."""
+    import pkgutil
+
+    import services
+    from pony_common.catalog.models import Base
+
+    for info in pkgutil.iter_modules(services.__path__):
+        if info.ispkg and importlib.util.find_spec(f"services.{info.name}.store") is not None:
+            importlib.import_module(f"services.{info.name}.store")
+    return set(Base.metadata.tables)

@@ -3,15 +3,13 @@ can run the gRPC services on localhost, stop one and bring it back on the same p
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
 from pony_common.config import Settings
-from pony_common.grpc.server import start_server
+from pony_common.grpc.server import RunningServer
+from pony_common.testing import ServerLoop
 from services.stack.registry import create_service
-from services.stack.stack import Stack, start_stack
 
 T = TypeVar("T")
 
@@ -19,9 +17,9 @@ CURATION_SERVICES = ("captioner", "scorer", "style-tagger", "safety")
 
 
 class StackThread:
-    """`StackThread(settings, names)` starts the services (on free ports unless `free_ports=False`: then on their
-    configured ports) and waits until they are ready; `.settings` then has their addresses. `close()` stops them
-    (use it in a finally)."""
+    """`StackThread(settings, names)` starts the services in order (on free ports unless `free_ports=False`: then on
+    their configured ports; later services see the addresses of earlier ones, e.g. the sampler finds safety) and
+    waits until they are ready; `.settings` then has their addresses. `close()` stops them (use it in a finally)."""
 
     def __init__(
         self,
@@ -31,43 +29,36 @@ class StackThread:
         free_ports: bool = True,
         ready_timeout: float = 600,
     ) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="service-stack", daemon=True)
-        self._thread.start()
-        self.stack: Stack | None = None
+        self.servers = ServerLoop("service-stack")
+        self.loop = self.servers.loop
+        self.settings = settings
+        self.running: dict[str, RunningServer] = {}
         try:
-            self.stack = self.run(start_stack(settings, list(names), free_ports=free_ports), ready_timeout)
-            self.run(self.stack.wait_ready(ready_timeout), ready_timeout + 5)
+            for name in names:
+                key = name.replace("-", "_")
+                port = 0 if free_ports else settings.port(key)
+                definition = create_service(name, self.settings)
+                running = self.servers.start(self.settings, definition, port=port, wait_ready=False)
+                self.running[name] = running
+                self.settings = self.settings.replace(**{f"{key}_addr": f"127.0.0.1:{running.port}"})
+            for running in self.running.values():
+                self.run(running.wait_ready(ready_timeout), ready_timeout + 5)
         except BaseException:
             self.close()
             raise
 
-    @property
-    def settings(self) -> Settings:
-        assert self.stack is not None
-        return self.stack.settings
-
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = 300) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        return self.servers.run(coro, timeout)
 
     def stop_service(self, name: str) -> None:
         """Stops one service (its port is then closed: clients get UNAVAILABLE)."""
-        assert self.stack is not None
-        self.run(self.stack.servers[name].stop(0))
+        self.servers.stop(self.running[name])
 
     def start_service(self, name: str, timeout: float = 300) -> None:
         """Starts a stopped service again on its old port and waits until it is ready."""
-        assert self.stack is not None
-        port = self.stack.servers[name].port
+        port = self.running[name].port
         definition = create_service(name, self.settings)
-        running = self.run(start_server(self.settings, definition, port=port, host="127.0.0.1"))
-        self.stack.servers[name] = running
-        self.run(running.wait_ready(timeout), timeout + 5)
+        self.running[name] = self.servers.start(self.settings, definition, port=port, ready_timeout=timeout)
 
     def close(self) -> None:
-        try:
-            if self.stack is not None:
-                self.run(self.stack.stop(0), 60)
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(10)
+        self.servers.close()

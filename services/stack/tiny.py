@@ -23,7 +23,7 @@ from pony_common.models.auraflow import MAX_SEQUENCE_LENGTH, T5_SPECIAL_TOKENS, 
 from pony_common.models.clip import TINY_CLIP_PROJECTION_DIM, build_tiny_clip
 from pony_common.models.heads import NSFW_LABELS, Calibration, HeadInfo, MLPHead, save_head
 from pony_common.models.loading import model_load_lock
-from services.captioner.vlm import IMAGE_TOKEN, TINY_VLM_MAX_LENGTH, TINY_VLM_SPECIAL_TOKENS, build_tiny_vlm
+from services.captioner.model import IMAGE_TOKEN, TINY_VLM_MAX_LENGTH, TINY_VLM_SPECIAL_TOKENS, build_tiny_vlm
 
 logger = logging.getLogger(__name__)
 

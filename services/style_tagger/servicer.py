@@ -1,4 +1,4 @@
-"""`pony.v1.StyleTagger` over gRPC: converts protos to and from the `StyleTagger` backend's domain objects."""
+"""`pony.v1.StyleTagger` over gRPC, transport only: image refs and protos in, `StyleTaggerService` calls, protos out."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ from grpc import aio
 
 from pony.v1 import common_pb2, style_tagger_pb2, style_tagger_pb2_grpc
 from pony_common.config import Settings
-from pony_common.errors import DependencyUnavailable, InvalidArgument
+from pony_common.errors import InvalidArgument
 from pony_common.imagerefs import ImageResolver, LoadedImage
 from pony_common.metrics import ITEM_FAILURES
 from services.style_tagger.clusters import ClusterSet
-from services.style_tagger.tagger import SERVICE, FitParams, StyleTagger
+from services.style_tagger.model import SERVICE
+from services.style_tagger.service import FitParams, StyleTaggerService
 
 
 def _item_error(exc: InvalidArgument) -> common_pb2.ItemError:
@@ -22,20 +23,10 @@ def _item_error(exc: InvalidArgument) -> common_pb2.ItemError:
 
 
 class StyleTaggerServicer(style_tagger_pb2_grpc.StyleTaggerServicer):
-    def __init__(self, settings: Settings, backend: StyleTagger) -> None:
+    def __init__(self, settings: Settings, service: StyleTaggerService) -> None:
         self.settings = settings
-        self.backend = backend
+        self.service = service
         self.resolver = ImageResolver(settings)
-
-    def _check(self, images: Sequence[common_pb2.ImageRef], field: str = "images") -> None:
-        if not self.backend.ready:
-            raise DependencyUnavailable("the style tagger is still loading its model")
-        if not images:
-            raise InvalidArgument(field, "at least one image is required")
-        if len(images) > self.settings.style_tagger.max_batch:
-            raise InvalidArgument(
-                field, f"at most {self.settings.style_tagger.max_batch} images per call, got {len(images)}"
-            )
 
     def _resolve(
         self, refs: Sequence[common_pb2.ImageRef], field: str
@@ -50,17 +41,17 @@ class StyleTaggerServicer(style_tagger_pb2_grpc.StyleTaggerServicer):
 
     def _provenance(self, component: str = "") -> common_pb2.Provenance:
         return common_pb2.Provenance(
-            model=self.backend.model_id, model_version=self.backend.model_version, component_version=component
+            model=self.service.model_id, model_version=self.service.model_version, component_version=component
         )
 
     async def Embed(
         self, request: style_tagger_pb2.StyleTaggerEmbedRequest, context: aio.ServicerContext
     ) -> style_tagger_pb2.StyleTaggerEmbedResponse:
-        self._check(request.images)
+        self.service.check_batch(len(request.images))
 
         def work() -> style_tagger_pb2.StyleTaggerEmbedResponse:
             loaded, errors = self._resolve(request.images, "images")
-            vectors = self.backend.embed([li.image for _, li in loaded]) if loaded else []
+            vectors = self.service.embed([li.image for _, li in loaded]) if loaded else []
             by_index = {i: (li, vec) for (i, li), vec in zip(loaded, vectors, strict=True)}
             results = []
             for i, ref in enumerate(request.images):
@@ -70,7 +61,7 @@ class StyleTaggerServicer(style_tagger_pb2_grpc.StyleTaggerServicer):
                     li, vec = by_index[i]
                     results.append(style_tagger_pb2.StyleEmbedResult(image_id=li.image_id, embedding=vec.tolist()))
             return style_tagger_pb2.StyleTaggerEmbedResponse(
-                results=results, provenance=self._provenance(), dim=self.backend.encoder.dim
+                results=results, provenance=self._provenance(), dim=self.service.dim
             )
 
         return await asyncio.to_thread(work)
@@ -78,8 +69,6 @@ class StyleTaggerServicer(style_tagger_pb2_grpc.StyleTaggerServicer):
     async def FitClusters(
         self, request: style_tagger_pb2.FitClustersRequest, context: aio.ServicerContext
     ) -> style_tagger_pb2.FitClustersResponse:
-        if not self.backend.ready:
-            raise DependencyUnavailable("the style tagger is still loading its model")
         params = FitParams(
             k=request.k,
             per_family=request.per_family,
@@ -87,19 +76,19 @@ class StyleTaggerServicer(style_tagger_pb2_grpc.StyleTaggerServicer):
             seed=request.seed,
             activate=request.activate,
         )
-        cluster_set = await asyncio.to_thread(self.backend.fit_clusters, params)
+        cluster_set = await asyncio.to_thread(self.service.fit_clusters, params)
         return fit_response(cluster_set, request.activate)
 
     async def Tag(
         self, request: style_tagger_pb2.TagRequest, context: aio.ServicerContext
     ) -> style_tagger_pb2.TagResponse:
-        self._check(request.images)
+        self.service.check_batch(len(request.images))
 
         def work() -> style_tagger_pb2.TagResponse:
-            version = self.backend.active().cluster_set.version
+            version = self.service.active().cluster_set.version
             loaded, errors = self._resolve(request.images, "images")
             tagged = (
-                self.backend.tag([li.image for _, li in loaded], [li.image_id for _, li in loaded]) if loaded else []
+                self.service.tag([li.image for _, li in loaded], [li.image_id for _, li in loaded]) if loaded else []
             )
             by_index = {i: r for (i, _), r in zip(loaded, tagged, strict=True)}
             results = []
@@ -129,21 +118,17 @@ class StyleTaggerServicer(style_tagger_pb2_grpc.StyleTaggerServicer):
     async def SimilarStyles(
         self, request: style_tagger_pb2.SimilarStylesRequest, context: aio.ServicerContext
     ) -> style_tagger_pb2.SimilarStylesResponse:
-        if not self.backend.ready:
-            raise DependencyUnavailable("the style tagger is still loading its model")
         which = request.WhichOneof("query")
-        if which is None:
-            raise InvalidArgument("query", "give an image or a cluster_id")
+        if which == "image":
+            self.service.model.require_ready()  # UNAVAILABLE before the image is fetched
 
         def work() -> style_tagger_pb2.SimilarStylesResponse:
-            if which == "image":
-                loaded = self.resolver.load(request.image, "image")
-                vector = self.backend.embed([loaded.image])[0]
-                version, found = self.backend.similar_styles(vector=vector, k=request.k, examples=request.examples)
-            else:
-                version, found = self.backend.similar_styles(
-                    cluster_id=request.cluster_id, k=request.k, examples=request.examples
-                )
+            version, found = self.service.similar_styles(
+                image=self.resolver.load(request.image, "image").image if which == "image" else None,
+                cluster_id=request.cluster_id if which == "cluster_id" else None,
+                k=request.k,
+                examples=request.examples,
+            )
             return style_tagger_pb2.SimilarStylesResponse(
                 clusters=[
                     style_tagger_pb2.SimilarCluster(
@@ -164,11 +149,11 @@ class StyleTaggerServicer(style_tagger_pb2_grpc.StyleTaggerServicer):
     async def Palette(
         self, request: style_tagger_pb2.PaletteRequest, context: aio.ServicerContext
     ) -> style_tagger_pb2.PaletteResponse:
-        self._check(request.images)
+        self.service.check_batch(len(request.images))
 
         def work() -> style_tagger_pb2.PaletteResponse:
             loaded, errors = self._resolve(request.images, "images")
-            palettes = self.backend.palette([li.image for _, li in loaded], request.colors) if loaded else []
+            palettes = self.service.palette([li.image for _, li in loaded], request.colors) if loaded else []
             by_index = {i: (li, p) for (i, li), p in zip(loaded, palettes, strict=True)}
             results = []
             for i, ref in enumerate(request.images):

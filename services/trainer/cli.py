@@ -59,7 +59,7 @@ def _read_spec(path: str) -> str:
     return text
 
 
-def _describe(run) -> str:  # run: services.trainer.runs.Run
+def _describe(run) -> str:  # run: services.trainer.store.Run
     loss = "" if run.last_loss is None else f" loss={run.last_loss:.4f}"
     version = "" if run.model_version is None else f" pony_v7=v{run.model_version}"
     return f"{run.id}\t{run.state}\tstep {run.step}/{run.total_steps}{loss}{version}\t{run.reason}"
@@ -93,14 +93,6 @@ def _submit_local(text: str, run_id: str, settings: Settings) -> int:
     return 0 if run.state == "Succeeded" else 1
 
 
-def _stub(settings: Settings):
-    from pony.v1 import trainer_pb2_grpc
-    from pony_common.grpc.client import channel
-
-    ch = channel(settings, "trainer")
-    return ch, trainer_pb2_grpc.TrainerControllerStub(ch)
-
-
 def _rpc(call, *args, **kwargs):
     import grpc
 
@@ -130,33 +122,32 @@ def _pb_line(run) -> str:
 
 def _submit_grpc(text: str, args: argparse.Namespace, settings: Settings) -> int:
     from pony.v1 import trainer_pb2
+    from services.trainer.client import TrainerClient
 
-    ch, stub = _stub(settings)
-    with ch:
-        resp = _rpc(stub.SubmitRun, trainer_pb2.SubmitRunRequest(spec_yaml=text, run_id=args.run_id))
-        _out(_pb_line(resp.run))
-        if not args.wait:
-            return 0
-        last = resp.run
-        for item in stub.WatchRun(trainer_pb2.WatchRunRequest(run_id=resp.run.run_id), timeout=None):
-            last = item.run
-            if item.HasField("event") and item.event.kind == trainer_pb2.RUN_EVENT_KIND_LOSS:
-                _out(f"step {item.event.step}/{item.run.total_steps} loss {item.event.loss:.4f}")
-        _out(_pb_line(last))
-        return 0 if last.state == trainer_pb2.RUN_STATE_SUCCEEDED else 1
+    client = TrainerClient(settings)
+    resp = _rpc(client.submit_run, text, args.run_id)
+    _out(_pb_line(resp.run))
+    if not args.wait:
+        return 0
+    last = resp.run
+    for item in client.watch_run(resp.run.run_id):
+        last = item.run
+        if item.HasField("event") and item.event.kind == trainer_pb2.RUN_EVENT_KIND_LOSS:
+            _out(f"step {item.event.step}/{item.run.total_steps} loss {item.event.loss:.4f}")
+    _out(_pb_line(last))
+    return 0 if last.state == trainer_pb2.RUN_STATE_SUCCEEDED else 1
 
 
 def run_get(args: argparse.Namespace, settings: Settings) -> int:
-    from pony.v1 import trainer_pb2
+    from services.trainer.client import TrainerClient
 
-    ch, stub = _stub(settings)
-    with ch:
-        _out(_pb_line(_rpc(stub.GetRun, trainer_pb2.GetRunRequest(run_id=args.run_id)).run))
+    _out(_pb_line(_rpc(TrainerClient(settings).get_run, args.run_id).run))
     return 0
 
 
 def run_list(args: argparse.Namespace, settings: Settings) -> int:
     from pony.v1 import trainer_pb2
+    from services.trainer.client import TrainerClient
 
     states = []
     for s in args.state:
@@ -164,21 +155,18 @@ def run_list(args: argparse.Namespace, settings: Settings) -> int:
         if name not in trainer_pb2.RunState.keys():  # noqa: SIM118 (an EnumTypeWrapper, not a dict)
             raise UsageError(f"--state {s}: use Pending, Running, Succeeded, Failed or Cancelled")
         states.append(trainer_pb2.RunState.Value(name))
-    ch, stub = _stub(settings)
-    with ch:
-        for run in _rpc(stub.ListRuns, trainer_pb2.ListRunsRequest(states=states)).runs:
-            _out(_pb_line(run))
+    for run in _rpc(TrainerClient(settings).list_runs, states).runs:
+        _out(_pb_line(run))
     return 0
 
 
 def run_cancel(args: argparse.Namespace, settings: Settings) -> int:
     from pony.v1 import trainer_pb2
+    from services.trainer.client import TrainerClient
 
     propagation = (
         trainer_pb2.DELETE_PROPAGATION_FOREGROUND if args.foreground else trainer_pb2.DELETE_PROPAGATION_BACKGROUND
     )
-    ch, stub = _stub(settings)
-    with ch:
-        resp = _rpc(stub.CancelRun, trainer_pb2.CancelRunRequest(run_id=args.run_id, propagation=propagation))
-        _out(_pb_line(resp.run))
+    resp = _rpc(TrainerClient(settings).cancel_run, args.run_id, propagation)
+    _out(_pb_line(resp.run))
     return 0

@@ -10,8 +10,8 @@ from typing import Any
 
 from pony_common.config import Settings
 from pony_common.errors import DependencyUnavailable
-from services.trainer.runs import Run, RunEvent
 from services.trainer.spec import TrainSpec
+from services.trainer.store import Run, RunEvent
 
 
 def demo_spec(manifest: str | Path, name: str = "demo", steps: int = 4) -> dict[str, Any]:
@@ -39,23 +39,23 @@ def train_locally(
     timeout_s: float | None = None,
     on_event: Callable[[Run, RunEvent], None] | None = None,
 ) -> Run:
-    """Submits `spec` to a local-executor controller, waits for the run to end, and returns it.
+    """Submits `spec` to a local-executor TrainerService, waits for the run to end, and returns it.
 
     On success the final pipeline is published as the next `pony_v7` version (run.model_version, the
     model_versions row, and the sampler's LoadVersion when `settings.sampler_addr` answers).
     Raises InvalidArgument for a bad spec; DependencyUnavailable when `timeout_s` passes (the run is cancelled).
     """
-    from services.trainer.controller import TrainerController
+    from services.trainer.service import TrainerService
 
-    controller = TrainerController(settings.replace(trainer_executor="local"))
-    controller.load()
+    service = TrainerService(settings.replace(trainer_executor="local"))
+    service.load()
     try:
-        run = controller.submit(spec, run_id=run_id)
+        run = service.submit(spec, run_id=run_id)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         after = 0
         while True:
-            events = controller.events(run.id, after)
-            run = controller.get(run.id)
+            events = service.events(run.id, after)
+            run = service.get(run.id)
             for event in events:
                 after = event.id
                 if on_event is not None:
@@ -63,9 +63,9 @@ def train_locally(
             if run.terminal and not events:
                 return run
             if deadline is not None and time.monotonic() > deadline:
-                controller.cancel(run.id)
+                service.cancel(run.id)
                 raise DependencyUnavailable(f"run {run.id} did not finish within {timeout_s} s; cancelled")
             if not events:
                 time.sleep(0.2)
     finally:
-        controller.close()
+        service.close()

@@ -9,7 +9,7 @@ import grpc
 
 from pony_common.config import Settings
 from pony_common.grpc.client import channel
-from services.trainer.runs import RunStore
+from services.trainer.store import RunStore
 
 log = logging.getLogger(__name__)
 

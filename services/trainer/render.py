@@ -21,7 +21,7 @@ APP_LABELS = {
     "app.kubernetes.io/part-of": "pony",
 }
 SPEC_ENV = "PONY_TRAIN_SPEC"
-SPEC_REF = f"env:{SPEC_ENV}"  # `python -m services.trainer.train --spec env:PONY_TRAIN_SPEC`
+SPEC_REF = f"env:{SPEC_ENV}"  # `python -m services.trainer.training.train --spec env:PONY_TRAIN_SPEC`
 CHECKPOINT_MOUNT = "/checkpoints"
 MASTER_PORT = 29500
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
@@ -95,7 +95,7 @@ def _torchrun(spec: TrainSpec, run_id: str, master: str | None) -> list[str]:
     else:
         # $(JOB_COMPLETION_INDEX) is expanded by the kubelet from the container env below.
         args += ["--node-rank=$(JOB_COMPLETION_INDEX)", f"--master-addr={master}", f"--master-port={MASTER_PORT}"]
-    args += ["-m", "services.trainer.train", "--spec", SPEC_REF, "--run-id", run_id]
+    args += ["-m", "services.trainer.training.train", "--spec", SPEC_REF, "--run-id", run_id]
     return args
 
 

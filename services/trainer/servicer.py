@@ -1,4 +1,4 @@
-"""The `pony.v1.TrainerController` servicer: converts protos <-> the controller's runs and events."""
+"""The `pony.v1.TrainerController` servicer, transport only: protos <-> the TrainerService's runs and events."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from grpc import aio
 
 from pony.v1 import trainer_pb2, trainer_pb2_grpc
-from pony_common.errors import FailedPrecondition
-from services.trainer.controller import TrainerController
-from services.trainer.runs import Run, RunEvent
+from services.trainer.service import TrainerService
+from services.trainer.store import Run, RunEvent
 
 STATE_TO_PB = {
     "Pending": trainer_pb2.RUN_STATE_PENDING,
@@ -84,42 +83,36 @@ def event_to_pb(event: RunEvent) -> trainer_pb2.RunEvent:
 
 
 class TrainerControllerServicer(trainer_pb2_grpc.TrainerControllerServicer):
-    def __init__(self, controller: TrainerController) -> None:
-        self.controller = controller
-
-    def _check_ready(self) -> None:
-        if not self.controller.ready:
-            raise FailedPrecondition("the trainer controller is still starting")
+    def __init__(self, service: TrainerService) -> None:
+        self.service = service
 
     async def SubmitRun(self, request: trainer_pb2.SubmitRunRequest, context: aio.ServicerContext):
-        self._check_ready()
-        run = await asyncio.to_thread(self.controller.submit, request.spec_yaml, request.run_id)
+        run = await asyncio.to_thread(self.service.submit, request.spec_yaml, request.run_id)
         return trainer_pb2.SubmitRunResponse(run=run_to_pb(run))
 
     async def GetRun(self, request: trainer_pb2.GetRunRequest, context: aio.ServicerContext):
-        run = await asyncio.to_thread(self.controller.get, request.run_id)
+        run = await asyncio.to_thread(self.service.get, request.run_id)
         return trainer_pb2.GetRunResponse(run=run_to_pb(run))
 
     async def ListRuns(self, request: trainer_pb2.ListRunsRequest, context: aio.ServicerContext):
         states = tuple(PB_TO_STATE.get(s, f"unknown({s})") for s in request.states)
-        runs, token = await asyncio.to_thread(self.controller.list_runs, states, request.page_size, request.page_token)
+        runs, token = await asyncio.to_thread(self.service.list_runs, states, request.page_size, request.page_token)
         return trainer_pb2.ListRunsResponse(runs=[run_to_pb(r) for r in runs], next_page_token=token)
 
     async def CancelRun(self, request: trainer_pb2.CancelRunRequest, context: aio.ServicerContext):
-        self._check_ready()
         propagation = PROPAGATION.get(request.propagation, "unknown")
-        run = await asyncio.to_thread(self.controller.cancel, request.run_id, propagation)
+        run = await asyncio.to_thread(self.service.cancel, request.run_id, propagation)
         return trainer_pb2.CancelRunResponse(run=run_to_pb(run))
 
     async def WatchRun(
         self, request: trainer_pb2.WatchRunRequest, context: aio.ServicerContext
     ) -> AsyncIterator[trainer_pb2.WatchRunResponse]:
-        run = await asyncio.to_thread(self.controller.get, request.run_id)
+        run = await asyncio.to_thread(self.service.get, request.run_id)
         yield trainer_pb2.WatchRunResponse(run=run_to_pb(run))
         after = request.after_event_id
         while True:
-            events = await asyncio.to_thread(self.controller.events, request.run_id, after)
-            run = await asyncio.to_thread(self.controller.get, request.run_id)
+            events = await asyncio.to_thread(self.service.events, request.run_id, after)
+            run = await asyncio.to_thread(self.service.get, request.run_id)
             for event in events:
                 after = event.id
                 yield trainer_pb2.WatchRunResponse(run=run_to_pb(run), event=event_to_pb(event))

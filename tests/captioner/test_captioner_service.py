@@ -8,6 +8,7 @@ import pytest
 from pony.v1 import captioner_pb2, captioner_pb2_grpc, common_pb2
 from pony_common.config import Settings
 from services.captioner.app import create_service
+from services.captioner.client import CaptionerClient
 from tests.scorer.serving import RANDOM_BYTES, SERVING, bomb_png, png_bytes, readiness, serve
 
 K = captioner_pb2
@@ -26,7 +27,9 @@ def captioner(tiny_models, tmp_path_factory: pytest.TempPathFactory):
         artist_blocklist_path=str(blocklist),
     )
     with serve(settings, create_service(settings)) as served, grpc.insecure_channel(served.address) as channel:
-        yield captioner_pb2_grpc.CaptionerStub(channel), channel
+        client = CaptionerClient(settings, served.address)
+        yield captioner_pb2_grpc.CaptionerStub(channel), channel, client
+        client.reset()  # closes the process-wide channel to this test server
 
 
 def item(data: bytes, **kw: object) -> captioner_pb2.CaptionItem:
@@ -34,7 +37,7 @@ def item(data: bytes, **kw: object) -> captioner_pb2.CaptionItem:
 
 
 def test_caption_batch_gives_each_kind_with_provenance_and_the_character_names(captioner) -> None:
-    stub, _ = captioner
+    stub, *_ = captioner
     request = captioner_pb2.CaptionRequest(
         items=[
             item(
@@ -68,7 +71,7 @@ def test_caption_batch_gives_each_kind_with_provenance_and_the_character_names(c
 
 
 def test_bad_images_are_item_errors_and_the_rest_of_the_batch_is_captioned(captioner) -> None:
-    stub, channel = captioner
+    stub, channel, _ = captioner
     request = captioner_pb2.CaptionRequest(
         items=[
             item(b"", item_id="empty"),
@@ -90,7 +93,7 @@ def test_bad_images_are_item_errors_and_the_rest_of_the_batch_is_captioned(capti
 
 
 def test_stream_sends_each_result_with_progress(captioner) -> None:
-    stub, _ = captioner
+    stub, *_ = captioner
     request = captioner_pb2.CaptionStreamRequest(
         items=[item(png_bytes((i * 50, 0, 0)), item_id=str(i), kinds=[K.CAPTION_KIND_SHORT]) for i in range(3)]
         + [item(b"not an image", item_id="bad")],
@@ -122,7 +125,7 @@ def test_stream_sends_each_result_with_progress(captioner) -> None:
 def test_bad_requests_are_invalid_argument_naming_the_field_and_the_server_stays_ready(
     captioner, request_: captioner_pb2.CaptionRequest, field: str
 ) -> None:
-    stub, channel = captioner
+    stub, channel, _ = captioner
     with pytest.raises(grpc.RpcError) as err:
         stub.Caption(request_, timeout=60)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -136,7 +139,7 @@ def test_bad_requests_are_invalid_argument_naming_the_field_and_the_server_stays
 
 
 def test_a_call_past_its_deadline_ends_and_the_server_keeps_serving(captioner) -> None:
-    stub, channel = captioner
+    stub, channel, _ = captioner
     items = [item(png_bytes((i, 2 * i, 3 * i), noise_seed=i)) for i in range(8)]
     with pytest.raises(grpc.RpcError) as err:
         stub.Caption(captioner_pb2.CaptionRequest(items=items, max_new_tokens=64), timeout=0.3)
@@ -146,3 +149,18 @@ def test_a_call_past_its_deadline_ends_and_the_server_keeps_serving(captioner) -
         captioner_pb2.CaptionRequest(items=items[:1], max_new_tokens=4), timeout=120
     )  # the backend stopped the expired call between batches; this one is served
     assert reply.results[0].captions
+
+
+def test_the_typed_client_captions_a_batch(captioner) -> None:
+    _, _, client = captioner
+    request = captioner_pb2.CaptionRequest(
+        items=[item(png_bytes((5, 5, 5)), item_id="x", kinds=[K.CAPTION_KIND_SHORT]), item(b"", item_id="y")],
+        max_new_tokens=TOKENS,
+    )
+    reply = client.caption(request)
+    x, y = reply.results
+    assert [c.kind for c in x.captions] == [K.CAPTION_KIND_SHORT] and not x.HasField("error")
+    assert y.error.reason == "invalid_image" and y.error.field == "items[1].image"
+    with pytest.raises(grpc.RpcError) as err:
+        client.caption(captioner_pb2.CaptionRequest())
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -127,7 +127,7 @@ def test_few_shot_file_comes_from_config_and_changes_the_template_version(tmp_pa
 
 def test_settings_name_the_example_filler_and_blocklist_files(tmp_path: Path) -> None:
     from pony_common.config import Settings
-    from services.captioner.backend import VlmCaptioner
+    from services.captioner.service import CaptionerService
 
     (tmp_path / "ex.json").write_text(json.dumps({"style": ["Ink wash, loose brushwork."]}), encoding="utf-8")
     (tmp_path / "fill.txt").write_text("lo and behold\n", encoding="utf-8")
@@ -140,8 +140,8 @@ def test_settings_name_the_example_filler_and_blocklist_files(tmp_path: Path) ->
         },
         state_dir=str(tmp_path / "state"),
     )
-    captioner = VlmCaptioner.from_settings(settings)  # nothing loads until load()
-    assert not captioner.ready
+    captioner = CaptionerService.from_settings(settings)  # nothing loads until load()
+    assert not captioner.model.ready
     assert captioner.template_version == PromptBook.load(tmp_path / "ex.json").version
     assert "Ink wash" in captioner.prompts.prompt("style")
     assert captioner.cleaner.clean("Lo and behold, a cat by some_artist.", MEDIUM) == "A cat."

@@ -98,7 +98,7 @@ def test_ingest_curates_each_image_once_fails_corrupt_files_and_reingest_adds_no
         assert row["prompt"].startswith(", ".join(row["special_tags"]))
     assert len(out.shards) == 1
     # The trainer reads it as written.
-    from services.trainer.manifest import read_manifest
+    from services.trainer.training.manifest import read_manifest
 
     items = read_manifest(out.manifest)
     assert [i.image_id for i in items] == report.image_ids and all(i.special_tags and i.prompt for i in items)

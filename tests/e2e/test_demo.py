@@ -13,10 +13,11 @@ from PIL import Image
 from sqlalchemy import func, select
 
 from pony_common.catalog import catalog_for
-from pony_common.catalog.models import ImageRow, ModelVersionRow, SafetyDecisionRow, TrainingRunRow
+from pony_common.catalog.models import ImageRow, ModelVersionRow, SafetyDecisionRow
 from pony_common.config import Settings
 from services.sampler.pnginfo import read_parameters
 from services.stack.demo import DemoOptions, run_demo
+from services.trainer.store import TrainingRunRow
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
@@ -19,7 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from pony.v1 import common_pb2, scorer_pb2, scorer_pb2_grpc
 from pony_common.config import Settings
 from pony_common.grpc.client import channel
-from pony_common.grpc.server import start_server
+from pony_common.testing import ServerLoop
 from tests.conftest import free_port
 from tests.foundation.echo_service import create_service
 
@@ -32,19 +31,9 @@ def score(stub: scorer_pb2_grpc.ScorerStub, uri: str, **kw: object) -> scorer_pb
 
 def run_server(settings: Settings, gate: threading.Event | None = None):
     """Starts the echo service on a free port in a background event loop; returns (port, stop, loop, running)."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    running = asyncio.run_coroutine_threadsafe(
-        start_server(settings, create_service(settings, gate), port=0, host="127.0.0.1"), loop
-    ).result(10)
-
-    def stop() -> None:
-        asyncio.run_coroutine_threadsafe(running.stop(0), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
-
-    return running.port, stop, loop, running
+    servers = ServerLoop()
+    running = servers.start(settings, create_service(settings, gate), wait_ready=False)
+    return running.port, servers.close, servers.loop, running
 
 
 @pytest.fixture
@@ -158,12 +147,9 @@ def test_client_retries_unavailable_until_the_server_is_up(settings: Settings) -
 
     def start_later() -> None:
         time.sleep(0.4)
-        loop = asyncio.new_event_loop()
-        threading.Thread(target=loop.run_forever, daemon=True).start()
-        running = asyncio.run_coroutine_threadsafe(
-            start_server(settings, create_service(settings), port=port, host="127.0.0.1"), loop
-        ).result(10)
-        started.append((loop, running))
+        servers = ServerLoop()
+        servers.start(settings, create_service(settings), port=port, wait_ready=False)
+        started.append(servers)
 
     t = threading.Thread(target=start_later)
     t.start()
@@ -172,9 +158,8 @@ def test_client_retries_unavailable_until_the_server_is_up(settings: Settings) -
             assert score(scorer_pb2_grpc.ScorerStub(ch), "late").results[0].image_id == "late"
     finally:
         t.join()
-        for loop, running in started:
-            asyncio.run_coroutine_threadsafe(running.stop(0), loop).result(10)
-            loop.call_soon_threadsafe(loop.stop)
+        for servers in started:
+            servers.close()
 
 
 def test_sigterm_drains_the_in_flight_call_then_stops() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from pony_common.models.auraflow import load_pipeline
-from services.captioner.vlm import load_vlm
+from services.captioner.model import load_vlm
 
 
 def meta_parameters(*modules: torch.nn.Module) -> list[str]:

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-from services.captioner.vlm import VLM_MODEL_CLASS, VLM_PROCESSOR_CLASS, load_vlm
+from services.captioner.model import VLM_MODEL_CLASS, VLM_PROCESSOR_CLASS, load_vlm
 from services.stack.tiny import ENGLISH_WORDS
 
 

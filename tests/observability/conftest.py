@@ -3,53 +3,18 @@ test process, and scraping a /metrics endpoint over HTTP."""
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 import urllib.request
-from collections.abc import Callable, Coroutine, Iterator, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 
 from pony_common.config import Settings
-from services.stack.stack import Stack, start_stack
 
 T = TypeVar("T")
-
-
-class ServicesThread:
-    """`start_stack` on an event loop in a thread, so blocking clients (tests, Celery tasks) can call it."""
-
-    def __init__(self, settings: Settings, names: Sequence[str]) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="services", daemon=True)
-        self.thread.start()
-        self.stack: Stack | None = None
-        try:
-            self.stack = self.run(start_stack(settings, list(names), free_ports=True))
-            self.run(self.stack.wait_ready(300), 310)
-        except BaseException:
-            self.close()
-            raise
-
-    @property
-    def settings(self) -> Settings:
-        assert self.stack is not None
-        return self.stack.settings
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 120) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        try:
-            if self.stack is not None:
-                self.run(self.stack.stop(0), 60)
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(10)
 
 
 @pytest.fixture(scope="session")

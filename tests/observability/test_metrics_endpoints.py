@@ -5,10 +5,7 @@ failures and item failures (solo and prefork pools); the broker's queue depths."
 from __future__ import annotations
 
 import io
-import os
-import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,8 +20,10 @@ from pony_common.celery_metrics import QueueDepthCollector
 from pony_common.config import Settings
 from pony_common.grpc.client import channel
 from pony_common.metrics import start_metrics_server
+from pony_common.workers import start_worker, stop_worker
+from services.stack.stack_thread import StackThread
 from tests.conftest import free_port
-from tests.observability.conftest import ServicesThread, matching, scrape, value, wait_for
+from tests.observability.conftest import matching, scrape, value, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,8 +35,8 @@ def png(color: tuple[int, int, int]) -> bytes:
 
 
 @pytest.fixture
-def services(model_settings: Settings) -> Iterator[ServicesThread]:
-    stack = ServicesThread(model_settings.replace(log_level="WARNING"), ["scorer", "safety"])
+def services(model_settings: Settings) -> Iterator[StackThread]:
+    stack = StackThread(model_settings.replace(log_level="WARNING"), ["scorer", "safety"])
     try:
         yield stack
     finally:
@@ -45,7 +44,7 @@ def services(model_settings: Settings) -> Iterator[ServicesThread]:
 
 
 def test_service_metrics_count_rpcs_by_method_and_code_with_batches_models_and_item_failures(
-    services: ServicesThread,
+    services: StackThread,
 ) -> None:
     port = start_metrics_server(free_port(), addr="127.0.0.1")
     before = scrape(port)
@@ -103,31 +102,11 @@ def test_service_metrics_count_rpcs_by_method_and_code_with_batches_models_and_i
 
 
 def _worker(settings: Settings, pool: str, metrics_port: int, log: Path) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PONY_", "PROMETHEUS_"))}
-    env.update(
-        PONY_STATE_DIR=settings.state_dir,
-        PONY_DATABASE_URL=settings.database_url,
-        PONY_BROKER_URL=settings.broker_url,
-        PONY_RESULT_BACKEND=settings.result_backend,
-        PONY_METRICS_PORT=str(metrics_port),
-        PONY_TASK_RETRY_BACKOFF_S="0.05",
-        PONY_LOG_LEVEL="WARNING",
-        PYTHONPATH=str(ROOT),
+    settings = settings.replace(metrics_port=metrics_port, task_retry_backoff_s=0.05, log_level="WARNING")
+    include = ["tests.observability.celery_tasks"]
+    return start_worker(
+        settings, ["default"], name=f"obs-{pool}", pool=pool, log_path=log, include=include, concurrency=1
     )
-    cmd = [sys.executable, "-m", "pony_common.cli.main", "worker", "--queues", "default", "--pool", pool]
-    cmd += ["--concurrency", "1", "--include", "tests.observability.celery_tasks", "--hostname", f"obs-{pool}@%h"]
-    with open(log, "wb") as out:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.mark.parametrize("pool", ["solo", "prefork"])
@@ -156,7 +135,7 @@ def test_worker_metrics_count_tasks_retries_failures_and_queue_depth(
         wait_for(lambda: task_count("tests.observability.boom", "FAILURE") == 1, 15, "the failure to be counted")
         m = scrape(port)
     finally:
-        _stop(proc)
+        stop_worker(proc)
         app.close()
     log = (tmp_path / "worker.log").read_text(errors="replace")
 

@@ -4,11 +4,9 @@ task spans and gRPC client/server spans are linked parent to child."""
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import logging
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,10 +21,11 @@ from sqlalchemy import select
 
 from pony.v1 import common_pb2, scorer_pb2, scorer_pb2_grpc
 from pony_common.config import Settings
-from pony_common.grpc.server import start_server
 from pony_common.logs import JsonFormatter
+from pony_common.testing import ServerLoop
+from services.stack.stack_thread import StackThread
 from tests.foundation.echo_service import create_service as echo_service
-from tests.observability.conftest import ServicesThread, wait_for
+from tests.observability.conftest import wait_for
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
@@ -35,18 +34,8 @@ PARENT_ID = "00f067aa0ba902b7"
 @pytest.fixture
 def echo(settings: Settings) -> Iterator[int]:
     """The bootstrap's echo service (tests/foundation) on a free port."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    running = asyncio.run_coroutine_threadsafe(
-        start_server(settings, echo_service(settings), port=0, host="127.0.0.1"), loop
-    ).result(10)
-    try:
-        yield running.port
-    finally:
-        asyncio.run_coroutine_threadsafe(running.stop(0), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
+    with ServerLoop() as servers:
+        yield servers.start(settings, echo_service(settings)).port
 
 
 @pytest.fixture
@@ -125,10 +114,10 @@ RPC_OF_STAGE = {
 
 
 @pytest.fixture(scope="module")
-def curation_services(tmp_path_factory: pytest.TempPathFactory, tiny_models: Path) -> Iterator[ServicesThread]:
+def curation_services(tmp_path_factory: pytest.TempPathFactory, tiny_models: Path) -> Iterator[StackThread]:
     state = tmp_path_factory.mktemp("trace-state")
     settings = Settings.from_env({}, state_dir=str(state), models_dir=str(tiny_models), log_level="WARNING")
-    stack = ServicesThread(settings, CURATION_SERVICES)
+    stack = StackThread(settings, CURATION_SERVICES)
     try:
         yield stack
     finally:
@@ -142,7 +131,7 @@ def _png() -> bytes:
 
 
 def test_one_image_through_the_curation_workflow_is_one_linked_trace(
-    curation_services: ServicesThread, redis_url: str, spans: InMemorySpanExporter
+    curation_services: StackThread, redis_url: str, spans: InMemorySpanExporter
 ) -> None:
     from celery.contrib.testing.worker import start_worker
 

@@ -4,12 +4,10 @@ Prints one JSON object with what it saw."""
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import logging
 import sys
-import threading
 
 from opentelemetry import context, propagate
 
@@ -17,8 +15,8 @@ from pony.v1 import common_pb2, scorer_pb2, scorer_pb2_grpc
 from pony_common import tracing
 from pony_common.config import Settings
 from pony_common.grpc.client import channel
-from pony_common.grpc.server import start_server
 from pony_common.logs import JsonFormatter
+from pony_common.testing import ServerLoop
 from tests.foundation.echo_service import create_service
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
@@ -32,22 +30,18 @@ def main() -> int:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     settings = Settings.from_env({}, state_dir=sys.argv[1])
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
-    running = asyncio.run_coroutine_threadsafe(
-        start_server(settings, create_service(settings), port=0, host="127.0.0.1"), loop
-    ).result(10)
-    token = context.attach(propagate.extract({"traceparent": TRACEPARENT}))
-    try:
-        stub = scorer_pb2_grpc.ScorerStub(channel(settings, f"127.0.0.1:{running.port}"))
-        stub.Score(scorer_pb2.ScoreRequest(images=[common_pb2.ImageRef(uri="x")]), timeout=10)
-        headers: dict[str, object] = {"id": "task-1"}
-        tracing._before_publish(sender="pony.ping", headers=headers, routing_key="default")
-    finally:
-        context.detach(token)
-    untraced: dict[str, object] = {"id": "task-2"}
-    tracing._before_publish(sender="pony.ping", headers=untraced, routing_key="default")
-    asyncio.run_coroutine_threadsafe(running.stop(0), loop).result(10)
+    with ServerLoop() as servers:
+        running = servers.start(settings, create_service(settings))
+        token = context.attach(propagate.extract({"traceparent": TRACEPARENT}))
+        try:
+            stub = scorer_pb2_grpc.ScorerStub(channel(settings, f"127.0.0.1:{running.port}"))
+            stub.Score(scorer_pb2.ScoreRequest(images=[common_pb2.ImageRef(uri="x")]), timeout=10)
+            headers: dict[str, object] = {"id": "task-1"}
+            tracing._before_publish(sender="pony.ping", headers=headers, routing_key="default")
+        finally:
+            context.detach(token)
+        untraced: dict[str, object] = {"id": "task-2"}
+        tracing._before_publish(sender="pony.ping", headers=untraced, routing_key="default")
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     print(
         json.dumps(

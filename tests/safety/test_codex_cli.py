@@ -12,7 +12,8 @@ import yaml
 
 from pony_common.catalog.db import Catalog
 from pony_common.config import Settings
-from services.safety.codex import CodexCharacter, CodexStore, parse_codex
+from services.safety.codex import CodexCharacter, parse_codex
+from services.safety.store import CodexStore
 
 ROOT = Path(__file__).resolve().parents[2]
 

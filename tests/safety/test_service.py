@@ -20,9 +20,10 @@ from pony_common.grpc.server import start_server
 from pony_common.models.clip import ClipImageTower
 from pony_common.models.heads import load_head
 from services.safety.app import create_service
-from services.safety.checker import SafetyChecker
-from services.safety.codex import CodexCharacter, CodexStore
+from services.safety.codex import CodexCharacter
 from services.safety.policy import SafetyInput
+from services.safety.service import SafetyService
+from services.safety.store import CodexStore
 
 CHARACTERS = [
     CodexCharacter("Twilight Sparkle", ("Princess Twilight",), "My Little Pony", "adult"),
@@ -37,19 +38,19 @@ def png(color: tuple[int, int, int]) -> bytes:
 
 
 def test_classifier_is_the_nsfw_head_over_the_shared_clip_tower(model_settings: Settings) -> None:
-    checker = SafetyChecker(model_settings)
-    checker.load()
+    service = SafetyService(model_settings)
+    service.model.load()
     images = [Image.new("RGB", (32, 32), c) for c in ((255, 0, 0), (0, 0, 255), (20, 200, 20))]
-    probs = checker.classifier.predict(images)
+    probs = service.model.predict(images)
     tower = ClipImageTower.shared(model_settings.model_path("safety"))
-    assert checker.classifier.tower is tower
+    assert service.model.tower is tower
     head, info = load_head(f"{model_settings.models_dir}/heads/nsfw")
     with torch.inference_mode():
         expected = torch.softmax(head(tower.embed(images)), dim=-1).numpy()
     order = [list(info.labels).index(x) for x in ("safe", "questionable", "explicit")]
     assert np.allclose(probs, expected[:, order], atol=1e-6)
     assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-6)
-    verdicts = checker.check([SafetyInput(image=img, image_id=str(i)) for i, img in enumerate(images)])
+    verdicts = service.check([SafetyInput(image=img, image_id=str(i)) for i, img in enumerate(images)])
     assert [v.rating_scores for v in verdicts] == [pytest.approx(tuple(p)) for p in probs]
 
 
@@ -126,8 +127,8 @@ def test_check_over_grpc_with_images_prompts_and_codex_reload(model_settings: Se
 def test_a_configured_blocked_tag_list_replaces_the_default(model_settings: Settings, tmp_path) -> None:
     path = tmp_path / "blocked.txt"
     path.write_text("# house rules\nforbidden_thing\n\n", encoding="utf-8")
-    checker = SafetyChecker(model_settings.replace(safety_blocked_tags_path=str(path)))
-    checker.load()
-    a, b = checker.check([SafetyInput(tags=("Forbidden Thing",)), SafetyInput(tags=("loli",))])
+    service = SafetyService(model_settings.replace(safety_blocked_tags_path=str(path)))
+    service.model.load()
+    a, b = service.check([SafetyInput(tags=("Forbidden Thing",)), SafetyInput(tags=("loli",))])
     assert a.blocked and [r.rule_id for r in a.reasons] == ["tags.blocked"]
     assert not b.blocked

@@ -16,7 +16,7 @@ import pytest
 from pony_common.config import Settings
 from pony_common.grpc.client import channel
 from pony_common.grpc.server import RunningServer, start_server
-from services.sampler.backend import TritonSampler
+from services.sampler.model import SamplerModel
 from tests.conftest import free_port
 
 TOKEN = "sampler-test-token"
@@ -49,7 +49,7 @@ class LoopThread:
 @dataclass
 class SamplerStack:
     settings: Settings  # client-side: the sampler's address and the token
-    backend: TritonSampler
+    model: SamplerModel
     loops: LoopThread
     servers: dict[str, RunningServer]
 
@@ -60,11 +60,11 @@ class SamplerStack:
     def channel(self, token: str | None = TOKEN) -> grpc.Channel:
         return channel(self.settings.replace(auth_token=token or ""), self.addr)
 
-    def start_sampler(self, settings: Settings, backend: TritonSampler | None = None) -> RunningServer:
+    def start_sampler(self, settings: Settings, model: SamplerModel | None = None) -> RunningServer:
         """Another sampler server in the same loop (e.g. other safety settings over the same Triton)."""
         from services.sampler.app import create_service
 
-        running = self.loops.run(start_server(settings, create_service(settings, backend=backend), 0, "127.0.0.1"))
+        running = self.loops.run(start_server(settings, create_service(settings, model=model), 0, "127.0.0.1"))
         self.loops.run(running.wait_ready(300), timeout=310)
         return running
 
@@ -98,12 +98,12 @@ def sampler_stack(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -
     settings = stack_settings(tmp_path_factory.mktemp("sampler") / "state", tiny_models)
     loops = LoopThread.start()
     servers: dict[str, RunningServer] = {}
-    backend = TritonSampler(settings)
+    model = SamplerModel(settings)
     try:
         safety = loops.run(start_server(settings, create_safety(settings), 0, "127.0.0.1"))
         servers["safety"] = safety
         settings = settings.replace(safety_addr=f"127.0.0.1:{safety.port}")
-        sampler = loops.run(start_server(settings, create_sampler(settings, backend=backend), 0, "127.0.0.1"))
+        sampler = loops.run(start_server(settings, create_sampler(settings, model=model), 0, "127.0.0.1"))
         servers["sampler"] = sampler
 
         async def ready() -> None:
@@ -111,9 +111,9 @@ def sampler_stack(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -
 
         loops.run(ready(), timeout=310)
         settings = settings.replace(sampler_addr=f"127.0.0.1:{sampler.port}")
-        yield SamplerStack(settings, backend, loops, servers)
+        yield SamplerStack(settings, model, loops, servers)
     finally:
         for running in reversed(list(servers.values())):
             loops.run(running.stop(0))
-        backend.close()
+        model.teardown()
         loops.stop()

@@ -148,7 +148,7 @@ def test_an_invalid_job_is_rejected_at_submit_and_an_unknown_one_is_not_found(cl
 
 def test_higher_priority_jobs_run_first_on_redis(sampler_stack: SamplerStack, redis_url: str) -> None:
     settings = sampler_stack.settings.replace(
-        broker_url=redis_url, result_backend=redis_url, triton_start=False, triton_url=sampler_stack.backend.url
+        broker_url=redis_url, result_backend=redis_url, triton_start=False, triton_url=sampler_stack.model.url
     )
     server = sampler_stack.start_sampler(settings)
     try:

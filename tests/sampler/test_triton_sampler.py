@@ -202,7 +202,7 @@ def test_a_blocked_image_is_not_returned_only_why(client) -> None:
 def test_safety_configured_but_down_fails_closed_and_off_says_so(sampler_stack: SamplerStack, tiny_models) -> None:
     from tests.conftest import free_port
 
-    base = sampler_stack.settings.replace(triton_start=False, triton_url=sampler_stack.backend.url)
+    base = sampler_stack.settings.replace(triton_start=False, triton_url=sampler_stack.model.url)
     down = sampler_stack.start_sampler(base.replace(safety_addr=f"127.0.0.1:{free_port()}", rpc_retries=2))
     off = sampler_stack.start_sampler(base.replace(sampler_safety="off"))
     try:
@@ -222,9 +222,9 @@ def test_safety_configured_but_down_fails_closed_and_off_says_so(sampler_stack: 
 
 
 def test_triton_down_is_unavailable_and_the_sampler_recovers_when_it_returns(sampler_stack: SamplerStack) -> None:
-    backend = sampler_stack.backend
-    assert backend.process is not None
-    backend.process.kill()
+    model = sampler_stack.model
+    assert model.process is not None
+    model.process.kill()
     # A channel without retries sees the outage as it is.
     with grpc.insecure_channel(sampler_stack.addr) as ch:
         stub = sampler_pb2_grpc.SamplerStub(ch)
@@ -336,14 +336,14 @@ def test_one_bad_request_in_a_triton_batch_gets_its_own_error_and_the_others_the
 
     from services.sampler.generation import GenerationSpec
 
-    backend = sampler_stack.backend
+    model = sampler_stack.model
 
     def spec(width: int, seed: int) -> GenerationSpec:
         return GenerationSpec("a pony", "a pony", "", width, SIZE, 2, 3.5, seed, 1)
 
     async def one(client, request_spec: GenerationSpec) -> tuple[str, object]:
         async def requests():
-            yield {"model_name": "pony_v7", "inputs": backend._inputs(request_spec)}
+            yield {"model_name": "pony_v7", "inputs": model._inputs(request_spec)}
 
         async for result, error in client.stream_infer(requests()):
             if error is not None:
@@ -353,7 +353,7 @@ def test_one_bad_request_in_a_triton_batch_gets_its_own_error_and_the_others_the
         return "none", None
 
     async def run() -> list[tuple[str, object]]:
-        client = taio.InferenceServerClient(backend.url)
+        client = taio.InferenceServerClient(model.url)
         try:
             calls = [one(client, spec(width, seed)) for width, seed in ((SIZE, 1), (100, 2), (SIZE, 3))]
             return await asyncio.gather(*calls)

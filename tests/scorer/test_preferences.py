@@ -10,16 +10,11 @@ import pytest
 from sqlalchemy import func, select
 
 from pony_common.catalog.db import Catalog
-from pony_common.catalog.models import ComparisonRow, EloRatingRow, ImageRow
+from pony_common.catalog.models import ImageRow
 from pony_common.config import Settings
 from pony_common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from services.scorer.preferences import (
-    INITIAL_RATING,
-    PreferenceStore,
-    elo_update,
-    expected_score,
-    replay_elo,
-)
+from services.scorer.preferences import Preferences, elo_update, expected_score, replay_elo
+from services.scorer.store import INITIAL_RATING, ComparisonRow, EloRatingRow, PreferenceStore
 
 
 def image_ids(n: int) -> list[str]:
@@ -69,8 +64,8 @@ def test_next_pair_takes_the_least_played_image_and_its_closest_rated_partner(ca
     table = {i: (r, 6) for i, r in zip(ids, ratings, strict=True)}
     table[ids[4]] = (1540.0, 0)  # the least-played image
     add_images(catalog, ids, table)
-    store = PreferenceStore(catalog, rng=random.Random(1))
-    pair = store.next_pair("alice")
+    prefs = Preferences(PreferenceStore(catalog), rng=random.Random(1))
+    pair = prefs.next_pair("alice")
     assert {pair.image_a, pair.image_b} == {ids[4], ids[3]}
     assert {pair.rating_a, pair.rating_b} == {1540.0, 1500.0}
 
@@ -78,44 +73,44 @@ def test_next_pair_takes_the_least_played_image_and_its_closest_rated_partner(ca
 def test_next_pair_never_offers_a_pair_the_rater_judged_and_runs_out(catalog: Catalog) -> None:
     ids = image_ids(4)
     add_images(catalog, ids)
-    store = PreferenceStore(catalog, rng=random.Random(2))
+    prefs = Preferences(PreferenceStore(catalog), rng=random.Random(2))
     seen = set()
     for _ in range(6):
-        pair = store.next_pair("bob")
+        pair = prefs.next_pair("bob")
         key = frozenset((pair.image_a, pair.image_b))
         assert key not in seen and len(key) == 2
         seen.add(key)
-        store.submit("bob", pair.image_a, pair.image_b)
+        prefs.submit("bob", pair.image_a, pair.image_b)
     assert seen == {frozenset(p) for p in itertools.combinations(ids, 2)}
     with pytest.raises(FailedPrecondition, match="bob"):
-        store.next_pair("bob")
-    assert store.next_pair("carol")  # another rater still has every pair
+        prefs.next_pair("bob")
+    assert prefs.next_pair("carol")  # another rater still has every pair
 
 
 def test_next_pair_needs_two_images_and_a_rater(catalog: Catalog) -> None:
-    store = PreferenceStore(catalog)
+    prefs = Preferences(PreferenceStore(catalog))
     with pytest.raises(InvalidArgument) as err:
-        store.next_pair("  ")
+        prefs.next_pair("  ")
     assert err.value.field == "rater"
     add_images(catalog, image_ids(1))
     with pytest.raises(FailedPrecondition, match="fewer than two"):
-        store.next_pair("dave")
+        prefs.next_pair("dave")
 
 
 def test_submit_stores_the_judgement_and_updates_elo_once_per_rater_and_pair(catalog: Catalog) -> None:
     a, b = sorted(image_ids(2))
     add_images(catalog, [a, b])
-    store = PreferenceStore(catalog, k=32)
-    first = store.submit("erin", winner_id=b, loser_id=a)
+    prefs = Preferences(PreferenceStore(catalog), k=32)
+    first = prefs.submit("erin", winner_id=b, loser_id=a)
     assert first.created
     assert (first.winner_rating, first.loser_rating) == pytest.approx((1516, 1484))
-    again = store.submit("erin", winner_id=b, loser_id=a)
+    again = prefs.submit("erin", winner_id=b, loser_id=a)
     assert not again.created
     assert (again.winner_rating, again.loser_rating) == pytest.approx((1516, 1484))
     assert again.recorded_at == first.recorded_at
     with pytest.raises(AlreadyExists):
-        store.submit("erin", winner_id=a, loser_id=b)
-    second_rater = store.submit("frank", winner_id=b, loser_id=a, tie=True)
+        prefs.submit("erin", winner_id=a, loser_id=b)
+    second_rater = prefs.submit("frank", winner_id=b, loser_id=a, tie=True)
     assert second_rater.created and second_rater.winner_rating < 1516
     with catalog.session() as s:
         rows = s.scalars(select(ComparisonRow).order_by(ComparisonRow.rater)).all()
@@ -125,18 +120,18 @@ def test_submit_stores_the_judgement_and_updates_elo_once_per_rater_and_pair(cat
         ]
         assert rows[0].created_at is not None
         assert s.scalar(select(func.sum(EloRatingRow.games))) == 4
-    assert store.rating(b)[1] == 2
+    assert prefs.store.rating(b)[1] == 2
 
 
 def test_submit_rejects_bad_and_unknown_images(catalog: Catalog) -> None:
     a, b = image_ids(2)
     add_images(catalog, [a])
-    store = PreferenceStore(catalog)
+    prefs = Preferences(PreferenceStore(catalog))
     with pytest.raises(InvalidArgument) as err:
-        store.submit("gina", a, a)
+        prefs.submit("gina", a, a)
     assert err.value.field == "loser_id"
     with pytest.raises(InvalidArgument) as err:
-        store.submit("gina", "", a)
+        prefs.submit("gina", "", a)
     assert err.value.field == "winner_id"
     with pytest.raises(NotFound, match="loser_id"):
-        store.submit("gina", a, b)
+        prefs.submit("gina", a, b)

@@ -19,7 +19,7 @@ from services.style_tagger.clusters import (
     validate_tag_format,
 )
 from services.style_tagger.index import FaissStyleIndex, check_index_kind
-from services.style_tagger.tagger import FitParams, StyleTagger
+from services.style_tagger.service import FitParams, StyleTaggerService
 from tests.style_tagger.synthetic import DIM, Blob, add_images, make_table
 
 MIXED = [f"artist_{i}" for i in range(8)]
@@ -135,13 +135,13 @@ def line_table():
 
 @pytest.fixture
 def tagger(model_settings: Settings):
-    backend = StyleTagger(model_settings.replace(style_k=5))
-    backend.load()
+    backend = StyleTaggerService(model_settings.replace(style_k=5))
+    backend.model.load()
     yield backend
     catalog_for(model_settings.database_url).dispose()
 
 
-def test_similar_styles_returns_the_true_nearest_clusters(tagger: StyleTagger) -> None:
+def test_similar_styles_returns_the_true_nearest_clusters(tagger: StyleTaggerService) -> None:
     table, truth = line_table()
     add_images(tagger.store.catalog, table)
     tagger.store.save_embeddings(
@@ -173,7 +173,7 @@ def test_similar_styles_returns_the_true_nearest_clusters(tagger: StyleTagger) -
     assert all(r.tag == f"style_cluster_{r.cluster_id}" and r.cluster_set_version == cs.version for r in results)
 
 
-def test_similar_styles_skip_flagged_clusters(tagger: StyleTagger) -> None:
+def test_similar_styles_skip_flagged_clusters(tagger: StyleTaggerService) -> None:
     table, _ = guard_table()
     add_images(tagger.store.catalog, table)
     tagger.store.save_embeddings(
@@ -191,7 +191,7 @@ def test_similar_styles_skip_flagged_clusters(tagger: StyleTagger) -> None:
     assert result.flagged and result.tag == "" and result.cluster_id in flagged
 
 
-def test_bad_fit_and_query_arguments_name_the_field(tagger: StyleTagger) -> None:
+def test_bad_fit_and_query_arguments_name_the_field(tagger: StyleTaggerService) -> None:
     with pytest.raises(FailedPrecondition, match="at least 2 style embeddings"):
         tagger.fit_clusters(FitParams())
     with pytest.raises(FailedPrecondition, match="no active style cluster set"):
@@ -217,7 +217,7 @@ def test_bad_fit_and_query_arguments_name_the_field(tagger: StyleTagger) -> None
         assert err.value.field == field
 
 
-def test_embeddings_of_another_encoder_version_are_not_clustered(tagger: StyleTagger) -> None:
+def test_embeddings_of_another_encoder_version_are_not_clustered(tagger: StyleTaggerService) -> None:
     table, _ = line_table()
     add_images(tagger.store.catalog, table)
     tagger.store.save_embeddings(zip(table.image_ids, table.vectors, strict=True), "other-model", "v-other")

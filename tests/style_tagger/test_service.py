@@ -19,9 +19,9 @@ from pony_common.config import Settings
 from pony_common.grpc.server import start_server
 from services.style_tagger.app import create_service
 from services.style_tagger.clusters import EmbeddingTable
-from services.style_tagger.encoder import VitImageEncoder
+from services.style_tagger.model import VitImageEncoder
+from services.style_tagger.service import StyleTaggerService
 from services.style_tagger.store import StyleStore
-from services.style_tagger.tagger import StyleTagger
 from tests.style_tagger.synthetic import add_images
 
 SOLID = [(255, 0, 0), (0, 0, 255), (0, 128, 128), (255, 255, 0)]
@@ -162,9 +162,9 @@ def test_a_vit_encoder_from_config_gives_style_embeddings(tmp_path, settings: Se
     )
     ViTModel(config).save_pretrained(path)
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
-    tagger = StyleTagger(settings.replace(style_tagger_model=str(path)))
-    tagger.load()
-    assert isinstance(tagger.encoder, VitImageEncoder)
+    tagger = StyleTaggerService(settings.replace(style_tagger_model=str(path)))
+    tagger.model.load()
+    assert isinstance(tagger.model.encoder, VitImageEncoder)
     images = [Image.open(io.BytesIO(b)) for b in sample_images(3)]
     vectors = tagger.embed(images)
     assert vectors.shape == (3, 48)

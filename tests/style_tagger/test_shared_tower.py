@@ -52,10 +52,11 @@ def test_scorer_style_tagger_and_safety_in_one_process_share_one_tower(
         stack = await start_stack(settings, ["scorer", "style-tagger", "safety"], free_ports=True)
         try:
             await stack.wait_ready(120)
-            scorer = stack.servers["scorer"].definition.load.__self__.scorer
+            # Each definition's `load` is its model's: ScorerModel, StyleTaggerModel, SafetyModel.
+            scorer = stack.servers["scorer"].definition.load.__self__
             tagger = stack.servers["style-tagger"].definition.load.__self__
             checker = stack.servers["safety"].definition.load.__self__
-            assert scorer.tower is tagger.encoder is checker.classifier.tower
+            assert scorer.tower is tagger.encoder is checker.tower
             assert tagger.encoder is ClipImageTower.shared(clip_path)
             assert vision_towers() == before + 1
 

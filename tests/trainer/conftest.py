@@ -11,7 +11,7 @@ import yaml
 from PIL import Image
 
 from pony_common.images import image_id
-from services.trainer.manifest import ManifestItem, write_manifest
+from services.trainer.training.manifest import ManifestItem, write_manifest
 
 # (width, height, colour a, colour b): solid colours and gradients, square and not.
 IMAGES = [

@@ -13,9 +13,9 @@ import pytest
 from pony_common.cli.main import main
 from pony_common.config import Settings
 from pony_common.grpc.server import start_server
-from services.trainer.app import service_definition
-from services.trainer.controller import TrainerController
+from services.trainer.app import create_service
 from services.trainer.local_run import demo_spec
+from services.trainer.service import TrainerService
 from tests.trainer.conftest import tiny_spec, write_spec
 
 
@@ -34,14 +34,14 @@ def cli_env(model_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settin
 
 
 @pytest.fixture
-def grpc_controller(cli_env: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[TrainerController]:
-    """A TrainerController (local executor) served on a free port in a background event loop."""
+def grpc_controller(cli_env: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[TrainerService]:
+    """A TrainerService (local executor) served on a free port in a background event loop."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    controller = TrainerController(cli_env)
+    controller = TrainerService(cli_env)
     running = asyncio.run_coroutine_threadsafe(
-        start_server(cli_env, service_definition(controller), port=0, host="127.0.0.1"), loop
+        start_server(cli_env, create_service(cli_env, controller), port=0, host="127.0.0.1"), loop
     ).result(10)
     asyncio.run_coroutine_threadsafe(running.wait_ready(10), loop).result(15)
     monkeypatch.setenv("PONY_TRAINER_ADDR", f"127.0.0.1:{running.port}")
@@ -76,7 +76,7 @@ def test_submit_local_trains_here_and_publishes(cli_env: Settings, manifest: Pat
 
 
 def test_submit_goes_through_the_controller_over_grpc(
-    grpc_controller: TrainerController, manifest: Path, tmp_path: Path, capsys
+    grpc_controller: TrainerService, manifest: Path, tmp_path: Path, capsys
 ) -> None:
     spec = write_spec(tmp_path / "spec.yaml", demo_spec(manifest, steps=2))
     assert main(["train", "submit", str(spec), "--run-id", "cli-grpc", "--wait"]) == 0

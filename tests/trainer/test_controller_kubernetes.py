@@ -21,8 +21,8 @@ from pony_common.catalog.models import ModelVersionRow
 from pony_common.config import Settings
 from pony_common.grpc.client import aio_channel
 from pony_common.grpc.server import RunningServer, start_server
-from services.trainer.app import service_definition
-from services.trainer.controller import TrainerController
+from services.trainer.app import create_service
+from services.trainer.service import TrainerService
 from tests.trainer.conftest import tiny_spec
 
 NS = "pony-train"
@@ -49,8 +49,10 @@ class Controller:
         self.channel: grpc.aio.Channel | None = None
 
     async def start(self) -> trainer_pb2_grpc.TrainerControllerStub:
-        self.controller = TrainerController(self.settings)
-        self.running = await start_server(self.settings, service_definition(self.controller), port=0, host="127.0.0.1")
+        self.controller = TrainerService(self.settings)
+        self.running = await start_server(
+            self.settings, create_service(self.settings, self.controller), port=0, host="127.0.0.1"
+        )
         await self.running.wait_ready(10)
         self.channel = aio_channel(self.settings, f"127.0.0.1:{self.running.port}")
         return trainer_pb2_grpc.TrainerControllerStub(self.channel)

@@ -13,10 +13,10 @@ from diffusers import AuraFlowPipeline
 from pony_common.catalog import catalog_for
 from pony_common.catalog.models import ModelVersionRow
 from pony_common.config import Settings
-from services.trainer.controller import TrainerController
 from services.trainer.executors.local import train_command
 from services.trainer.local_run import demo_spec, train_locally
-from services.trainer.runs import CANCELLED, RUNNING, SUCCEEDED
+from services.trainer.service import TrainerService
+from services.trainer.store import CANCELLED, RUNNING, SUCCEEDED
 from tests.trainer.conftest import tiny_spec
 
 
@@ -53,7 +53,7 @@ def test_a_local_run_trains_publishes_and_records_its_losses(local_settings: Set
 
 
 def test_cancel_kills_the_training_process_group(local_settings: Settings, manifest: Path) -> None:
-    controller = TrainerController(local_settings)
+    controller = TrainerService(local_settings)
     controller.load()
     try:
         doc = tiny_spec(manifest, stages=[{"resolution": 32, "steps": 100000, "bucket_step": 16}])
@@ -74,8 +74,8 @@ def test_cancel_kills_the_training_process_group(local_settings: Settings, manif
 def test_the_launch_command_uses_torchrun_for_several_processes(tmp_path: Path) -> None:
     spec = tmp_path / "spec.yaml"
     one = train_command(spec, "r", 1)
-    assert one[1:3] == ["-m", "services.trainer.train"]
+    assert one[1:3] == ["-m", "services.trainer.training.train"]
     two = train_command(spec, "r", 2)
     assert two[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc-per-node=2"]
-    assert two[-6:] == ["-m", "services.trainer.train", "--spec", str(spec), "--run-id", "r"]
+    assert two[-6:] == ["-m", "services.trainer.training.train", "--spec", str(spec), "--run-id", "r"]
     assert train_command(spec, "r", 1, "torchrun")[2] == "torch.distributed.run"

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from pony_common.config import Settings
-from services.trainer.controller import TrainerController
-from services.trainer.runs import RUNNING, SUCCEEDED
+from services.trainer.service import TrainerService
+from services.trainer.store import RUNNING, SUCCEEDED
 from tests.trainer.conftest import tiny_spec
 
 
@@ -38,7 +38,7 @@ def test_a_restarted_controller_relaunches_its_run_from_the_latest_checkpoint(
         checkpoint={"every": 2, "keep": 1},
         ema={"enabled": False},
     )
-    first = TrainerController(local_settings)
+    first = TrainerService(local_settings)
     first.load()
     try:
         first.submit(doc, run_id="restart-1")
@@ -50,7 +50,7 @@ def test_a_restarted_controller_relaunches_its_run_from_the_latest_checkpoint(
         first.close()  # kills the process; the run stays Running for the next controller
     stopped_at = first.get("restart-1")
     assert stopped_at.state == RUNNING and stopped_at.step < 20
-    second = TrainerController(local_settings)
+    second = TrainerService(local_settings)
     second.load()
     try:
         done = wait_for(lambda: (r := second.get("restart-1")).terminal and r, what="the run to end")

@@ -17,7 +17,7 @@ from pony_common.config import Settings
 from services.trainer.events import parse_event
 from services.trainer.render import COMPONENT_LABEL, RUN_LABEL, SPEC_ENV, render_run
 from services.trainer.spec import parse_spec
-from services.trainer.train import read_spec
+from services.trainer.training.train import read_spec
 from tests.trainer.conftest import tiny_spec
 
 VERSIONS = ("1.30.0", "1.37.0")
@@ -217,7 +217,7 @@ def test_a_multi_node_run_is_an_indexed_job_behind_a_headless_service(cluster_se
         f"--master-addr={job['metadata']['name']}-0.{svc['metadata']['name']}.pony-train.svc",
         "--master-port=29500",
         "-m",
-        "services.trainer.train",
+        "services.trainer.training.train",
         "--spec",
         "env:PONY_TRAIN_SPEC",
         "--run-id",
@@ -262,7 +262,7 @@ def test_the_jobs_own_command_trains_from_the_spec_in_its_env(
 
 
 def test_a_missing_spec_variable_exits_2_naming_the_spec(capsys) -> None:
-    from services.trainer.train import main
+    from services.trainer.training.train import main
 
     assert main(["--spec", "env:PONY_TRAIN_SPEC"], environ={"PONY_STATE_DIR": "/tmp/pony-test-unused"}) == 2
     assert "PONY_TRAIN_SPEC" in capsys.readouterr().err

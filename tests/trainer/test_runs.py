@@ -7,7 +7,7 @@ import pytest
 
 from pony_common.catalog import catalog_for
 from pony_common.config import Settings
-from services.trainer.runs import CANCELLED, FAILED, PENDING, RUNNING, SUCCEEDED, RunStore
+from services.trainer.store import CANCELLED, FAILED, PENDING, RUNNING, SUCCEEDED, RunStore
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

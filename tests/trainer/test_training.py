@@ -18,13 +18,13 @@ from safetensors.torch import load_file
 from pony_common.blobs import BlobStore
 from pony_common.config import Settings
 from pony_common.errors import InvalidArgument
-from services.trainer.buckets import make_buckets, nearest_bucket
-from services.trainer.captions import training_prompt
 from services.trainer.events import EventWriter, parse_event
-from services.trainer.flow import flow_batch, training_scheduler
-from services.trainer.manifest import read_manifest
 from services.trainer.spec import CaptionSpec, FlowSpec, parse_spec
-from services.trainer.training import run_training
+from services.trainer.training.buckets import make_buckets, nearest_bucket
+from services.trainer.training.captions import training_prompt
+from services.trainer.training.flow import flow_batch, training_scheduler
+from services.trainer.training.loop import run_training
+from services.trainer.training.manifest import read_manifest
 from tests.trainer.conftest import tiny_spec, write_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -142,7 +142,7 @@ def test_the_entrypoint_prints_json_step_events(model_settings: Settings, manife
         "PONY_BLOB_URL": model_settings.blob_url,
     }
     proc = subprocess.run(
-        [sys.executable, "-m", "services.trainer.train", "--spec", str(spec_path)],
+        [sys.executable, "-m", "services.trainer.training.train", "--spec", str(spec_path)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -159,7 +159,7 @@ def test_the_entrypoint_prints_json_step_events(model_settings: Settings, manife
 
     bad = write_spec(tmp_path / "bad.yaml", {**doc, "stages": [{"resolution": 30, "steps": 1}]})
     proc = subprocess.run(
-        [sys.executable, "-m", "services.trainer.train", "--spec", str(bad)],
+        [sys.executable, "-m", "services.trainer.training.train", "--spec", str(bad)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -212,7 +212,7 @@ def test_a_manifest_in_the_curation_export_schema_reads(manifest: Path, tmp_path
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from services.curation.export import SCHEMA
+    from pony_common.manifest import SCHEMA
 
     ours = pq.read_table(manifest).to_pylist()
     rows = [{f.name: row.get(f.name) for f in SCHEMA} for row in ours]

@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from services.trainer.runs import Run
 from services.trainer.spec import TrainSpec
+from services.trainer.store import Run
 
 # Called with (run_id, final pipeline uri) when a run succeeded, before it is marked Succeeded.
 OnSuccess = Callable[[str, str], None]

@@ -25,8 +25,8 @@ from services.trainer.render import (
     label_selector,
     render_run,
 )
-from services.trainer.runs import ACTIVE, FAILED, PENDING, RUNNING, SUCCEEDED, Run, RunStore
 from services.trainer.spec import FINAL_DIR, TrainSpec, parse_spec
+from services.trainer.store import ACTIVE, FAILED, PENDING, RUNNING, SUCCEEDED, Run, RunStore
 
 log = logging.getLogger(__name__)
 

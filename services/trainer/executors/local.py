@@ -16,8 +16,8 @@ from typing import Any
 from pony_common.config import Settings
 from services.trainer.events import parse_event
 from services.trainer.executors import OnSuccess
-from services.trainer.runs import FAILED, RUNNING, SUCCEEDED, Run, RunStore
 from services.trainer.spec import TrainSpec, parse_spec, run_output_dir
+from services.trainer.store import FAILED, RUNNING, SUCCEEDED, Run, RunStore
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ KILL_GRACE_S = 10.0
 def train_command(spec_path: Path, run_id: str, processes: int, launcher: str = "auto") -> list[str]:
     """The entrypoint, under `torchrun --standalone` (a one-node gloo/nccl group, even of one process) when
     `launcher` is "torchrun" or "auto" with more than one process; plain `python -m` otherwise."""
-    entry = ["-m", "services.trainer.train", "--spec", str(spec_path), "--run-id", run_id]
+    entry = ["-m", "services.trainer.training.train", "--spec", str(spec_path), "--run-id", run_id]
     if launcher == "python" or (launcher == "auto" and processes == 1):
         return [sys.executable, *entry]
     return [

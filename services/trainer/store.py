@@ -1,4 +1,5 @@
-"""Training runs in the catalog: the state machine (conditional writes), loss/log events, published model versions."""
+"""The trainer's catalog: its tables (`training_runs`, `run_events`), the run state machine (conditional writes),
+loss/log events, and the published `model_versions` rows (a table shared with the sampler)."""
 
 from __future__ import annotations
 
@@ -6,17 +7,50 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import JSON, Float, ForeignKey, Integer, String, Text, func, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Mapped, mapped_column
 
 from pony_common.catalog import Catalog
-from pony_common.catalog.models import ModelVersionRow, RunEventRow, TrainingRunRow
+from pony_common.catalog.models import TS, Base, ModelVersionRow, utcnow
 from pony_common.errors import NotFound
 
 PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED = "Pending", "Running", "Succeeded", "Failed", "Cancelled"
 STATES = (PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 ACTIVE = (PENDING, RUNNING)
+
+
+class TrainingRunRow(Base):
+    __tablename__ = "training_runs"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    executor: Mapped[str] = mapped_column(String(16))
+    # Pending | Running | Succeeded | Failed | Cancelled
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    namespace: Mapped[str] = mapped_column(String(64), default="")
+    job_name: Mapped[str] = mapped_column(String(128), default="")
+    step: Mapped[int] = mapped_column(Integer, default=0)
+    last_loss: Mapped[float | None] = mapped_column(Float)
+    checkpoint_uri: Mapped[str] = mapped_column(Text, default="")
+    model_version: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[dt.datetime] = mapped_column(TS, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(TS, default=utcnow, onupdate=utcnow)
+
+
+class RunEventRow(Base):
+    __tablename__ = "run_events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("training_runs.id", ondelete="CASCADE"), index=True)
+    # state | loss | log
+    kind: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), default="")
+    step: Mapped[int] = mapped_column(Integer, default=0)
+    loss: Mapped[float | None] = mapped_column(Float)
+    message: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[dt.datetime] = mapped_column(TS, default=utcnow)
 
 
 @dataclass(frozen=True)

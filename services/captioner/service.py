@@ -1,31 +1,29 @@
-"""The captioner model: a transformers VLM (Auto classes) with batched generation, the prompt book and clean-up.
-Knows nothing of gRPC: `VlmCaptioner.from_settings(settings)`, `load()`, then `caption(jobs)`."""
+"""The captioner's logic, no gRPC: checks a request against its budgets, builds each kind's prompt from the item's
+tags and characters, generates in batches of one kind, cleans the text and reports per-item errors.
+
+`CaptionerService.from_settings(settings)`, `service.model.load()`, then `service.caption(jobs)`."""
 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
-import torch
 from PIL import Image
 
 from pony_common.config import Settings
-from pony_common.errors import Cancelled, FailedPrecondition, InvalidArgument
+from pony_common.errors import Cancelled, InvalidArgument
 from pony_common.metrics import BATCH_SIZE, ITEM_FAILURES
-from pony_common.models.clip import weights_version
-from pony_common.models.dtypes import torch_dtype
 from services.captioner.cleanup import CaptionCleaner
+from services.captioner.model import CaptionerModel
 from services.captioner.prompts import KIND_SPECS, KINDS, PromptBook, split_artist_tags
-from services.captioner.vlm import load_vlm
 
 logger = logging.getLogger(__name__)
 
 SERVICE = "captioner"
 MAX_NEW_TOKENS_LIMIT = 4096
+MAX_TEXT = 256  # characters per tag, character or artist name
+MAX_LIST = 512  # tags per item
 
 
 @dataclass(frozen=True)
@@ -37,6 +35,19 @@ class CaptionJob:
     characters: Sequence[str] = ()
     kinds: Sequence[str] = ()
     artists: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
+class CaptionSpec:
+    """A checked request item without its image: the kinds wanted (canonical order) and its non-blank names."""
+
+    kinds: tuple[str, ...]
+    tags: list[str]
+    characters: list[str]
+    artists: list[str]
+
+    def job(self, image: Image.Image) -> CaptionJob:
+        return CaptionJob(image, self.tags, self.characters, self.kinds, self.artists)
 
 
 @dataclass(frozen=True)
@@ -69,7 +80,21 @@ def check_kinds(kinds: Sequence[str], field: str = "kinds") -> tuple[str, ...]:
     return tuple(k for k in KINDS if k in kinds) if kinds else KINDS
 
 
-class VlmCaptioner:
+def check_max_new_tokens(max_new_tokens: int) -> None:
+    if not 0 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+        raise InvalidArgument("max_new_tokens", f"must be in 0..{MAX_NEW_TOKENS_LIMIT}, got {max_new_tokens}")
+
+
+def _strings(values: Sequence[str], field: str) -> list[str]:
+    if len(values) > MAX_LIST:
+        raise InvalidArgument(field, f"{len(values)} given; at most {MAX_LIST}")
+    for j, value in enumerate(values):
+        if len(value) > MAX_TEXT:
+            raise InvalidArgument(f"{field}[{j}]", f"longer than {MAX_TEXT} characters")
+    return [v for v in values if v.strip()]
+
+
+class CaptionerService:
     """Captions images of several kinds with one VLM, a batch of prompts of one kind per `generate` call.
 
     Decoding is greedy (deterministic); each kind's token budget is its own (KIND_SPECS) capped by
@@ -78,127 +103,75 @@ class VlmCaptioner:
 
     def __init__(
         self,
-        model_path: str,
+        model: CaptionerModel,
         *,
-        device: str = "cpu",
-        dtype: torch.dtype = torch.float32,
         batch_size: int = 8,
         max_new_tokens: int = 320,
+        max_items: int = 256,
         prompts: PromptBook | None = None,
         cleaner: CaptionCleaner | None = None,
     ) -> None:
-        self.model_path = str(model_path)
-        self.device = torch.device(device)
-        self.dtype = dtype
+        self.model = model
         self.batch_size = max(1, int(batch_size))
         self.max_new_tokens = max(1, int(max_new_tokens))
+        self.max_items = max_items
         self.prompts = prompts or PromptBook.load()
         self.cleaner = cleaner or CaptionCleaner.load()
-        self._model: Any = None
-        self._processor: Any = None
-        self._version = ""
-        self._load_lock = threading.Lock()
-        self._generate_lock = threading.Lock()
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> VlmCaptioner:
+    def from_settings(cls, settings: Settings) -> CaptionerService:
         """Model from `PONY_CAPTIONER_MODEL` (or models_dir/vlm); examples, fillers and blocklist from their paths."""
+        c = settings.captioner
+        prompts = PromptBook.load(c.fewshot_path or None, c.fewshot_per_prompt)
         return cls(
-            settings.model_path("captioner"),
-            device=settings.device,
-            dtype=torch_dtype(settings.dtype),
-            batch_size=settings.captioner.batch_size,
-            max_new_tokens=settings.captioner.max_new_tokens,
-            prompts=PromptBook.load(settings.captioner.fewshot_path or None, settings.captioner.fewshot_per_prompt),
-            cleaner=CaptionCleaner.load(
-                settings.captioner.filler_path or None, settings.captioner.artist_blocklist_path or None
-            ),
+            CaptionerModel.from_settings(settings, template_version=prompts.version),
+            batch_size=c.batch_size,
+            max_new_tokens=c.max_new_tokens,
+            max_items=c.max_items,
+            prompts=prompts,
+            cleaner=CaptionCleaner.load(c.filler_path or None, c.artist_blocklist_path or None),
         )
-
-    # --- lifecycle ---
-
-    @property
-    def ready(self) -> bool:
-        return self._model is not None
-
-    def load(self) -> None:
-        """Loads the model and processor through the Auto classes (idempotent, thread-safe)."""
-        with self._load_lock:
-            if self._model is not None:
-                return
-            model, processor = load_vlm(self.model_path, str(self.device), self.dtype)
-            local = Path(self.model_path)
-            revision = str(getattr(model.config, "_commit_hash", None) or "")
-            self._version = weights_version(local) if local.is_dir() else revision[:12]
-            self._processor = processor
-            self._model = model
-        logger.info("captioner ready", extra={"model": self.model_path, "model_version": self.model_version})
-
-    @property
-    def model_id(self) -> str:
-        return self.model_path
-
-    @property
-    def model_version(self) -> str:
-        return self._version or "unknown"
 
     @property
     def template_version(self) -> str:
         return self.prompts.version
 
-    @property
-    def model(self) -> Any:
-        """The loaded transformers model (FailedPrecondition before `load()`)."""
-        if self._model is None:
-            raise FailedPrecondition("the captioner model is not loaded yet")
-        return self._model
+    # --- request checks (before any image is read) ---
 
-    @property
-    def processor(self) -> Any:
-        """The loaded processor (FailedPrecondition before `load()`)."""
-        if self._processor is None:
-            raise FailedPrecondition("the captioner model is not loaded yet")
-        return self._processor
+    def check_request(self, count: int, max_new_tokens: int) -> None:
+        """A whole-request problem (no items, too many, a bad token budget) is InvalidArgument naming the field."""
+        if not count:
+            raise InvalidArgument("items", "at least one item is required")
+        if count > self.max_items:
+            raise InvalidArgument("items", f"{count} given; at most {self.max_items} per call")
+        check_max_new_tokens(max_new_tokens)
 
-    # --- generation ---
+    @staticmethod
+    def check_item(
+        field: str, kinds: Sequence[str], tags: Sequence[str], characters: Sequence[str], artists: Sequence[str]
+    ) -> CaptionSpec:
+        """Item `field` (`items[i]`) checked: known kinds, tag lists and names within budget."""
+        return CaptionSpec(
+            kinds=check_kinds(kinds, f"{field}.kinds"),
+            tags=_strings(tags, f"{field}.tags"),
+            characters=_strings(characters, f"{field}.characters"),
+            artists=_strings(artists, f"{field}.artists"),
+        )
 
-    def chat_prompt(self, prompt: str) -> str:
-        """The chat-formatted prompt with one image slot, or the bare prompt for processors without a chat template
-        (Florence-2 style task prompts)."""
-        if getattr(self._processor, "chat_template", None):
-            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-            return self._processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return prompt
+    @staticmethod
+    def rejected_image(error: InvalidArgument) -> CaptionOutcome:
+        """The outcome of an item whose image could not be read or decoded (the error names the image's field)."""
+        ITEM_FAILURES.labels(SERVICE, "invalid_image").inc()
+        return CaptionOutcome(error_reason="invalid_image", error_message=error.message)
 
-    def generate(self, images: Sequence[Image.Image], prompts: Sequence[str], max_new_tokens: int) -> list[str]:
-        """Raw generated text for each (image, prompt), one batched `generate` call, greedy."""
-        if self._model is None:
-            raise FailedPrecondition("the captioner model is not loaded yet")
-        texts = [self.chat_prompt(p) for p in prompts]
-        inputs = self._processor(images=list(images), text=texts, return_tensors="pt", padding=True)
-        inputs = {
-            k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
-            for k, v in inputs.items()
-            if isinstance(v, torch.Tensor)
-        }
-        tokenizer = getattr(self._processor, "tokenizer", None)
-        pad = getattr(tokenizer, "pad_token_id", None)
-        with self._generate_lock, torch.inference_mode():
-            out = self._model.generate(
-                **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad
-            )
-        prompt_ids = inputs.get("input_ids")
-        n = 0 if prompt_ids is None else prompt_ids.shape[1]
-        if n and out.shape[1] >= n and torch.equal(out[:, :n], prompt_ids):
-            out = out[:, n:]  # decoder-only models return the prompt first; encoder-decoders do not
-        return self._processor.batch_decode(out, skip_special_tokens=True)
+    # --- captions ---
 
     def _generate_isolated(
         self, images: list[Image.Image], prompts: list[str], max_new_tokens: int
     ) -> list[str | Exception]:
         """`generate` on the batch; when it fails, item by item so only the failing items fail."""
         try:
-            return list(self.generate(images, prompts, max_new_tokens))
+            return list(self.model.generate(images, prompts, max_new_tokens))
         except Exception as exc:
             if len(images) == 1:
                 logger.exception("caption generation failed")
@@ -209,8 +182,6 @@ class VlmCaptioner:
             results += self._generate_isolated([image], [prompt], max_new_tokens)
         return results
 
-    # --- captions ---
-
     def caption(
         self,
         jobs: Sequence[CaptionJob],
@@ -220,12 +191,12 @@ class VlmCaptioner:
         """Captions of every wanted kind for each job; per-job failures are in the job's outcome.
 
         `max_new_tokens` (0 = the configured cap) caps every kind's budget; `should_stop` is checked between
-        batches and raises Cancelled when it returns True.
+        batches and raises Cancelled when it returns True. UNAVAILABLE while the model is still loading.
         """
-        if not 0 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
-            raise InvalidArgument("max_new_tokens", f"must be in 0..{MAX_NEW_TOKENS_LIMIT}, got {max_new_tokens}")
+        check_max_new_tokens(max_new_tokens)
         cap = max_new_tokens or self.max_new_tokens
         wanted = [check_kinds(job.kinds, f"jobs[{i}].kinds") for i, job in enumerate(jobs)]
+        self.model.require_ready()
         prepared = []
         for job in jobs:
             tags, tag_artists = split_artist_tags(job.tags)
@@ -265,11 +236,12 @@ class VlmCaptioner:
             ITEM_FAILURES.labels(SERVICE, "internal").inc()
             return CaptionOutcome(error_reason="internal", error_message=failure)
         _, characters, artists = prepared
+        model_id, model_version = self.model.model_id, self.model.model_version
         captions = []
         for kind in kinds:
             text = self.cleaner.clean(raw.get(kind, ""), KIND_SPECS[kind], characters, artists)
             if text:
-                captions.append(CaptionText(kind, text, self.model_id, self.model_version, self.template_version))
+                captions.append(CaptionText(kind, text, model_id, model_version, self.template_version))
             else:
                 logger.info("empty caption dropped", extra={"item": index, "kind": kind})
         if not captions:

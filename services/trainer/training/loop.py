@@ -20,9 +20,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from pony_common.blobs import BlobStore
 from pony_common.config import Settings
-from services.trainer.buckets import Bucket, make_buckets, nearest_bucket
-from services.trainer.captions import training_prompt
-from services.trainer.checkpoints import (
+from services.trainer.events import EventWriter
+from services.trainer.spec import StageSpec, TrainSpec, run_output_dir
+from services.trainer.training.buckets import Bucket, make_buckets, nearest_bucket
+from services.trainer.training.captions import training_prompt
+from services.trainer.training.checkpoints import (
     FINAL_DIR,
     checkpoint_dir,
     latest_checkpoint,
@@ -30,12 +32,10 @@ from services.trainer.checkpoints import (
     save_checkpoint,
     set_rng_state,
 )
-from services.trainer.ema import Ema
-from services.trainer.events import EventWriter
-from services.trainer.flow import flow_batch, training_scheduler, transformer_timestep
-from services.trainer.latents import LatentCache, sample_latents
-from services.trainer.manifest import ManifestItem, read_image_bytes, read_manifest
-from services.trainer.spec import StageSpec, TrainSpec, run_output_dir
+from services.trainer.training.ema import Ema
+from services.trainer.training.flow import flow_batch, training_scheduler, transformer_timestep
+from services.trainer.training.latents import LatentCache, sample_latents
+from services.trainer.training.manifest import ManifestItem, read_image_bytes, read_manifest
 
 log = logging.getLogger(__name__)
 

@@ -14,21 +14,7 @@ import pyarrow.parquet as pq
 
 from pony_common.blobs import BlobStore, open_uri
 from pony_common.errors import InvalidArgument
-
-REQUIRED_COLUMNS = ("image_id", "image_uri", "width", "height", "captions", "special_tags", "tags", "prompt")
-
-SCHEMA = pa.schema(
-    [
-        ("image_id", pa.string()),
-        ("image_uri", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("captions", pa.string()),  # JSON object kind -> text
-        ("special_tags", pa.list_(pa.string())),
-        ("tags", pa.list_(pa.string())),
-        ("prompt", pa.string()),
-    ]
-)
+from pony_common.manifest import TRAINING_COLUMNS, TRAINING_SCHEMA
 
 
 @dataclass(frozen=True)
@@ -67,11 +53,11 @@ def read_manifest(path: str | Path) -> list[ManifestItem]:
             table = pq.read_table(fh)
     except (OSError, pa.ArrowInvalid) as exc:
         raise InvalidArgument("spec.manifest", f"cannot read manifest {p}: {exc}") from None
-    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+    missing = [c for c in TRAINING_COLUMNS if c not in table.column_names]
     if missing:
         raise InvalidArgument("spec.manifest", f"manifest {p} lacks columns {missing}")
     items = []
-    for i, row in enumerate(table.select(list(REQUIRED_COLUMNS)).to_pylist()):
+    for i, row in enumerate(table.select(list(TRAINING_COLUMNS)).to_pylist()):
         where = f"manifest[{i}]"
         if not row["image_id"] or not row["image_uri"]:
             raise InvalidArgument(where, "image_id and image_uri are required")
@@ -96,10 +82,11 @@ def read_manifest(path: str | Path) -> list[ManifestItem]:
 
 
 def write_manifest(path: str | Path, items: Sequence[ManifestItem]) -> Path:
-    """Writes items in the export format (used by tests and demos; the curation export writes the same columns)."""
+    """Writes items with the training columns of the export schema (tests and demos; the curation export writes
+    every column)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    columns: dict[str, list[Any]] = {name: [] for name in SCHEMA.names}
+    columns: dict[str, list[Any]] = {name: [] for name in TRAINING_SCHEMA.names}
     for item in items:
         columns["image_id"].append(item.image_id)
         columns["image_uri"].append(item.image_uri)
@@ -109,7 +96,7 @@ def write_manifest(path: str | Path, items: Sequence[ManifestItem]) -> Path:
         columns["special_tags"].append(list(item.special_tags))
         columns["tags"].append(list(item.tags))
         columns["prompt"].append(item.prompt)
-    pq.write_table(pa.table(columns, schema=SCHEMA), p)
+    pq.write_table(pa.table(columns, schema=TRAINING_SCHEMA), p)
     return p
 
 

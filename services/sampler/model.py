@@ -1,5 +1,6 @@
-"""The V7 model as Triton serves it: repository, the tritonserver process (single machine), model loading and
-versions, and streaming generation over Triton's gRPC API. Knows nothing of our gRPC servers."""
+"""The V7 model as Triton serves it, on the shared `Model` lifecycle: repository, the tritonserver process (single
+machine), model loading and versions, and streaming generation over Triton's gRPC API. Knows nothing of our gRPC
+servers or the catalog."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ import numpy as np
 from pony_common.config import Settings
 from pony_common.errors import Cancelled, DependencyUnavailable, FailedPrecondition, InvalidArgument
 from pony_common.logs import request_id_var
-from services.sampler.generation import MODEL_NAME, Generated, GenerationSpec, Progress
-from services.sampler.repository import ModelRepository
+from pony_common.models.lifecycle import Model
+from services.sampler.generation import Generated, GenerationSpec, Progress
+from services.sampler.repository import MODEL_NAME, ModelRepository
 from services.sampler.triton_server import TritonProcess
 
 log = logging.getLogger(__name__)
@@ -76,11 +78,13 @@ def _from_rpc(exc: grpc.aio.AioRpcError) -> Exception:
     return RuntimeError(f"triton rpc failed: {code.name}: {exc.details()}")
 
 
-class TritonSampler:
-    """`load()` renders the repository, starts tritonserver when configured to, loads `pony_v7` and keeps it
-    loaded (a watchdog restarts a dead server and reloads a missing model); `stream()` generates."""
+class SamplerModel(Model):
+    """`load()` reads the tokenizer, renders the repository, starts tritonserver when configured to, loads
+    `pony_v7` and keeps it loaded (a watchdog restarts a dead server and reloads a missing model); `stream()`
+    generates; `teardown()` stops the watchdog and the tritonserver it started."""
 
     def __init__(self, settings: Settings, *, process: TritonProcess | None = None) -> None:
+        super().__init__("sampler")
         self.settings = settings
         self.repository = ModelRepository(settings.sampler.triton_repo)
         self.process = (
@@ -88,27 +92,31 @@ class TritonSampler:
         )
         self.url = self.process.grpc_url if self.process is not None else settings.sampler.triton_url
         self.tokenizer: Any = None
-        self.ready = False
         self._control: Any = None
-        self._load_lock = threading.Lock()
+        self._triton_lock = threading.Lock()  # one Triton load_model at a time (start, watchdog, new versions)
         self._stop = threading.Event()
         self._watchdog: threading.Thread | None = None
         self._clients: dict[int, Any] = {}
 
     # --- lifecycle ---
 
-    def load(self) -> None:
-        self.prepare()
-        self.start()
+    @property
+    def model_id(self) -> str:
+        return self.settings.model_path("sampler")
 
-    def prepare(self) -> None:
-        """The tokenizer (prompt token limits) of the configured model."""
+    def _load(self) -> None:
+        """The tokenizer (prompt token limits) of the configured model, then Triton. A load that fails stops what
+        it started here (`teardown()` only tears down a model that finished loading)."""
         from transformers import AutoTokenizer
 
-        path = self.settings.model_path("sampler")
-        self.tokenizer = AutoTokenizer.from_pretrained(f"{path}/tokenizer")
+        self.tokenizer = AutoTokenizer.from_pretrained(f"{self.model_id}/tokenizer")
+        try:
+            self._start()
+        except BaseException:
+            self._teardown()
+            raise
 
-    def start(self) -> None:
+    def _start(self) -> None:
         """Renders the repository, starts tritonserver when configured to, loads the model, starts the watchdog."""
         self.repository.render(self.settings)
         if self.process is not None:
@@ -121,13 +129,12 @@ class TritonSampler:
         self._stop.clear()
         self._watchdog = threading.Thread(target=self._watch, name="triton-watchdog", daemon=True)
         self._watchdog.start()
-        self.ready = True
 
-    def close(self) -> None:
-        self.ready = False
+    def _teardown(self) -> None:
         self._stop.set()
         if self._watchdog is not None:
             self._watchdog.join(10)
+            self._watchdog = None
         if self._control is not None:
             self._control.close()
             self._control = None
@@ -170,7 +177,7 @@ class TritonSampler:
         """Explicit model control: (re)loads `pony_v7`; Triton serves the latest version folder."""
         from tritonclient.utils import InferenceServerException
 
-        with self._load_lock:
+        with self._triton_lock:
             started = time.perf_counter()
             try:
                 self.control.load_model(MODEL_NAME)
@@ -201,7 +208,7 @@ class TritonSampler:
     def load_version(self, uri: str) -> VersionInfo:
         """Writes version N+1 and loads it; traffic moves once it is ready, the old version drains and unloads.
         A version that fails to load is removed again and the old one keeps serving."""
-        with self._load_lock:
+        with self._triton_lock:
             added = self.repository.add_version(uri)
             try:
                 from tritonclient.utils import InferenceServerException

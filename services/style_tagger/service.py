@@ -1,4 +1,7 @@
-"""The style tagger backend (no gRPC): embeds images, fits cluster sets, tags, finds similar styles, names palettes."""
+"""The style tagger's logic, no gRPC: checks requests against their budgets, fits cluster sets from the catalog's
+style embeddings, tags images with the active set, finds similar styles and names palettes.
+
+`StyleTaggerService(settings)`, `service.model.load()`, then `service.tag(images, image_ids)`."""
 
 from __future__ import annotations
 
@@ -10,21 +13,17 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from pony_common.catalog.db import Catalog, catalog_for
-from pony_common.config import ConfigError, Settings
+from pony_common.config import Settings
 from pony_common.errors import FailedPrecondition, InvalidArgument
-from pony_common.metrics import BATCH_SIZE, MODEL_INFO
-from pony_common.models.dtypes import torch_dtype
+from pony_common.metrics import BATCH_SIZE
 from services.style_tagger.clusters import STORED_EXAMPLES, ClusterSet, StyleCluster, fit_cluster_set
-from services.style_tagger.clusters import validate_tag_format as _validate_tag_format
-from services.style_tagger.encoder import ImageEncoder, create_encoder
-from services.style_tagger.index import StyleIndex, check_index_kind, create_index
+from services.style_tagger.index import StyleIndex, create_index
+from services.style_tagger.model import SERVICE, StyleTaggerModel
 from services.style_tagger.palette import MAX_COLORS, PaletteColor, palette
 from services.style_tagger.store import StyleAssignment, StyleStore
 
 logger = logging.getLogger(__name__)
 
-SERVICE = "style_tagger"
 DEFAULT_SIMILAR_K = 5
 MAX_SIMILAR_K = 100
 
@@ -67,77 +66,58 @@ class SimilarStyle:
 
 
 @dataclass
-class _ActiveSet:
+class ActiveSet:
     cluster_set: ClusterSet
     nearest: StyleIndex  # every cluster (Tag)
     discoverable: StyleIndex  # clusters with a tag (SimilarStyles)
 
 
-class StyleTagger:
-    """KServe-style model object: `load()` once, then `embed`, `fit_clusters`, `tag`, `similar_styles`, `palette`.
+class StyleTaggerService:
+    """`embed`, `fit_clusters`, `tag`, `similar_styles`, `palette` over a `StyleTaggerModel` (loaded by the
+    bootstrap, or by `model.load()`); every call is UNAVAILABLE while the model loads."""
 
-    The CLIP encoder is `ClipImageTower.shared`, so a scorer or safety backend in the same process uses the
-    same weights. Pass `catalog`/`encoder` to use ones you hold; by default they come from `settings`.
-    """
-
-    def __init__(self, settings: Settings, catalog: Catalog | None = None, encoder: ImageEncoder | None = None) -> None:
+    def __init__(self, settings: Settings, model: StyleTaggerModel | None = None) -> None:
         self.settings = settings
-        self._catalog = catalog
-        self._encoder = encoder
+        self.model = model or StyleTaggerModel(settings)
         self._lock = threading.Lock()
-        self._active: _ActiveSet | None = None
-
-    # --- lifecycle ---
-    def load(self) -> None:
-        """Checks the style config, loads the encoder and opens (migrates) the catalog."""
-        s = self.settings
-        try:
-            _validate_tag_format(s.style_tag_format)
-        except ValueError as exc:
-            raise ConfigError(f"PONY_STYLE_TAG_FORMAT: {exc}") from None
-        check_index_kind(s.style_tagger.index)
-        if not 0.0 < s.style_tagger.max_artist_share <= 1.0:
-            raise ConfigError(f"PONY_STYLE_MAX_ARTIST_SHARE={s.style_tagger.max_artist_share} must be in (0, 1]")
-        if self._encoder is None:
-            self._encoder = create_encoder(s.model_path(SERVICE), s.device, torch_dtype(s.dtype))
-        self._encoder.load()
-        if self._catalog is None:
-            self._catalog = catalog_for(s.database_url)
-        MODEL_INFO.labels(SERVICE).info({"model": self.model_id, "version": self.model_version})
-
-    @property
-    def ready(self) -> bool:
-        return self._encoder is not None and self._encoder.ready and self._catalog is not None
-
-    @property
-    def encoder(self) -> ImageEncoder:
-        if self._encoder is None:
-            raise FailedPrecondition("style tagger is not loaded")
-        return self._encoder
+        self._active: ActiveSet | None = None
 
     @property
     def store(self) -> StyleStore:
-        if self._catalog is None:
-            raise FailedPrecondition("style tagger is not loaded")
-        return StyleStore(self._catalog)
+        return StyleStore(self.model.catalog)
 
     @property
     def model_id(self) -> str:
-        return self.encoder.model_id
+        return self.model.model_id
 
     @property
     def model_version(self) -> str:
-        return self.encoder.version
+        return self.model.version
+
+    @property
+    def dim(self) -> int:
+        return self.model.dim
+
+    def check_batch(self, count: int, field: str = "images") -> None:
+        """UNAVAILABLE while loading; INVALID_ARGUMENT naming `field` for no images or more than the batch budget."""
+        self.model.require_ready()
+        if not count:
+            raise InvalidArgument(field, "at least one image is required")
+        limit = self.settings.style_tagger.max_batch
+        if count > limit:
+            raise InvalidArgument(field, f"at most {limit} images per call, got {count}")
 
     # --- embeddings ---
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
         """(n, dim) float32 L2-normalised style embeddings."""
+        self.model.require_ready()
         BATCH_SIZE.labels(SERVICE, "embed").observe(len(images))
-        return self.encoder.embed(list(images)).numpy()
+        return self.model.embed(images)
 
     # --- clusters ---
     def fit_clusters(self, params: FitParams = FitParams()) -> ClusterSet:
         """Clusters the catalog's style embeddings of this encoder version and stores the new cluster set."""
+        self.model.require_ready()
         s = self.settings
         if params.k < 0:
             raise InvalidArgument("k", f"must be >= 0 (0 = the configured {s.style_tagger.k}), got {params.k}")
@@ -147,7 +127,7 @@ class StyleTagger:
             )
         if params.seed < 0:
             raise InvalidArgument("seed", f"must be >= 0, got {params.seed}")
-        table = self.store.load_embeddings(model_version=self.model_version, dim=self.encoder.dim)
+        table = self.store.load_embeddings(model_version=self.model_version, dim=self.dim)
         if len(table) < 2:
             raise FailedPrecondition(
                 f"need at least 2 style embeddings of encoder version {self.model_version} in the catalog, "
@@ -178,7 +158,7 @@ class StyleTagger:
         )
         return cluster_set
 
-    def active(self) -> _ActiveSet:
+    def active(self) -> ActiveSet:
         """The active cluster set and its indexes (rebuilt when another fit activates a new set)."""
         version = self.store.active_version()
         if version is None:
@@ -190,26 +170,27 @@ class StyleTagger:
             if cluster_set is None:
                 raise FailedPrecondition(f"active style cluster set {version} vanished")
             tagged = np.array([c.id for c in cluster_set.clusters if not c.flagged], dtype=np.int64)
-            self._active = _ActiveSet(
+            self._active = ActiveSet(
                 cluster_set,
                 create_index(self.settings.style_tagger.index, cluster_set.centroids),
                 create_index(self.settings.style_tagger.index, cluster_set.centroids[tagged], tagged),
             )
             return self._active
 
-    def _usable(self) -> _ActiveSet:
+    def _usable(self) -> ActiveSet:
         active = self.active()
         cs = active.cluster_set
-        if cs.dim != self.encoder.dim or (cs.model_version and cs.model_version != self.model_version):
+        if cs.dim != self.dim or (cs.model_version and cs.model_version != self.model_version):
             raise FailedPrecondition(
                 f"active style cluster set {cs.version} was fitted on {cs.model} version {cs.model_version} "
-                f"(dim {cs.dim}); the encoder is version {self.model_version} (dim {self.encoder.dim}): refit"
+                f"(dim {cs.dim}); the encoder is version {self.model_version} (dim {self.dim}): refit"
             )
         return active
 
     # --- tagging ---
     def tag_vectors(self, vectors: np.ndarray, image_ids: Sequence[str]) -> list[TagResult]:
         """Nearest cluster of the active set for each embedding (no palette)."""
+        self.model.require_ready()
         active = self._usable()
         cs = active.cluster_set
         distances, rows = active.nearest.search(vectors, 1)
@@ -232,6 +213,7 @@ class StyleTagger:
 
     def tag(self, images: Sequence[Image.Image], image_ids: Sequence[str]) -> list[TagResult]:
         """Style cluster (tag, distance, set version) and palette tags per image."""
+        self.model.require_ready()
         if len(images) != len(image_ids):
             raise ValueError("images and image_ids differ in length")
         self._usable()  # fail before the encoder runs
@@ -245,18 +227,26 @@ class StyleTagger:
     def similar_styles(
         self,
         *,
+        image: Image.Image | None = None,
         vector: np.ndarray | None = None,
         cluster_id: int | None = None,
         k: int = 0,
         examples: int = 0,
     ) -> tuple[str, list[SimilarStyle]]:
-        """The k nearest tagged clusters to an embedding or to a cluster (itself excluded), with example ids."""
-        if (vector is None) == (cluster_id is None):
+        """The k nearest tagged clusters to an image, an embedding or a cluster (itself excluded), with example
+        ids, and the version of the set they come from."""
+        self.model.require_ready()
+        given = sum(q is not None for q in (image, vector, cluster_id))
+        if given == 0:
+            raise InvalidArgument("query", "give an image or a cluster_id")
+        if given > 1:
             raise InvalidArgument("query", "give exactly one of image or cluster_id")
         if not 0 <= k <= MAX_SIMILAR_K:
             raise InvalidArgument("k", f"must be in 0..{MAX_SIMILAR_K} (0 = {DEFAULT_SIMILAR_K}), got {k}")
         if not 0 <= examples <= STORED_EXAMPLES:
             raise InvalidArgument("examples", f"must be in 0..{STORED_EXAMPLES}, got {examples}")
+        if image is not None:
+            vector = self.embed([image])[0]
         k = k or DEFAULT_SIMILAR_K
         examples = examples or self.settings.style_tagger.examples
         active = self._usable()
@@ -282,6 +272,7 @@ class StyleTagger:
     # --- palette ---
     def palette(self, images: Sequence[Image.Image], colors: int = 0) -> list[list[PaletteColor]]:
         """Named dominant colours per image (0 = 3 colours)."""
+        self.model.require_ready()
         if not 0 <= colors <= MAX_COLORS:
             raise InvalidArgument("colors", f"must be in 0..{MAX_COLORS} (0 = 3), got {colors}")
         BATCH_SIZE.labels(SERVICE, "palette").observe(len(images))

@@ -1,5 +1,6 @@
-"""Training entrypoint: `python -m services.trainer.train --spec FILE|env:NAME` (or under `torchrun`), progress as
-JSON lines. `--spec env:PONY_TRAIN_SPEC` reads the spec YAML from that environment variable (training Jobs).
+"""Training entrypoint: `python -m services.trainer.training.train --spec FILE|env:NAME` (or under `torchrun`),
+progress as JSON lines. `--spec env:PONY_TRAIN_SPEC` reads the spec YAML from that environment variable (training
+Jobs).
 
 Exit codes: 0 done (or stopped at --stop-after with a checkpoint), 2 bad spec/arguments, 1 training failed.
 """
@@ -26,7 +27,7 @@ ENV_PREFIX = "env:"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m services.trainer.train", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m services.trainer.training.train", description=__doc__)
     p.add_argument("--spec", required=True, help="training spec file (YAML or JSON), or env:NAME to read it from $NAME")
     p.add_argument("--run-id", default="", help="run id (names the output folder); default: the spec's name")
     p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps, with a checkpoint")
@@ -49,7 +50,7 @@ def read_spec(ref: str, environ: Mapping[str, str]) -> TrainSpec:
 
 def dist_from_env(environ: Mapping[str, str]):  # -> DistInfo
     """torchrun's RANK/LOCAL_RANK/WORLD_SIZE (rank 0 of 1 without torchrun)."""
-    from services.trainer.training import DistInfo
+    from services.trainer.training.loop import DistInfo
 
     return DistInfo(
         rank=int(environ.get("RANK", "0")),
@@ -72,7 +73,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return 2
     import torch.distributed as dist
 
-    from services.trainer.training import run_training
+    from services.trainer.training.loop import run_training
 
     info = dist_from_env(env)
     if "WORLD_SIZE" in env and not dist.is_initialized():

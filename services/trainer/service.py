@@ -1,4 +1,4 @@
-"""The trainer controller, free of gRPC: submit/get/list/cancel/watch runs on one executor, publish on success."""
+"""The trainer service, free of gRPC: submit/get/list/cancel/watch runs on one executor, publish on success."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ from typing import Any
 from pony_common.catalog import Catalog, catalog_for
 from pony_common.config import Settings
 from pony_common.errors import FailedPrecondition, InvalidArgument
+from pony_common.models.lifecycle import Model
 from services.trainer.executors import Executor
 from services.trainer.publish import Published, publish_run
-from services.trainer.runs import ACTIVE, CANCELLED, FAILED, STATES, Run, RunEvent, RunStore
 from services.trainer.spec import TrainSpec, parse_spec, parse_spec_text
+from services.trainer.store import ACTIVE, CANCELLED, FAILED, STATES, Run, RunEvent, RunStore
 
 log = logging.getLogger(__name__)
 
@@ -36,28 +37,33 @@ def make_executor(settings: Settings, store: RunStore, on_success: Any) -> Execu
     raise FailedPrecondition(f"PONY_TRAINER_EXECUTOR={settings.trainer.executor!r}; use one of {EXECUTORS}")
 
 
-class TrainerController:
+class TrainerService(Model):
     """Runs live in the catalog; the executor (local process or Kubernetes Jobs) moves them through
-    Pending -> Running -> Succeeded | Failed, or Cancelled. `load()` adopts runs an earlier process left active."""
+    Pending -> Running -> Succeeded | Failed, or Cancelled. `load()` adopts runs an earlier process left active;
+    submit and cancel wait for it (UNAVAILABLE before)."""
 
     def __init__(self, settings: Settings, catalog: Catalog | None = None) -> None:
+        super().__init__("trainer controller")
         self.settings = settings
         self.catalog = catalog or catalog_for(settings.database_url)
         self.store = RunStore(self.catalog)
         self.executor = make_executor(settings, self.store, self._on_success)
-        self.ready = False
         self.published: list[Published] = []
 
-    def load(self) -> None:
+    @property
+    def model_id(self) -> str:
+        return self.settings.trainer.executor
+
+    def _load(self) -> None:
         active = self.store.list(states=ACTIVE, executor=self.executor.name, limit=10_000)
         if active:
             log.info("adopting active runs", extra={"runs": [r.id for r in active]})
         self.executor.adopt(active)
-        self.ready = True
 
     def close(self) -> None:
+        """Not ready any more, then the executor stops (also after a failed load: adopt may have started work)."""
+        self.teardown()
         self.executor.close()
-        self.ready = False
 
     def _on_success(self, run_id: str, uri: str) -> None:
         self.published.append(publish_run(self.settings, self.store, run_id, uri))
@@ -66,6 +72,7 @@ class TrainerController:
 
     def submit(self, spec: str | dict[str, Any] | TrainSpec, run_id: str = "") -> Run:
         """Validates and starts a run; the same `run_id` again returns the existing run unchanged."""
+        self.require_ready()
         if isinstance(spec, TrainSpec):
             parsed = spec
         elif isinstance(spec, str):
@@ -126,6 +133,7 @@ class TrainerController:
 
     def cancel(self, run_id: str, propagation: str = "Background") -> Run:
         """Marks the run Cancelled and stops its work; a finished run is returned unchanged."""
+        self.require_ready()
         run = self.get(run_id)
         if run.terminal:
             return run

@@ -13,8 +13,8 @@ from safetensors.torch import save as save_tensors
 
 from pony_common.blobs import BlobStore
 from pony_common.images import decode_image
-from services.trainer.buckets import Bucket, fit_to_bucket, to_pixels
-from services.trainer.manifest import ManifestItem, read_image_bytes
+from services.trainer.training.buckets import Bucket, fit_to_bucket, to_pixels
+from services.trainer.training.manifest import ManifestItem, read_image_bytes
 
 log = logging.getLogger(__name__)
 

@@ -1,24 +1,45 @@
-"""Asynchronous generation jobs in the catalog's generation_jobs table; every state change is a conditional
-write, so a redelivered task, a late cancel or two watchers never disagree about a job's state."""
+"""The sampler's catalog reads and writes: generation jobs (`generation_jobs`, its own table; every state change is a
+conditional write, so a redelivered task, a late cancel or two watchers never disagree about a job's state) and the
+`pony_v7` rows of `model_versions` (shared with the trainer), kept in step with the Triton repository's folders."""
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import JSON, Integer, String, Text, select, update
+from sqlalchemy.orm import Mapped, mapped_column
 
-from pony_common.catalog import Catalog
-from pony_common.catalog.models import GenerationJobRow
-from pony_common.errors import InvalidArgument, NotFound
+from pony_common.catalog import Catalog, upsert
+from pony_common.catalog.models import TS, Base, ModelVersionRow, utcnow
+from pony_common.errors import InvalidArgument, NotFound, PonyError
+from services.sampler.repository import MODEL_NAME, ModelRepository
+
+log = logging.getLogger(__name__)
 
 QUEUED, RUNNING = "queued", "running"
 SUCCEEDED, FAILED, CANCELLED, BLOCKED = "succeeded", "failed", "cancelled", "blocked"
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED, BLOCKED})
 DEFAULT_PRIORITY = 5
 MAX_PRIORITY = 9
+
+
+class GenerationJobRow(Base):
+    __tablename__ = "generation_jobs"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # queued | running | succeeded | failed | cancelled | blocked
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    priority: Mapped[int] = mapped_column(Integer, default=5)
+    request: Mapped[dict[str, Any]] = mapped_column(JSON)
+    result: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    error: Mapped[str] = mapped_column(Text, default="")
+    progress_step: Mapped[int] = mapped_column(Integer, default=0)
+    progress_total: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[dt.datetime] = mapped_column(TS, default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(TS, default=utcnow, onupdate=utcnow)
 
 
 @dataclass(frozen=True)
@@ -116,3 +137,52 @@ class JobStore:
         job_id = check_job_id(job_id)
         self._move(job_id, (QUEUED, RUNNING), state=CANCELLED, error="cancelled by the caller")
         return self.get(job_id)
+
+
+class VersionCatalog:
+    """Rows of model_versions for `pony_v7`: one per repository version folder, the served one active."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+
+    def rows(self) -> dict[int, ModelVersionRow]:
+        with self.catalog.session() as s:
+            found = s.scalars(select(ModelVersionRow).where(ModelVersionRow.name == MODEL_NAME)).all()
+            return {row.version: row for row in found}
+
+    def record(self, version: int, uri: str, source_run_id: str = "", *, active: bool = True) -> None:
+        """Upserts the row (a trainer that recorded it first keeps its run id) and makes it the active one."""
+        with self.catalog.session() as s:
+            values = {"name": MODEL_NAME, "version": version, "uri": uri, "active": active}
+            if source_run_id:
+                values["source_run_id"] = source_run_id
+            upsert(s, ModelVersionRow, values, keys=["name", "version"])
+            if active:
+                s.execute(
+                    update(ModelVersionRow)
+                    .where(ModelVersionRow.name == MODEL_NAME, ModelVersionRow.version != version)
+                    .values(active=False)
+                )
+
+    def import_published(self, repository: ModelRepository) -> None:
+        """Before the repository is rendered: versions published to the catalog while the sampler was away
+        (newer than every folder) become folders with the same numbers."""
+        rows = self.rows()
+        latest = repository.latest()
+        for version in sorted(v for v in rows if v > latest):
+            try:
+                repository.add_version(rows[version].uri, version=version)
+                log.info("catalog version added to the repository", extra={"version": version})
+            except (PonyError, OSError, ValueError) as exc:
+                log.error("catalog version %s cannot be served: %s", version, exc)
+
+    def record_repository(self, repository: ModelRepository) -> None:
+        """After rendering: folders the catalog lacks become rows; the newest folder is the active row."""
+        rows = self.rows()
+        known = {v.version: v.source for v in repository.versions()}
+        for version, uri in known.items():
+            if version not in rows:
+                self.record(version, uri, active=False)
+        if known:
+            newest = max(known)
+            self.record(newest, rows[newest].uri if newest in rows else known[newest], active=True)

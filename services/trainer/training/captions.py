@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 
-from services.trainer.manifest import ManifestItem
 from services.trainer.spec import CaptionSpec
+from services.trainer.training.manifest import ManifestItem
 
 
 def training_prompt(item: ManifestItem, spec: CaptionSpec, rng: random.Random) -> str:
@@ -13,6 +13,8 @@ def training_prompt(item: ManifestItem, spec: CaptionSpec, rng: random.Random) -
 
     With `spec.prompt_probability` the manifest's assembled prompt is used as written; with
     `spec.empty_probability` the prompt is empty (the unconditional branch of classifier-free guidance).
+    Not `pony_common.prompts.assemble_prompt`: that one also collapses whitespace inside the caption and strips and
+    de-duplicates the tags; here the manifest's text is trained as written.
     """
     draw = rng.random()
     if draw < spec.empty_probability:

@@ -1,10 +1,11 @@
-"""The aesthetic scorer model: the shared CLIP image tower, an MLP head with its calibration, hot-swappable heads."""
+"""The aesthetic scorer model on the shared `Model` base: the process-wide CLIP image tower and an MLP head with its
+calibration, hot-swappable while calls run. Knows nothing of gRPC or the catalog."""
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,13 +13,17 @@ import torch
 from PIL import Image
 
 from pony_common.config import Settings
-from pony_common.errors import FailedPrecondition, InvalidArgument
+from pony_common.errors import InvalidArgument, PonyError
+from pony_common.metrics import MODEL_INFO
 from pony_common.models.clip import ClipImageTower
 from pony_common.models.dtypes import torch_dtype
 from pony_common.models.heads import HeadInfo, MLPHead, load_head
+from pony_common.models.lifecycle import Model
 from pony_common.tags import cumulative_tags_for_score, score_tag
 
 logger = logging.getLogger(__name__)
+
+SERVICE = "scorer"
 
 
 @dataclass(frozen=True)
@@ -52,11 +57,13 @@ class Scored:
     head_version: str
 
 
-class AestheticScorer:
+class ScorerModel(Model):
     """CLIP ViT-L/14 image embeddings (L2-normalised) through a LAION-layout MLP head, calibrated to [0, 1].
 
-    `load()` loads the shared tower and the head; `swap_head(path)` replaces the head while calls run
-    (each call takes one snapshot of the head). Knows nothing of gRPC or the catalog.
+    `load()` loads the shared tower and the head at `head_path`; then, when `head_source` is given, the head in
+    the folder it names (the service passes the catalog's active head), keeping the configured one when it
+    names none or one that cannot be used. `swap_head(path)` replaces the head while calls run (each call takes
+    one snapshot of the head).
     """
 
     def __init__(
@@ -67,44 +74,70 @@ class AestheticScorer:
         device: str = "cpu",
         dtype: torch.dtype = torch.float32,
         batch_size: int = 32,
+        head_source: Callable[[], str | Path | None] | None = None,
     ) -> None:
+        super().__init__(SERVICE)
         self.tower_path = str(tower_path)
         self.head_path = str(head_path)
         self.device = torch.device(device)
         self.dtype = dtype
         self.batch_size = max(1, int(batch_size))
+        self.head_source = head_source
         self._tower: ClipImageTower | None = None
         self._active: ActiveHead | None = None
         self._swap_lock = threading.Lock()
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> AestheticScorer:
+    def from_settings(
+        cls, settings: Settings, head_source: Callable[[], str | Path | None] | None = None
+    ) -> ScorerModel:
         """Tower from `PONY_SCORER_MODEL` (or models_dir/clip), head from `PONY_SCORER_HEAD` (or models_dir)."""
         return cls(
-            settings.model_path("scorer"),
-            settings.head_path("scorer"),
+            settings.model_path(SERVICE),
+            settings.head_path(SERVICE),
             device=settings.device,
             dtype=torch_dtype(settings.dtype),
             batch_size=settings.scorer.batch_size,
+            head_source=head_source,
         )
 
     # --- lifecycle ---
 
     @property
-    def ready(self) -> bool:
-        return self._tower is not None and self._tower.ready and self._active is not None
+    def model_id(self) -> str:
+        return self.tower_path
 
-    def load(self) -> None:
-        """Loads the process-wide CLIP tower and the configured head; checks that their widths agree."""
+    def _load(self) -> None:
+        """Loads the process-wide CLIP tower and the head; checks that their widths agree."""
         tower = ClipImageTower.shared(self.tower_path, str(self.device), self.dtype)
         tower.load()
         self._tower = tower
         if self._active is None:
             self._active = self._load_head(self.head_path)
+            if self.head_source is not None:
+                self._adopt_source_head(self.head_source)
         logger.info(
             "scorer ready",
-            extra={"model": tower.model_id, "model_version": tower.version, "head_version": self.head_version},
+            extra={"model": tower.model_id, "model_version": tower.version, "head_version": self._active.version},
         )
+        self._publish_info(tower, self._active)
+
+    def _adopt_source_head(self, source: Callable[[], str | Path | None]) -> None:
+        try:
+            path = source()
+            if path is None:
+                return
+            active = self._load_head(str(path))
+        except (PonyError, OSError, ValueError) as exc:
+            logger.warning("keeping the configured head: no usable active head from its source (%s)", exc)
+            return
+        if self._active is None or active.version != self._active.version:
+            self._install(active)
+
+    def _teardown(self) -> None:
+        # The tower's weights stay with the process-wide tower (the style tagger and safety may share it).
+        self._tower = None
+        self._active = None
 
     def _load_head(self, path: str) -> ActiveHead:
         head, info = load_head(path, map_location=self.device)
@@ -120,37 +153,45 @@ class AestheticScorer:
     def swap_head(self, path: str | Path) -> ActiveHead:
         """Loads the head at `path` and makes it the one every later call uses (thread-safe)."""
         active = self._load_head(str(path))
+        self._install(active)
+        if self._tower is not None:
+            self._publish_info(self._tower, active)
+        return active
+
+    def _install(self, active: ActiveHead) -> None:
         with self._swap_lock:
             previous = self._active
             self._active = active
         logger.info(
             "head swapped",
-            extra={"from": previous.version if previous else "", "to": active.version, "path": str(path)},
+            extra={"from": previous.version if previous else "", "to": active.version, "path": active.path},
         )
-        return active
+
+    @staticmethod
+    def _publish_info(tower: ClipImageTower, head: ActiveHead) -> None:
+        MODEL_INFO.labels(SERVICE).info({"model": tower.model_id, "version": tower.version, "head": head.version})
 
     # --- what it is ---
 
     @property
     def tower(self) -> ClipImageTower:
-        if self._tower is None:
-            raise FailedPrecondition("the scorer model is not loaded yet")
-        return self._tower
+        """The CLIP image tower (UNAVAILABLE while the model is loading)."""
+        self.require_ready()
+        tower = self._tower
+        assert tower is not None, "a ready scorer has a tower"
+        return tower
 
     @property
     def active_head(self) -> ActiveHead:
+        """The head calls use now (UNAVAILABLE while the model is loading)."""
+        self.require_ready()
         active = self._active
-        if active is None:
-            raise FailedPrecondition("the scorer head is not loaded yet")
+        assert active is not None, "a ready scorer has a head"
         return active
 
     @property
     def head_version(self) -> str:
         return self.active_head.version
-
-    @property
-    def model_id(self) -> str:
-        return self.tower.model_id
 
     @property
     def model_version(self) -> str:
@@ -189,10 +230,3 @@ class AestheticScorer:
         """Embeds and scores images with one head snapshot."""
         active = self.active_head
         return self.score_embeddings(self.embed(images), active)
-
-    def raw_scores(self, embeddings: torch.Tensor, head: ActiveHead | None = None) -> torch.Tensor:
-        """The head's raw outputs for (n, dim) embeddings (after L2 normalisation), float32 on the CPU."""
-        active = head or self.active_head
-        x = torch.nn.functional.normalize(embeddings.to(torch.float32), dim=-1)
-        with torch.inference_mode():
-            return active.head(x.to(self.device))[:, 0].float().cpu()

@@ -1,0 +1,112 @@
+"""The safety logic, no gRPC: request budgets, then the NSFW model + tag rules + the current codex -> one verdict
+per item (`policy.py` decides). `SafetyService(settings)`, `service.model.load()`, then `service.check(items)`."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from pony_common.config import ConfigError, Settings
+from pony_common.errors import InvalidArgument
+from pony_common.metrics import BATCH_SIZE
+from services.safety.codex import Codex
+from services.safety.model import SERVICE, SafetyModel
+from services.safety.policy import Policy, SafetyInput, SafetyVerdict
+from services.safety.store import CodexStore
+
+logger = logging.getLogger(__name__)
+
+MAX_CAPTION_CHARS = 20_000
+MAX_NAMES = 1024
+NOTHING_TO_CHECK = "needs an image, a caption, tags or character names"
+
+
+def policy_from(settings: Settings) -> Policy:
+    try:
+        return Policy(
+            settings.safety.explicit_threshold,
+            settings.safety.questionable_threshold,
+            settings.safety.ambiguous_explicit,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"safety settings: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What the verdicts came from: the CLIP weights, and the head, tag-rule and codex versions."""
+
+    model: str
+    model_version: str
+    component_version: str
+
+
+class SafetyService:
+    """Checks items against the loaded model, the tag rules and the codex.
+
+    The codex is re-read from the catalog whenever its version changes (an import shows up on the next call).
+    """
+
+    def __init__(self, settings: Settings, model: SafetyModel | None = None) -> None:
+        self.settings = settings
+        self.policy = policy_from(settings)
+        self.model = model or SafetyModel(settings)
+        self._codex: Codex | None = None
+        self._lock = threading.Lock()
+
+    def check_request(self, count: int) -> None:
+        """Raises UNAVAILABLE while the model loads, INVALID_ARGUMENT for no items or more than `max_batch`."""
+        self.model.require_ready()
+        if not count:
+            raise InvalidArgument("items", "at least one item is required")
+        if count > self.settings.safety.max_batch:
+            raise InvalidArgument("items", f"at most {self.settings.safety.max_batch} items per call, got {count}")
+
+    def check_item(self, field: str, item: SafetyInput, has_image: bool = False) -> None:
+        """Raises INVALID_ARGUMENT naming `field` when `item` (before its image is decoded: `has_image`) is over
+        the budgets or has nothing to check."""
+        if len(item.caption) > MAX_CAPTION_CHARS:
+            raise InvalidArgument(f"{field}.caption", f"longer than {MAX_CAPTION_CHARS} characters")
+        for name in ("tags", "characters"):
+            if len(getattr(item, name)) > MAX_NAMES:
+                raise InvalidArgument(f"{field}.{name}", f"more than {MAX_NAMES} entries")
+        if item.empty and not has_image:
+            raise InvalidArgument(field, NOTHING_TO_CHECK)
+
+    def codex(self) -> Codex:
+        """The current codex (reloaded when the catalog has a newer version)."""
+        store = CodexStore(self.model.catalog)
+        latest = store.latest_version()
+        with self._lock:
+            if self._codex is None or self._codex.version != latest:
+                self._codex = store.load()
+                logger.info("codex loaded", extra={"codex_version": self._codex.version})
+            return self._codex
+
+    def provenance(self) -> Provenance:
+        codex = self._codex.version if self._codex else 0
+        return Provenance(
+            model=self.model.model_id,
+            model_version=self.model.model_version,
+            component_version=f"head:{self.model.head_version} rules:{self.model.rules.version} codex:v{codex}",
+        )
+
+    def check(self, items: Sequence[SafetyInput]) -> list[SafetyVerdict]:
+        """One verdict per item, in order. An item needs an image, a caption, tags or characters."""
+        self.model.require_ready()
+        for i, item in enumerate(items):
+            if item.empty:
+                raise InvalidArgument(f"items[{i}]", NOTHING_TO_CHECK)
+        BATCH_SIZE.labels(SERVICE, "check").observe(len(items))
+        codex = self.codex()
+        with_image = [i for i, item in enumerate(items) if item.image is not None]
+        scores: dict[int, np.ndarray] = {}
+        if with_image:
+            probs = self.model.predict([items[i].image for i in with_image])
+            scores = dict(zip(with_image, probs, strict=True))
+        rules = self.model.rules
+        return [self.policy.decide(item, scores.get(i), codex, rules) for i, item in enumerate(items)]

@@ -1,0 +1,213 @@
+"""The sampler's logic, transport-free: one generation end to end (validate, stream from Triton, encode PNGs with
+their parameters, check them for safety, keep only what may be returned), asynchronous jobs and model versions."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from pony_common.blobs import BlobStore
+from pony_common.catalog import catalog_for
+from pony_common.config import Settings
+from pony_common.errors import DependencyUnavailable
+from pony_common.metrics import BATCH_SIZE, ITEM_FAILURES, SAMPLER_COMPUTE, SAMPLER_QUEUE_WAIT
+from services.sampler.generation import (
+    BlockedOutput,
+    Generated,
+    GenerationInput,
+    GenerationResult,
+    GenerationSpec,
+    OutputImage,
+    Progress,
+)
+from services.sampler.model import SamplerModel, VersionInfo
+from services.sampler.pnginfo import encode_png
+from services.sampler.repository import MODEL_NAME
+from services.sampler.safety_gate import SafetyGate
+from services.sampler.store import JobRecord, JobStore, VersionCatalog
+from services.sampler.validation import RequestValidator
+
+log = logging.getLogger(__name__)
+
+WATCH_POLL_S = 0.2
+
+
+@dataclass(frozen=True)
+class Job:
+    """A generation job as callers see it: its record and, unless left out, its images' PNGs from the blob store."""
+
+    record: JobRecord
+    pngs: list[bytes] = field(default_factory=list)
+
+
+class SamplerService:
+    """Generation over a SamplerModel (Triton) and a SafetyGate; jobs and versions in the catalog."""
+
+    def __init__(self, settings: Settings, model: SamplerModel, gate: SafetyGate) -> None:
+        self.settings = settings
+        self.model = model
+        self.gate = gate
+        self.versions: VersionCatalog | None = None
+        self._validator: RequestValidator | None = None
+        self._jobs: JobStore | None = None
+        self._blobs: BlobStore | None = None
+
+    # --- lifecycle ---
+
+    def load(self) -> None:
+        """Catalog versions -> repository, the model (tokenizer, Triton), repository -> catalog; blocking."""
+        self.versions = VersionCatalog(catalog_for(self.settings.database_url))
+        self.versions.import_published(self.model.repository)
+        self.model.load()
+        self.versions.record_repository(self.model.repository)
+        self._validator = RequestValidator(self.settings, self.model.tokenizer)
+        self.gate.announce()
+
+    def close(self) -> None:
+        self.model.teardown()
+
+    # --- generation ---
+
+    def spec(self, given: GenerationInput) -> GenerationSpec:
+        """The validated generation (defaults filled, seed drawn when not given), or InvalidArgument(field)."""
+        self.model.require_ready()
+        if self._validator is None:
+            raise DependencyUnavailable("the sampler is still loading its model")
+        return self._validator.spec(given)
+
+    async def run(
+        self, spec: GenerationSpec, timeout: float | None = None
+    ) -> AsyncIterator[Progress | GenerationResult]:
+        """Progress events, then the GenerationResult (after the safety check)."""
+        generated: Generated | None = None
+        async for event in self.model.stream(spec, timeout):
+            if isinstance(event, Progress):
+                yield event
+            else:
+                generated = event
+        if generated is None:
+            raise DependencyUnavailable("Triton returned no images")
+        yield await self.finish(spec, generated, timeout)
+
+    async def generate(self, spec: GenerationSpec, timeout: float | None = None) -> GenerationResult:
+        result: GenerationResult | None = None
+        async for event in self.run(spec, timeout):
+            if isinstance(event, GenerationResult):
+                result = event
+        assert result is not None
+        return result
+
+    async def finish(self, spec: GenerationSpec, generated: Generated, timeout: float | None) -> GenerationResult:
+        BATCH_SIZE.labels("sampler", "triton").observe(generated.batch_size)
+        SAMPLER_COMPUTE.labels(MODEL_NAME).observe(generated.compute_s)
+        # Queue wait as the sampler can see it: the request's time in Triton less the model's compute.
+        SAMPLER_QUEUE_WAIT.labels(MODEL_NAME).observe(max(0.0, generated.elapsed_s - generated.compute_s))
+        pngs = await asyncio.to_thread(
+            lambda: [
+                encode_png(image, spec.parameters(seed, generated.model_version))
+                for image, seed in zip(generated.images, generated.seeds, strict=True)
+            ]
+        )
+        verdicts = await self.gate.check(pngs, spec.prompt, timeout)
+        images, blocked = [], []
+        for png, image, seed, verdict in zip(pngs, generated.images, generated.seeds, verdicts, strict=True):
+            if verdict.allowed:
+                images.append(
+                    OutputImage(
+                        png=png,
+                        seed=seed,
+                        image_id=hashlib.sha256(png).hexdigest(),
+                        width=int(image.shape[1]),
+                        height=int(image.shape[0]),
+                        rating=verdict.rating,
+                    )
+                )
+            else:
+                ITEM_FAILURES.labels("sampler", "blocked").inc()
+                blocked.append(BlockedOutput(seed=seed, reasons=verdict.reasons))
+                log.info("image blocked", extra={"seed": seed, "reasons": [r[0] for r in verdict.reasons]})
+        return GenerationResult(
+            spec=spec,
+            images=images,
+            blocked=blocked,
+            model_version=generated.model_version,
+            batch_size=generated.batch_size,
+            safety_checked=self.gate.enabled,
+            safety_note=self.gate.note,
+        )
+
+    # --- jobs ---
+
+    @property
+    def jobs(self) -> JobStore:
+        if self._jobs is None:
+            self._jobs = JobStore(catalog_for(self.settings.database_url))
+        return self._jobs
+
+    @property
+    def blobs(self) -> BlobStore:
+        if self._blobs is None:
+            self._blobs = BlobStore(self.settings.blob_url)
+        return self._blobs
+
+    async def submit_job(self, request: dict[str, Any], priority: int | None = None) -> Job:
+        """Writes the job (`request`: the validated request as the task will send it, its seed fixed) and queues
+        it on the `generate` queue; a broker that is down fails the job (UNAVAILABLE)."""
+        from services.sampler.tasks import enqueue
+
+        record = await asyncio.to_thread(self.jobs.create, request, priority)
+        await asyncio.to_thread(enqueue, self.settings, self.jobs, record)
+        return Job(record)
+
+    def _job(self, record: JobRecord, with_images: bool) -> Job:
+        """The job with its PNGs read back from the blob store once it has a result (and they are wanted)."""
+        if not with_images or not record.result.get("response"):
+            return Job(record)
+        return Job(record, [self.blobs.get(key) for key in record.result.get("blob_keys", [])])
+
+    async def get_job(self, job_id: str, *, with_images: bool = True) -> Job:
+        record = await asyncio.to_thread(self.jobs.get, job_id)
+        return await asyncio.to_thread(self._job, record, with_images)
+
+    async def watch_job(self, job_id: str, *, with_images: bool = True) -> AsyncIterator[Job]:
+        """The job now, then at every change of state, progress or error, until it ends."""
+        seen: tuple[Any, ...] | None = None
+        while True:
+            record = await asyncio.to_thread(self.jobs.get, job_id)
+            key = (record.state, record.progress_step, record.progress_total, record.error)
+            if key != seen:
+                seen = key
+                yield await asyncio.to_thread(self._job, record, with_images)
+            if record.done:
+                return
+            await asyncio.sleep(WATCH_POLL_S)
+
+    async def cancel_job(self, job_id: str) -> Job:
+        """queued/running -> cancelled (a running job's task cancels its stream); a finished job stays as it is."""
+        record = await asyncio.to_thread(self.jobs.cancel, job_id)
+        log.info("job cancel", extra={"job_id": record.id, "state": record.state})
+        return Job(record)
+
+    # --- versions ---
+
+    async def load_version(self, uri: str, source_run_id: str = "") -> VersionInfo:
+        """Triton loads the next version; the catalog records it as the active one."""
+        self.model.require_ready()
+        return await asyncio.to_thread(self._load_version, uri, source_run_id)
+
+    def _load_version(self, uri: str, source_run_id: str) -> VersionInfo:
+        info = self.model.load_version(uri)
+        if self.versions is not None:
+            source = next((v.source for v in self.model.repository.versions() if v.version == info.version), uri)
+            try:
+                self.versions.record(info.version, source, source_run_id, active=True)
+            except Exception:
+                log.exception("version %s is served but could not be recorded in model_versions", info.version)
+        return info
+
+    async def list_versions(self) -> list[VersionInfo]:
+        return await asyncio.to_thread(self.model.list_versions)
