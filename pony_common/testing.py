@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -77,3 +79,24 @@ class ServerLoop:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+@dataclass
+class Served:
+    """One server started by `serve`: its port, the running server and the loop it runs on."""
+
+    port: int
+    running: RunningServer
+    loop: asyncio.AbstractEventLoop
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+@contextmanager
+def serve(settings: Settings, definition: ServiceDefinition, ready_timeout: float = 300) -> Iterator[Served]:
+    """One service on a free localhost port for the `with` block, ready (model loaded) when the block starts."""
+    with ServerLoop() as servers:
+        running = servers.start(settings, definition, ready_timeout=ready_timeout)
+        yield Served(running.port, running, servers.loop)

@@ -137,30 +137,6 @@ class SafetyDecisionRow(Base):
     created_at: Mapped[dt.datetime] = mapped_column(TS, default=utcnow)
 
 
-class StageRow(Base):
-    """The idempotency ledger of the curation workflow: one row per (image, stage)."""
-
-    __tablename__ = "stages"
-    image_id: Mapped[str] = mapped_column(ForeignKey(IMAGE_FK, ondelete="CASCADE"), primary_key=True)
-    stage: Mapped[str] = mapped_column(String(16), primary_key=True)
-    # pending | running | done | failed
-    status: Mapped[str] = mapped_column(String(16), index=True)
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    writes: Mapped[int] = mapped_column(Integer, default=0)
-    error: Mapped[str | None] = mapped_column(Text)
-    started_at: Mapped[dt.datetime | None] = mapped_column(TS)
-    finished_at: Mapped[dt.datetime | None] = mapped_column(TS)
-
-
-class SelectionRow(Base):
-    __tablename__ = "selections"
-    name: Mapped[str] = mapped_column(String(64), primary_key=True)
-    image_id: Mapped[str] = mapped_column(ForeignKey(IMAGE_FK, ondelete="CASCADE"), primary_key=True)
-    rank: Mapped[int] = mapped_column(Integer)
-    category: Mapped[str] = mapped_column(String(32))
-    created_at: Mapped[dt.datetime] = mapped_column(TS, default=utcnow)
-
-
 class ModelVersionRow(Base):
     """A published model version (e.g. `pony_v7` version 3) and where its weights are."""
 

@@ -18,17 +18,18 @@ def service_definition(
     servicer: Any,
     model: Model | None = None,
     *,
+    load: Callable[[], None] | None = None,
     close: Callable[[], None] | None = None,
     model_id: str = "",
 ) -> ServiceDefinition:
     """`name` is the CLI/config name (`style_tagger`), `full_name` the gRPC service (`pony.v1.StyleTagger`),
-    `add_servicer` the generated `add_<X>Servicer_to_server`. The bootstrap runs `model.load()` after binding
-    (readiness follows it) and `close` (default `model.teardown`) after the server stops."""
+    `add_servicer` the generated `add_<X>Servicer_to_server`. The bootstrap runs `load` (default `model.load`)
+    after binding (readiness follows it) and `close` (default `model.teardown`) after the server stops."""
     return ServiceDefinition(
         name=name,
         full_names=[full_name],
         register=lambda server: add_servicer(servicer, server),
-        load=model.load if model is not None else None,
+        load=load if load is not None else (model.load if model is not None else None),
         close=close if close is not None else (model.teardown if model is not None else None),
         model_id=model_id or (model.model_id if model is not None else ""),
     )

@@ -206,6 +206,17 @@ class ServiceClient:
         assert self.STUB is not None, f"{type(self).__name__} sets no STUB"
         return self.STUB(self._aio[loop])
 
+    def reachable(self, timeout: float) -> bool:
+        """Whether the shared channel to `address` connects within `timeout` seconds."""
+        self.stub  # noqa: B018 - creates the shared channel
+        with ServiceClient._lock:
+            ch = ServiceClient._channels[(self.address, self.settings.auth_token)]
+        try:
+            grpc.channel_ready_future(ch).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            return False
+        return True
+
     def reset(self) -> None:
         """Forgets the shared blocking channel to `address` (after UNAVAILABLE)."""
         key = (self.address, self.settings.auth_token)

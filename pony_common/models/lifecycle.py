@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
+from typing import TypeVar
 
 from pony_common.errors import DependencyUnavailable
+
+T = TypeVar("T")
 
 
 class Model(ABC):
@@ -49,6 +52,12 @@ class Model(ABC):
         """Raises UNAVAILABLE (retry later) while the model is not loaded."""
         if not self._ready:
             raise DependencyUnavailable(f"the {self.name} is still loading its model")
+
+    def loaded(self, part: T | None) -> T:
+        """`part` (something `_load` set) once the model is ready; UNAVAILABLE before."""
+        self.require_ready()
+        assert part is not None, f"{self.name}: ready but a part is missing"
+        return part
 
     @abstractmethod
     def _load(self) -> None:

@@ -17,4 +17,4 @@ class CaptionerClient(ServiceClient):
         self, request: captioner_pb2.CaptionRequest, timeout: float | None = None
     ) -> captioner_pb2.CaptionResponse:
         """Captions of a batch of items; per-item failures are in each result's `error`."""
-        return self.stub.Caption(request, timeout=timeout if timeout is not None else self.timeout)
+        return self.stub.Caption(request, timeout=self.deadline(timeout))

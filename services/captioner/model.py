@@ -201,14 +201,12 @@ class CaptionerModel(Model):
     @property
     def vlm(self) -> Any:
         """The loaded transformers model (UNAVAILABLE before `load()`)."""
-        self.require_ready()
-        return self._vlm
+        return self.loaded(self._vlm)
 
     @property
     def processor(self) -> Any:
         """The loaded processor (UNAVAILABLE before `load()`)."""
-        self.require_ready()
-        return self._processor
+        return self.loaded(self._processor)
 
     # --- generation ---
 

@@ -13,7 +13,6 @@ from sqlalchemy import select, update
 
 from pony_common.blobs import BlobStore, image_key
 from pony_common.catalog.db import Catalog, catalog_for, upsert
-from pony_common.catalog.ledger import fail_stage
 from pony_common.catalog.models import ImageRow
 from pony_common.config import Settings
 from pony_common.errors import InvalidArgument
@@ -22,6 +21,7 @@ from services.curation.categories import category_of
 from services.curation.duplicates import DEFAULT_MAX_DISTANCE, regroup, resolve_duplicates
 from services.curation.phash import phash
 from services.curation.sources import SourceItem, iter_source
+from services.curation.store import fail_stage
 
 log = logging.getLogger(__name__)
 

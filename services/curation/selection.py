@@ -16,11 +16,12 @@ from sqlalchemy import delete, select
 
 from pony_common.blobs import BlobStore
 from pony_common.catalog.db import Catalog, catalog_for
-from pony_common.catalog.models import AestheticScoreRow, ImageRow, SafetyDecisionRow, SelectionRow
+from pony_common.catalog.models import AestheticScoreRow, ImageRow, SafetyDecisionRow
 from pony_common.config import Settings
 from pony_common.errors import InvalidArgument
 from services.curation.categories import CATEGORIES, DEFAULT_MIX, normalize_category
 from services.curation.duplicates import resolve_duplicates
+from services.curation.store import SelectionRow
 
 log = logging.getLogger(__name__)
 

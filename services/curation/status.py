@@ -8,8 +8,9 @@ from dataclasses import asdict, dataclass, field
 from sqlalchemy import func, select
 
 from pony_common.catalog.db import Catalog, catalog_for
-from pony_common.catalog.models import ImageRow, StageRow
+from pony_common.catalog.models import ImageRow
 from pony_common.config import Settings
+from services.curation.store import StageRow
 
 STAGES = ("decode", "caption", "score", "style", "safety", "persist")
 LEDGER_STATES = ("pending", "running", "done", "failed")

@@ -27,14 +27,12 @@ from pony.v1 import (
 )
 from pony_common.blobs import BlobStore
 from pony_common.catalog.db import Catalog, catalog_for, upsert
-from pony_common.catalog.ledger import claim_stage, complete_stage, fail_stage
 from pony_common.catalog.models import (
     AestheticScoreRow,
     CaptionRow,
     EmbeddingRow,
     ImageRow,
     SafetyDecisionRow,
-    StageRow,
     StyleAssignmentRow,
 )
 from pony_common.celery_app import current_settings, is_retryable, pony_task
@@ -43,6 +41,7 @@ from pony_common.errors import DependencyUnavailable
 from services.captioner.client import CaptionerClient
 from services.curation.duplicates import resolve_duplicates
 from services.curation.rpc import ItemFailed, call, only_result
+from services.curation.store import StageRow, claim_stage, complete_stage, fail_stage
 from services.safety.client import SafetyClient
 from services.scorer.client import ScorerClient
 from services.style_tagger.client import StyleTaggerClient

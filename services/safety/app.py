@@ -1,4 +1,4 @@
-"""Builds the safety service's `ServiceDefinition` (what `ponyctl serve safety` and `start_stack` run)."""
+"""Builds the safety service's `ServiceDefinition` (what `ponyctl serve safety` and the in-process stack run)."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ class SafetyClient(ServiceClient):
     STUB = safety_pb2_grpc.SafetyStub
 
     def check(self, request: safety_pb2.CheckRequest, timeout: float | None = None) -> safety_pb2.CheckResponse:
-        return self.stub.Check(request, timeout=timeout if timeout is not None else self.timeout)
+        return self.stub.Check(request, timeout=self.deadline(timeout))
 
     async def acheck(self, request: safety_pb2.CheckRequest, timeout: float | None = None) -> safety_pb2.CheckResponse:
-        return await self.aio_stub.Check(request, timeout=timeout if timeout is not None else self.timeout)
+        return await self.aio_stub.Check(request, timeout=self.deadline(timeout))

@@ -73,21 +73,15 @@ class SafetyModel(Model):
 
     @property
     def rules(self) -> TagRules:
-        self.require_ready()
-        assert self._rules is not None
-        return self._rules
+        return self.loaded(self._rules)
 
     @property
     def catalog(self) -> Catalog:
-        self.require_ready()
-        assert self._catalog is not None
-        return self._catalog
+        return self.loaded(self._catalog)
 
     @property
     def tower(self) -> ClipImageTower:
-        self.require_ready()
-        assert self._tower is not None
-        return self._tower
+        return self.loaded(self._tower)
 
     @property
     def model_id(self) -> str:

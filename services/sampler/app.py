@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 from pony.v1 import sampler_pb2_grpc
 from pony_common.config import Settings
 from pony_common.grpc.app import service_definition
@@ -18,14 +16,14 @@ def create_service(settings: Settings, *, model: SamplerModel | None = None) -> 
     """`model` lets a caller (a test, the demo) keep a handle on Triton; by default one is made from settings."""
     model = model or SamplerModel(settings)
     service = SamplerService(settings, model, SafetyGate(settings))
-    definition = service_definition(
+    return service_definition(
         "sampler",
         "pony.v1.Sampler",
         sampler_pb2_grpc.add_SamplerServicer_to_server,
         SamplerServicer(service),
         model,
+        # The service's load wraps the model's: catalog versions become repository folders before Triton starts,
+        # and the folders are recorded in the catalog once it serves them.
+        load=service.load,
         close=service.close,
     )
-    # The service's load wraps the model's: catalog versions become repository folders before Triton starts,
-    # and the folders are recorded in the catalog once it serves them.
-    return dataclasses.replace(definition, load=service.load)

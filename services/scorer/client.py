@@ -16,16 +16,13 @@ class ScorerClient(ServiceClient):
     SERVICE = "scorer"
     STUB = scorer_pb2_grpc.ScorerStub
 
-    def _timeout(self, timeout: float | None) -> float:
-        return timeout if timeout is not None else self.timeout
-
     def score(self, request: scorer_pb2.ScoreRequest, timeout: float | None = None) -> scorer_pb2.ScoreResponse:
-        return self.stub.Score(request, timeout=self._timeout(timeout))
+        return self.stub.Score(request, timeout=self.deadline(timeout))
 
     def embed(self, request: scorer_pb2.EmbedRequest, timeout: float | None = None) -> scorer_pb2.EmbedResponse:
-        return self.stub.Embed(request, timeout=self._timeout(timeout))
+        return self.stub.Embed(request, timeout=self.deadline(timeout))
 
     def score_embeddings(
         self, request: scorer_pb2.ScoreEmbeddingsRequest, timeout: float | None = None
     ) -> scorer_pb2.ScoreEmbeddingsResponse:
-        return self.stub.ScoreEmbeddings(request, timeout=self._timeout(timeout))
+        return self.stub.ScoreEmbeddings(request, timeout=self.deadline(timeout))

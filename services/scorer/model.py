@@ -176,18 +176,12 @@ class ScorerModel(Model):
     @property
     def tower(self) -> ClipImageTower:
         """The CLIP image tower (UNAVAILABLE while the model is loading)."""
-        self.require_ready()
-        tower = self._tower
-        assert tower is not None, "a ready scorer has a tower"
-        return tower
+        return self.loaded(self._tower)
 
     @property
     def active_head(self) -> ActiveHead:
         """The head calls use now (UNAVAILABLE while the model is loading)."""
-        self.require_ready()
-        active = self._active
-        assert active is not None, "a ready scorer has a head"
-        return active
+        return self.loaded(self._active)
 
     @property
     def head_version(self) -> str:

@@ -121,27 +121,26 @@ def train_and_publish(settings: Settings, manifest: Path, steps: int, timeout_s:
     """Submits a short two-stage run to the trainer service over gRPC and follows it to the end."""
     import yaml
 
-    from pony.v1 import trainer_pb2, trainer_pb2_grpc
-    from pony_common.grpc.client import channel
+    from pony.v1 import trainer_pb2
+    from services.trainer.client import TrainerClient
     from services.trainer.local_run import demo_spec
 
     spec = yaml.safe_dump(demo_spec(manifest, name="demo", steps=steps))
-    with channel(settings.replace(rpc_timeout_s=timeout_s), "trainer") as ch:
-        stub = trainer_pb2_grpc.TrainerControllerStub(ch)
-        run = stub.SubmitRun(trainer_pb2.SubmitRunRequest(spec_yaml=spec), timeout=60).run
-        say(f"train    submitted run {run.run_id} ({steps} steps: 32 px buckets, then 64 px)")
-        last = run
-        for event in stub.WatchRun(trainer_pb2.WatchRunRequest(run_id=run.run_id), timeout=timeout_s):
-            last = event.run
-            ev = event.event
-            if ev.kind == trainer_pb2.RUN_EVENT_KIND_LOSS and ev.HasField("loss"):
-                say(f"train    step {ev.step:>3}  loss {ev.loss:.4f}")
-            elif ev.kind == trainer_pb2.RUN_EVENT_KIND_STATE:
-                say(f"train    {trainer_pb2.RunState.Name(ev.state).removeprefix('RUN_STATE_').lower()} {ev.message}")
-            if last.state in (trainer_pb2.RUN_STATE_SUCCEEDED, trainer_pb2.RUN_STATE_FAILED,
-                              trainer_pb2.RUN_STATE_CANCELLED):  # fmt: skip
-                break
-        return stub.GetRun(trainer_pb2.GetRunRequest(run_id=run.run_id), timeout=60).run
+    client = TrainerClient(settings)
+    run = client.submit_run(spec).run
+    say(f"train    submitted run {run.run_id} ({steps} steps: 32 px buckets, then 64 px)")
+    last = run
+    for event in client.watch_run(run.run_id, timeout=timeout_s):
+        last = event.run
+        ev = event.event
+        if ev.kind == trainer_pb2.RUN_EVENT_KIND_LOSS and ev.HasField("loss"):
+            say(f"train    step {ev.step:>3}  loss {ev.loss:.4f}")
+        elif ev.kind == trainer_pb2.RUN_EVENT_KIND_STATE:
+            say(f"train    {trainer_pb2.RunState.Name(ev.state).removeprefix('RUN_STATE_').lower()} {ev.message}")
+        if last.state in (trainer_pb2.RUN_STATE_SUCCEEDED, trainer_pb2.RUN_STATE_FAILED,
+                          trainer_pb2.RUN_STATE_CANCELLED):  # fmt: skip
+            break
+    return client.get_run(run.run_id).run
 
 
 def generate_images(settings: Settings, out_dir: Path, size: int, steps: int) -> tuple[list[Path], list[str], str]:

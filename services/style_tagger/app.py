@@ -1,4 +1,4 @@
-"""Builds the style tagger's `ServiceDefinition` (what `ponyctl serve style-tagger` and `start_stack` run)."""
+"""Builds the style tagger's `ServiceDefinition` (what `ponyctl serve style-tagger` and the in-process stack run)."""
 
 from __future__ import annotations
 

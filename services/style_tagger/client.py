@@ -17,28 +17,25 @@ class StyleTaggerClient(ServiceClient):
     SERVICE = "style_tagger"
     STUB = style_tagger_pb2_grpc.StyleTaggerStub
 
-    def _timeout(self, timeout: float | None) -> float:
-        return timeout if timeout is not None else self.timeout
-
     def embed(
         self, request: style_tagger_pb2.StyleTaggerEmbedRequest, timeout: float | None = None
     ) -> style_tagger_pb2.StyleTaggerEmbedResponse:
-        return self.stub.Embed(request, timeout=self._timeout(timeout))
+        return self.stub.Embed(request, timeout=self.deadline(timeout))
 
     def fit_clusters(
         self, request: style_tagger_pb2.FitClustersRequest, timeout: float | None = None
     ) -> style_tagger_pb2.FitClustersResponse:
-        return self.stub.FitClusters(request, timeout=self._timeout(timeout))
+        return self.stub.FitClusters(request, timeout=self.deadline(timeout))
 
     def tag(self, request: style_tagger_pb2.TagRequest, timeout: float | None = None) -> style_tagger_pb2.TagResponse:
-        return self.stub.Tag(request, timeout=self._timeout(timeout))
+        return self.stub.Tag(request, timeout=self.deadline(timeout))
 
     def similar_styles(
         self, request: style_tagger_pb2.SimilarStylesRequest, timeout: float | None = None
     ) -> style_tagger_pb2.SimilarStylesResponse:
-        return self.stub.SimilarStyles(request, timeout=self._timeout(timeout))
+        return self.stub.SimilarStyles(request, timeout=self.deadline(timeout))
 
     def palette(
         self, request: style_tagger_pb2.PaletteRequest, timeout: float | None = None
     ) -> style_tagger_pb2.PaletteResponse:
-        return self.stub.Palette(request, timeout=self._timeout(timeout))
+        return self.stub.Palette(request, timeout=self.deadline(timeout))

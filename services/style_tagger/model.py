@@ -158,15 +158,11 @@ class StyleTaggerModel(Model):
 
     @property
     def encoder(self) -> ImageEncoder:
-        self.require_ready()
-        assert self._encoder is not None
-        return self._encoder
+        return self.loaded(self._encoder)
 
     @property
     def catalog(self) -> Catalog:
-        self.require_ready()
-        assert self._catalog is not None
-        return self._catalog
+        return self.loaded(self._catalog)
 
     @property
     def model_id(self) -> str:

@@ -38,6 +38,9 @@ class TrainerClient(ServiceClient):
     ) -> trainer_pb2.CancelRunResponse:
         return self.stub.CancelRun(trainer_pb2.CancelRunRequest(run_id=run_id, propagation=propagation))
 
-    def watch_run(self, run_id: str, after_event_id: int = 0) -> Iterator[trainer_pb2.WatchRunResponse]:
+    def watch_run(
+        self, run_id: str, after_event_id: int = 0, timeout: float | None = None
+    ) -> Iterator[trainer_pb2.WatchRunResponse]:
         """The run now, then the run with each new event after `after_event_id`, until the run has ended."""
-        return self.stub.WatchRun(trainer_pb2.WatchRunRequest(run_id=run_id, after_event_id=after_event_id))
+        request = trainer_pb2.WatchRunRequest(run_id=run_id, after_event_id=after_event_id)
+        return self.stub.WatchRun(request, timeout=self.deadline(timeout))

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import grpc
 
 from pony_common.config import Settings
-from pony_common.grpc.client import channel
+from services.sampler.client import SamplerClient
 from services.trainer.store import RunStore
 
 log = logging.getLogger(__name__)
@@ -32,19 +32,12 @@ def load_in_sampler(settings: Settings, uri: str, run_id: str) -> tuple[int, boo
     """
     if not settings.sampler_addr:
         return None
-    from pony.v1 import sampler_pb2, sampler_pb2_grpc
-
-    with channel(settings, settings.sampler_addr) as ch:
-        try:
-            grpc.channel_ready_future(ch).result(timeout=CONNECT_TIMEOUT_S)
-        except grpc.FutureTimeoutError:
-            return None
-        stub = sampler_pb2_grpc.SamplerStub(ch)
-        resp = stub.LoadVersion(
-            sampler_pb2.LoadVersionRequest(uri=uri, source_run_id=run_id),
-            timeout=max(settings.rpc_timeout_s, settings.sampler.triton_start_timeout_s),
-        )
-        return int(resp.version.version), bool(resp.version.active)
+    timeout = max(settings.rpc_timeout_s, settings.sampler.triton_start_timeout_s)
+    client = SamplerClient(settings, timeout=timeout)
+    if not client.reachable(CONNECT_TIMEOUT_S):
+        return None
+    version = client.load_version(uri, run_id, timeout=timeout)
+    return int(version.version), bool(version.active)
 
 
 def publish_run(settings: Settings, store: RunStore, run_id: str, uri: str) -> Published:

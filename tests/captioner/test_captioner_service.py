@@ -7,9 +7,10 @@ import pytest
 
 from pony.v1 import captioner_pb2, captioner_pb2_grpc, common_pb2
 from pony_common.config import Settings
+from pony_common.testing import serve
 from services.captioner.app import create_service
 from services.captioner.client import CaptionerClient
-from tests.scorer.serving import RANDOM_BYTES, SERVING, bomb_png, png_bytes, readiness, serve
+from tests.samples import RANDOM_BYTES, SERVING, bomb_png, png_bytes, readiness
 
 K = captioner_pb2
 TOKENS = 12  # the tiny model's captions are word salad; a few tokens say as much as many

@@ -5,8 +5,9 @@ from __future__ import annotations
 from sqlalchemy import func, select
 
 from pony_common.catalog.db import catalog_for
-from pony_common.catalog.models import AestheticScoreRow, CaptionRow, SafetyDecisionRow, StageRow
+from pony_common.catalog.models import AestheticScoreRow, CaptionRow, SafetyDecisionRow
 from pony_common.config import Settings
+from services.curation.store import StageRow
 
 WORKFLOW_STAGES = ("caption", "score", "style", "safety", "persist")
 

@@ -11,12 +11,13 @@ from pathlib import Path
 from sqlalchemy import select
 
 from pony_common.catalog.db import catalog_for
-from pony_common.catalog.models import ImageRow, StageRow
+from pony_common.catalog.models import ImageRow
 from pony_common.config import Settings
 from services.curation.dispatch import wait_for_images
 from services.curation.ingest import ingest_source
 from services.curation.samples import write_sample_pool
 from services.curation.status import curation_status
+from services.curation.store import StageRow
 from tests.curation.conftest import wait_until
 from tests.curation.ledger_checks import assert_processed_exactly_once, stages
 

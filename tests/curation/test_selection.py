@@ -7,12 +7,13 @@ import pytest
 from sqlalchemy import select, update
 
 from pony_common.catalog.db import catalog_for
-from pony_common.catalog.models import ImageRow, SelectionRow
+from pony_common.catalog.models import ImageRow
 from pony_common.cli.main import main
 from pony_common.config import Settings
 from pony_common.errors import InvalidArgument
 from services.curation.categories import CATEGORIES, DEFAULT_MIX
 from services.curation.selection import load_selection, parse_mix, plan_quotas, select_images
+from services.curation.store import SelectionRow
 from tests.curation.pool import add_processed
 
 MIX_TEXT = "pony=0.10,furry=0.10,western=0.20,anime=0.25,realism=0.25,other=0.10"

@@ -5,10 +5,9 @@ from __future__ import annotations
 from sqlalchemy import update
 
 from pony_common.catalog.db import catalog_for
-from pony_common.catalog.ledger import claim_stage, complete_stage, fail_stage
-from pony_common.catalog.models import StageRow
 from pony_common.config import Settings
 from services.curation.status import curation_status, format_status
+from services.curation.store import StageRow, claim_stage, complete_stage, fail_stage
 from tests.curation.pool import add_processed
 
 

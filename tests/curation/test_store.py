@@ -8,13 +8,13 @@ from sqlalchemy import func, select
 
 from pony_common.blobs import BlobStore
 from pony_common.catalog.db import catalog_for
-from pony_common.catalog.ledger import stage_row
 from pony_common.catalog.models import ImageRow
 from pony_common.config import Settings
 from services.curation.duplicates import regroup
 from services.curation.ingest import pending_ids, store_items
 from services.curation.samples import write_sample_pool
 from services.curation.sources import iter_source
+from services.curation.store import stage_row
 
 
 def test_sample_pool_is_deterministic(tmp_path: Path) -> None:

@@ -6,8 +6,8 @@ import time
 from typing import Any
 
 from pony_common.catalog import catalog_for
-from pony_common.catalog.ledger import claim_stage, complete_stage
 from pony_common.celery_app import current_settings, pony_task
+from services.curation.store import claim_stage, complete_stage
 
 
 @pony_task("tests.slow_complete", queue="persist")

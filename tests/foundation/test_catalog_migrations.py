@@ -9,8 +9,8 @@ from sqlalchemy import inspect, select
 
 from pony_common.catalog import Catalog, downgrade, upgrade, upsert
 from pony_common.catalog.db import make_engine
-from pony_common.catalog.ledger import claim_stage, complete_stage
-from pony_common.catalog.models import ImageRow, StageRow
+from pony_common.catalog.models import ImageRow
+from services.curation.store import StageRow, claim_stage, complete_stage
 from services.stack.registry import load_all_tables
 
 

@@ -14,10 +14,11 @@ import pytest
 from sqlalchemy import select
 
 from pony_common.catalog import catalog_for, upsert
-from pony_common.catalog.models import ImageRow, StageRow
+from pony_common.catalog.models import ImageRow
 from pony_common.celery_app import configure_app
 from pony_common.config import Settings
 from pony_common.workers import start_worker, stop_worker
+from services.curation.store import StageRow
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
+from collections.abc import Callable
 
 import grpc
 import numpy as np
 import pytest
 import torch
-from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from pony.v1 import common_pb2, safety_pb2, safety_pb2_grpc
 from pony_common.catalog.db import catalog_for
 from pony_common.config import Settings
-from pony_common.grpc.server import start_server
 from pony_common.models.clip import ClipImageTower
 from pony_common.models.heads import load_head
+from pony_common.testing import serve
 from services.safety.app import create_service
 from services.safety.codex import CodexCharacter
 from services.safety.policy import SafetyInput
@@ -54,9 +53,9 @@ def test_classifier_is_the_nsfw_head_over_the_shared_clip_tower(model_settings: 
     assert [v.rating_scores for v in verdicts] == [pytest.approx(tuple(p)) for p in probs]
 
 
-async def expect_invalid(call, field: str) -> None:
-    with pytest.raises(aio.AioRpcError) as err:
-        await call
+def expect_invalid(call: Callable[[], object], field: str) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        call()
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
     assert field in err.value.details()
 
@@ -67,61 +66,54 @@ def test_check_over_grpc_with_images_prompts_and_codex_reload(model_settings: Se
     store = CodexStore(catalog_for(settings.database_url))
     store.import_characters(CHARACTERS)
 
-    async def scenario() -> None:
-        running = await start_server(settings, create_service(settings), port=0, host="127.0.0.1")
-        try:
-            await running.wait_ready(60)
-            async with aio.insecure_channel(f"127.0.0.1:{running.port}") as ch:
-                stub = safety_pb2_grpc.SafetyStub(ch)
-                health = health_pb2_grpc.HealthStub(ch)
-                items = [
-                    # What the sampler sends: the generated image and its prompt.
-                    safety_pb2.SafetyItem(
-                        item_id="gen-1",
-                        image=common_pb2.ImageRef(data=png((200, 30, 30))),
-                        caption="score_9, source_pony, Sweetie Belle, standing in a field",
-                    ),
-                    safety_pb2.SafetyItem(item_id="txt-1", caption="twilight_sparkle, rating_safe", tags=["solo"]),
-                    safety_pb2.SafetyItem(item_id="bad-image", image=common_pb2.ImageRef(data=b"not an image")),
-                    safety_pb2.SafetyItem(item_id="empty"),
-                    safety_pb2.SafetyItem(item_id="who", characters=["Rarity"], tags=["loli"]),
-                ]
-                response = await stub.Check(safety_pb2.CheckRequest(items=items))
-                gen, txt, bad, empty, who = response.results
-                assert gen.decision == safety_pb2.DECISION_BLOCK and gen.rating == common_pb2.RATING_EXPLICIT
-                assert [r.rule_id for r in gen.reasons] == ["codex.minor_explicit"]
-                assert "codex v1" in gen.reasons[0].message and gen.codex_version == "1"
-                assert len(gen.rating_scores) == 3 and gen.image_id and gen.matched_characters == ["Sweetie Belle"]
-                assert "classifier.explicit" in gen.flags
-                assert txt.decision == safety_pb2.DECISION_ALLOW and txt.rating == common_pb2.RATING_SAFE
-                assert list(txt.rating_scores) == [] and txt.matched_characters == ["Twilight Sparkle"]
-                assert bad.error.field == "items[2].image" and bad.error.reason == "invalid_image"
-                assert empty.error.field == "items[3]" and empty.error.reason == "invalid_argument"
-                assert who.decision == safety_pb2.DECISION_BLOCK and [r.rule_id for r in who.reasons] == [
-                    "tags.blocked"
-                ]
-                assert list(who.unknown_characters) == ["Rarity"] and "codex.unknown_character" in who.flags
-                assert gen.provenance.model_version and "codex:v1" in gen.provenance.component_version
+    with (
+        serve(settings, create_service(settings), ready_timeout=60) as served,
+        grpc.insecure_channel(served.address) as ch,
+    ):
+        stub = safety_pb2_grpc.SafetyStub(ch)
+        health = health_pb2_grpc.HealthStub(ch)
+        items = [
+            # What the sampler sends: the generated image and its prompt.
+            safety_pb2.SafetyItem(
+                item_id="gen-1",
+                image=common_pb2.ImageRef(data=png((200, 30, 30))),
+                caption="score_9, source_pony, Sweetie Belle, standing in a field",
+            ),
+            safety_pb2.SafetyItem(item_id="txt-1", caption="twilight_sparkle, rating_safe", tags=["solo"]),
+            safety_pb2.SafetyItem(item_id="bad-image", image=common_pb2.ImageRef(data=b"not an image")),
+            safety_pb2.SafetyItem(item_id="empty"),
+            safety_pb2.SafetyItem(item_id="who", characters=["Rarity"], tags=["loli"]),
+        ]
+        response = stub.Check(safety_pb2.CheckRequest(items=items))
+        gen, txt, bad, empty, who = response.results
+        assert gen.decision == safety_pb2.DECISION_BLOCK and gen.rating == common_pb2.RATING_EXPLICIT
+        assert [r.rule_id for r in gen.reasons] == ["codex.minor_explicit"]
+        assert "codex v1" in gen.reasons[0].message and gen.codex_version == "1"
+        assert len(gen.rating_scores) == 3 and gen.image_id and gen.matched_characters == ["Sweetie Belle"]
+        assert "classifier.explicit" in gen.flags
+        assert txt.decision == safety_pb2.DECISION_ALLOW and txt.rating == common_pb2.RATING_SAFE
+        assert list(txt.rating_scores) == [] and txt.matched_characters == ["Twilight Sparkle"]
+        assert bad.error.field == "items[2].image" and bad.error.reason == "invalid_image"
+        assert empty.error.field == "items[3]" and empty.error.reason == "invalid_argument"
+        assert who.decision == safety_pb2.DECISION_BLOCK and [r.rule_id for r in who.reasons] == ["tags.blocked"]
+        assert list(who.unknown_characters) == ["Rarity"] and "codex.unknown_character" in who.flags
+        assert gen.provenance.model_version and "codex:v1" in gen.provenance.component_version
 
-                # A codex import shows up on the next call, with its version in the reasons.
-                store.import_characters([CodexCharacter("Rarity", (), "My Little Pony", "minor")], merge=True)
-                again = await stub.Check(
-                    safety_pb2.CheckRequest(items=[safety_pb2.SafetyItem(characters=["rarity"], caption="nude")])
-                )
-                (r,) = again.results
-                assert r.codex_version == "2" and not r.unknown_characters
-                assert [x.rule_id for x in r.reasons] == ["codex.minor_explicit"] and "codex v2" in r.reasons[0].message
+        # A codex import shows up on the next call, with its version in the reasons.
+        store.import_characters([CodexCharacter("Rarity", (), "My Little Pony", "minor")], merge=True)
+        again = stub.Check(
+            safety_pb2.CheckRequest(items=[safety_pb2.SafetyItem(characters=["rarity"], caption="nude")])
+        )
+        (r,) = again.results
+        assert r.codex_version == "2" and not r.unknown_characters
+        assert [x.rule_id for x in r.reasons] == ["codex.minor_explicit"] and "codex v2" in r.reasons[0].message
 
-                await expect_invalid(stub.Check(safety_pb2.CheckRequest()), "items")
-                await expect_invalid(stub.Check(safety_pb2.CheckRequest(items=[items[1]] * 9)), "items")
-                ready = await health.Check(health_pb2.HealthCheckRequest(service="readiness"))
-                assert ready.status == health_pb2.HealthCheckResponse.SERVING
-                ok = await stub.Check(safety_pb2.CheckRequest(items=[items[1]]))
-                assert ok.results[0].decision == safety_pb2.DECISION_ALLOW
-        finally:
-            await running.stop(0)
-
-    asyncio.run(scenario())
+        expect_invalid(lambda: stub.Check(safety_pb2.CheckRequest()), "items")
+        expect_invalid(lambda: stub.Check(safety_pb2.CheckRequest(items=[items[1]] * 9)), "items")
+        ready = health.Check(health_pb2.HealthCheckRequest(service="readiness"))
+        assert ready.status == health_pb2.HealthCheckResponse.SERVING
+        ok = stub.Check(safety_pb2.CheckRequest(items=[items[1]]))
+        assert ok.results[0].decision == safety_pb2.DECISION_ALLOW
 
 
 def test_a_configured_blocked_tag_list_replaces_the_default(model_settings: Settings, tmp_path) -> None:

@@ -3,10 +3,7 @@ GetJob/WatchJob/CancelJob, cancellation reaching the model, priorities on a Redi
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,43 +13,21 @@ import pytest
 
 from pony.v1 import sampler_pb2
 from pony_common.config import Settings
+from pony_common.workers import start_worker, stop_worker
 from services.sampler.client import SamplerClient
 from tests.sampler.conftest import SamplerStack
 
 pytestmark = pytest.mark.triton
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @contextmanager
 def worker(settings: Settings, name: str) -> Iterator[subprocess.Popen]:
     """`ponyctl worker --queues generate` as its own process, stopped with SIGTERM (then SIGKILL)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PONY_")}
-    env.update(
-        PONY_STATE_DIR=settings.state_dir,
-        PONY_DATABASE_URL=settings.database_url,
-        PONY_BROKER_URL=settings.broker_url,
-        PONY_RESULT_BACKEND=settings.result_backend,
-        PONY_BLOB_URL=settings.blob_url,
-        PONY_SAMPLER_ADDR=settings.sampler_addr,
-        PONY_AUTH_TOKEN=settings.auth_token,
-        PONY_LOG_JSON="0",
-        PYTHONPATH=str(ROOT),
-    )
-    cmd = [sys.executable, "-m", "pony_common.cli.main", "worker", "--queues", "generate", "--pool", "solo"]
-    cmd += ["--hostname", f"{name}@%h"]
-    log = open(Path(settings.state_dir) / f"{name}.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = start_worker(settings, ["generate"], name=name, log_path=Path(settings.state_dir) / f"{name}.log")
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        log.close()
+        stop_worker(proc)
 
 
 def wait_state(client: SamplerClient, job_id: str, states: set[int], timeout: float = 120) -> sampler_pb2.Job:

@@ -15,10 +15,10 @@ from pony.v1 import common_pb2, scorer_pb2, scorer_pb2_grpc
 from pony_common.catalog.db import catalog_for
 from pony_common.catalog.models import AestheticScoreRow, EmbeddingRow, ImageRow
 from pony_common.config import Settings
+from pony_common.testing import serve
 from services.scorer.app import create_service
 from services.scorer.fit import FitConfig, FitData, fit_head, quantile_calibration
 from services.scorer.store import AestheticHeadRow, ComparisonRow
-from tests.scorer.serving import serve
 
 DIM = 64  # the tiny CLIP's projection width
 

@@ -14,9 +14,10 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 from pony.v1 import common_pb2, scorer_pb2, scorer_pb2_grpc
 from pony_common.config import Settings
 from pony_common.models.heads import load_head
+from pony_common.testing import serve
 from services.scorer.app import create_service
 from tests.conftest import LAION_HEAD_PATH
-from tests.scorer.serving import png_bytes, serve
+from tests.samples import png_bytes
 
 LAION_HEAD = Path(os.environ.get("PONY_TEST_LAION_HEAD", str(LAION_HEAD_PATH)))
 

@@ -13,8 +13,9 @@ from pony_common.config import Settings
 from pony_common.models.clip import ClipImageTower
 from pony_common.models.heads import load_head
 from pony_common.tags import cumulative_tags_for_score, score_tag
+from pony_common.testing import serve
 from services.scorer.app import create_service
-from tests.scorer.serving import RANDOM_BYTES, SERVING, bomb_png, png_bytes, readiness, serve
+from tests.samples import RANDOM_BYTES, SERVING, bomb_png, png_bytes, readiness
 
 
 @pytest.fixture

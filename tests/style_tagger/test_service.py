@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
+from collections.abc import Callable
 
 import grpc
 import numpy as np
 import pytest
-from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 from transformers import ViTConfig, ViTImageProcessor, ViTModel
@@ -16,7 +15,7 @@ from transformers import ViTConfig, ViTImageProcessor, ViTModel
 from pony.v1 import common_pb2, style_tagger_pb2, style_tagger_pb2_grpc
 from pony_common.catalog.db import catalog_for
 from pony_common.config import Settings
-from pony_common.grpc.server import start_server
+from pony_common.testing import serve
 from services.style_tagger.app import create_service
 from services.style_tagger.clusters import EmbeddingTable
 from services.style_tagger.model import VitImageEncoder
@@ -47,9 +46,9 @@ def refs(blobs: list[bytes]) -> list[common_pb2.ImageRef]:
     return [common_pb2.ImageRef(data=b) for b in blobs]
 
 
-async def expect_invalid(call, field: str) -> None:
-    with pytest.raises(aio.AioRpcError) as err:
-        await call
+def expect_invalid(call: Callable[[], object], field: str) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        call()
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
     assert field in err.value.details()
 
@@ -57,102 +56,91 @@ async def expect_invalid(call, field: str) -> None:
 def test_embed_fit_tag_similar_and_palette_over_grpc(model_settings: Settings) -> None:
     settings = model_settings.replace(style_k=3, style_max_batch=16)
 
-    async def scenario() -> None:
-        running = await start_server(settings, create_service(settings), port=0, host="127.0.0.1")
-        try:
-            await running.wait_ready(60)
-            async with aio.insecure_channel(f"127.0.0.1:{running.port}") as ch:
-                stub = style_tagger_pb2_grpc.StyleTaggerStub(ch)
-                health = health_pb2_grpc.HealthStub(ch)
-                images = sample_images()
+    with (
+        serve(settings, create_service(settings), ready_timeout=60) as served,
+        grpc.insecure_channel(served.address) as ch,
+    ):
+        stub = style_tagger_pb2_grpc.StyleTaggerStub(ch)
+        health = health_pb2_grpc.HealthStub(ch)
+        images = sample_images()
 
-                # Tag needs a fitted set first.
-                with pytest.raises(aio.AioRpcError) as err:
-                    await stub.Tag(style_tagger_pb2.TagRequest(images=refs(images[:1])))
-                assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        # Tag needs a fitted set first.
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Tag(style_tagger_pb2.TagRequest(images=refs(images[:1])))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
-                emb = await stub.Embed(style_tagger_pb2.StyleTaggerEmbedRequest(images=refs(images)))
-                assert emb.dim == 64 and len(emb.results) == len(images)
-                assert emb.provenance.model_version and emb.provenance.model.endswith("clip")
-                vectors = np.array([r.embedding for r in emb.results], dtype=np.float32)
-                assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+        emb = stub.Embed(style_tagger_pb2.StyleTaggerEmbedRequest(images=refs(images)))
+        assert emb.dim == 64 and len(emb.results) == len(images)
+        assert emb.provenance.model_version and emb.provenance.model.endswith("clip")
+        vectors = np.array([r.embedding for r in emb.results], dtype=np.float32)
+        assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
 
-                # What the workflow does with Embed's answer: store the vectors as kind "style".
-                ids = [r.image_id for r in emb.results]
-                catalog = catalog_for(settings.database_url)
-                add_images(
-                    catalog, EmbeddingTable(ids, vectors, [f"artist_{i % 4}" for i in range(12)], ["anime"] * 12)
-                )
-                StyleStore(catalog).save_embeddings(
-                    zip(ids, vectors, strict=True), emb.provenance.model, emb.provenance.model_version
-                )
+        # What the workflow does with Embed's answer: store the vectors as kind "style".
+        ids = [r.image_id for r in emb.results]
+        catalog = catalog_for(settings.database_url)
+        add_images(catalog, EmbeddingTable(ids, vectors, [f"artist_{i % 4}" for i in range(12)], ["anime"] * 12))
+        StyleStore(catalog).save_embeddings(
+            zip(ids, vectors, strict=True), emb.provenance.model, emb.provenance.model_version
+        )
 
-                fit = await stub.FitClusters(style_tagger_pb2.FitClustersRequest(activate=True, seed=1))
-                assert fit.activated and fit.embeddings == 12 and fit.clusters == len(fit.reports) >= 3
-                assert sum(r.size for r in fit.reports) == 12
+        fit = stub.FitClusters(style_tagger_pb2.FitClustersRequest(activate=True, seed=1))
+        assert fit.activated and fit.embeddings == 12 and fit.clusters == len(fit.reports) >= 3
+        assert sum(r.size for r in fit.reports) == 12
 
-                tagged = await stub.Tag(
-                    style_tagger_pb2.TagRequest(
-                        images=[common_pb2.ImageRef(data=b"garbage"), *refs(images)], include_embedding=True
-                    )
-                )
-                bad, *good = tagged.results
-                assert bad.error.field == "images[0]" and bad.error.reason == "invalid_image"
-                assert tagged.provenance.component_version == fit.cluster_set_version
-                report = {r.cluster_id: r for r in fit.reports}
-                for result, vec in zip(good, vectors, strict=True):
-                    assert result.cluster_set_version == fit.cluster_set_version
-                    assert result.tag == report[result.cluster_id].tag
-                    assert np.allclose(result.embedding, vec, atol=1e-5)
-                    assert result.palette_tags and result.palette_tags[0].startswith("palette_")
-                assert [r.palette_tags[0] for r in good[:4]] == [
-                    "palette_red",
-                    "palette_blue",
-                    "palette_teal",
-                    "palette_yellow",
-                ]
+        tagged = stub.Tag(
+            style_tagger_pb2.TagRequest(
+                images=[common_pb2.ImageRef(data=b"garbage"), *refs(images)], include_embedding=True
+            )
+        )
+        bad, *good = tagged.results
+        assert bad.error.field == "images[0]" and bad.error.reason == "invalid_image"
+        assert tagged.provenance.component_version == fit.cluster_set_version
+        report = {r.cluster_id: r for r in fit.reports}
+        for result, vec in zip(good, vectors, strict=True):
+            assert result.cluster_set_version == fit.cluster_set_version
+            assert result.tag == report[result.cluster_id].tag
+            assert np.allclose(result.embedding, vec, atol=1e-5)
+            assert result.palette_tags and result.palette_tags[0].startswith("palette_")
+        assert [r.palette_tags[0] for r in good[:4]] == [
+            "palette_red",
+            "palette_blue",
+            "palette_teal",
+            "palette_yellow",
+        ]
 
-                similar = await stub.SimilarStyles(
-                    style_tagger_pb2.SimilarStylesRequest(image=refs(images[:1])[0], k=2)
-                )
-                assert similar.cluster_set_version == fit.cluster_set_version
-                tagged_ok = [r for r in fit.reports if r.tag]
-                assert len(similar.clusters) == min(2, len(tagged_ok))
-                if not good[0].flagged:
-                    assert similar.clusters[0].cluster_id == good[0].cluster_id
-                    assert similar.clusters[0].example_image_ids
+        similar = stub.SimilarStyles(style_tagger_pb2.SimilarStylesRequest(image=refs(images[:1])[0], k=2))
+        assert similar.cluster_set_version == fit.cluster_set_version
+        tagged_ok = [r for r in fit.reports if r.tag]
+        assert len(similar.clusters) == min(2, len(tagged_ok))
+        if not good[0].flagged:
+            assert similar.clusters[0].cluster_id == good[0].cluster_id
+            assert similar.clusters[0].example_image_ids
 
-                pal = await stub.Palette(style_tagger_pb2.PaletteRequest(images=refs(images[:2]), colors=1))
-                assert [[c.tag for c in r.colors] for r in pal.results] == [["palette_red"], ["palette_blue"]]
+        pal = stub.Palette(style_tagger_pb2.PaletteRequest(images=refs(images[:2]), colors=1))
+        assert [[c.tag for c in r.colors] for r in pal.results] == [["palette_red"], ["palette_blue"]]
 
-                # Bad inputs: INVALID_ARGUMENT naming the field; the service stays ready.
-                await expect_invalid(stub.Embed(style_tagger_pb2.StyleTaggerEmbedRequest()), "images")
-                await expect_invalid(stub.Tag(style_tagger_pb2.TagRequest(images=refs(images) * 2)), "images")
-                await expect_invalid(stub.FitClusters(style_tagger_pb2.FitClustersRequest(k=-1)), "k")
-                await expect_invalid(
-                    stub.FitClusters(style_tagger_pb2.FitClustersRequest(max_artist_share=2)), "max_artist_share"
-                )
-                await expect_invalid(stub.SimilarStyles(style_tagger_pb2.SimilarStylesRequest(k=2)), "query")
-                await expect_invalid(
-                    stub.SimilarStyles(style_tagger_pb2.SimilarStylesRequest(cluster_id=999)), "cluster_id"
-                )
-                await expect_invalid(
-                    stub.SimilarStyles(
-                        style_tagger_pb2.SimilarStylesRequest(image=common_pb2.ImageRef(data=b"\x89PNG"))
-                    ),
-                    "image",
-                )
-                await expect_invalid(
-                    stub.Palette(style_tagger_pb2.PaletteRequest(images=refs(images[:1]), colors=99)), "colors"
-                )
-                ready = await health.Check(health_pb2.HealthCheckRequest(service="readiness"))
-                assert ready.status == health_pb2.HealthCheckResponse.SERVING
-                again = await stub.Tag(style_tagger_pb2.TagRequest(images=refs(images[:1])))
-                assert again.results[0].tag == good[0].tag
-        finally:
-            await running.stop(0)
-
-    asyncio.run(scenario())
+        # Bad inputs: INVALID_ARGUMENT naming the field; the service stays ready.
+        expect_invalid(lambda: stub.Embed(style_tagger_pb2.StyleTaggerEmbedRequest()), "images")
+        expect_invalid(lambda: stub.Tag(style_tagger_pb2.TagRequest(images=refs(images) * 2)), "images")
+        expect_invalid(lambda: stub.FitClusters(style_tagger_pb2.FitClustersRequest(k=-1)), "k")
+        expect_invalid(
+            lambda: stub.FitClusters(style_tagger_pb2.FitClustersRequest(max_artist_share=2)), "max_artist_share"
+        )
+        expect_invalid(lambda: stub.SimilarStyles(style_tagger_pb2.SimilarStylesRequest(k=2)), "query")
+        expect_invalid(lambda: stub.SimilarStyles(style_tagger_pb2.SimilarStylesRequest(cluster_id=999)), "cluster_id")
+        expect_invalid(
+            lambda: stub.SimilarStyles(
+                style_tagger_pb2.SimilarStylesRequest(image=common_pb2.ImageRef(data=b"\x89PNG"))
+            ),
+            "image",
+        )
+        expect_invalid(
+            lambda: stub.Palette(style_tagger_pb2.PaletteRequest(images=refs(images[:1]), colors=99)), "colors"
+        )
+        ready = health.Check(health_pb2.HealthCheckRequest(service="readiness"))
+        assert ready.status == health_pb2.HealthCheckResponse.SERVING
+        again = stub.Tag(style_tagger_pb2.TagRequest(images=refs(images[:1])))
+        assert again.results[0].tag == good[0].tag
 
 
 def test_a_vit_encoder_from_config_gives_style_embeddings(tmp_path, settings: Settings) -> None:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import io
 import shutil
 from pathlib import Path
 
+import grpc
 import numpy as np
-from grpc import aio
 from PIL import Image
 from transformers import CLIPVisionModel
 
@@ -24,7 +23,7 @@ from pony.v1 import (
 )
 from pony_common.config import Settings
 from pony_common.models.clip import ClipImageTower
-from services.stack.stack import start_stack
+from services.stack.stack_thread import StackThread
 
 
 def vision_towers() -> int:
@@ -48,36 +47,32 @@ def test_scorer_style_tagger_and_safety_in_one_process_share_one_tower(
 
     before = vision_towers()
 
-    async def scenario() -> None:
-        stack = await start_stack(settings, ["scorer", "style-tagger", "safety"], free_ports=True)
-        try:
-            await stack.wait_ready(120)
-            # Each definition's `load` is its model's: ScorerModel, StyleTaggerModel, SafetyModel.
-            scorer = stack.servers["scorer"].definition.load.__self__
-            tagger = stack.servers["style-tagger"].definition.load.__self__
-            checker = stack.servers["safety"].definition.load.__self__
-            assert scorer.tower is tagger.encoder is checker.tower
-            assert tagger.encoder is ClipImageTower.shared(clip_path)
-            assert vision_towers() == before + 1
+    stack = StackThread(settings, ["scorer", "style-tagger", "safety"], ready_timeout=120)
+    try:
+        # Each definition's `load` is its model's: ScorerModel, StyleTaggerModel, SafetyModel.
+        scorer = stack.running["scorer"].definition.load.__self__
+        tagger = stack.running["style-tagger"].definition.load.__self__
+        checker = stack.running["safety"].definition.load.__self__
+        assert scorer.tower is tagger.encoder is checker.tower
+        assert tagger.encoder is ClipImageTower.shared(clip_path)
+        assert vision_towers() == before + 1
 
-            s = stack.settings
-            async with (
-                aio.insecure_channel(s.scorer_addr) as a,
-                aio.insecure_channel(s.style_tagger_addr) as b,
-                aio.insecure_channel(s.safety_addr) as c,
-            ):
-                by_scorer = await scorer_pb2_grpc.ScorerStub(a).Embed(scorer_pb2.EmbedRequest(images=[image]))
-                by_tagger = await style_tagger_pb2_grpc.StyleTaggerStub(b).Embed(
-                    style_tagger_pb2.StyleTaggerEmbedRequest(images=[image])
-                )
-                checked = await safety_pb2_grpc.SafetyStub(c).Check(
-                    safety_pb2.CheckRequest(items=[safety_pb2.SafetyItem(image=image)])
-                )
-            assert np.array_equal(by_scorer.results[0].embedding, by_tagger.results[0].embedding)
-            assert by_scorer.provenance.model_version == by_tagger.provenance.model_version
-            assert checked.results[0].provenance.model_version == by_tagger.provenance.model_version
-            assert vision_towers() == before + 1
-        finally:
-            await stack.stop(0)
-
-    asyncio.run(scenario())
+        s = stack.settings
+        with (
+            grpc.insecure_channel(s.scorer_addr) as a,
+            grpc.insecure_channel(s.style_tagger_addr) as b,
+            grpc.insecure_channel(s.safety_addr) as c,
+        ):
+            by_scorer = scorer_pb2_grpc.ScorerStub(a).Embed(scorer_pb2.EmbedRequest(images=[image]), timeout=60)
+            by_tagger = style_tagger_pb2_grpc.StyleTaggerStub(b).Embed(
+                style_tagger_pb2.StyleTaggerEmbedRequest(images=[image]), timeout=60
+            )
+            checked = safety_pb2_grpc.SafetyStub(c).Check(
+                safety_pb2.CheckRequest(items=[safety_pb2.SafetyItem(image=image)]), timeout=60
+            )
+        assert np.array_equal(by_scorer.results[0].embedding, by_tagger.results[0].embedding)
+        assert by_scorer.provenance.model_version == by_tagger.provenance.model_version
+        assert checked.results[0].provenance.model_version == by_tagger.provenance.model_version
+        assert vision_towers() == before + 1
+    finally:
+        stack.close()

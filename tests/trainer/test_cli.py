@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +10,7 @@ import pytest
 
 from pony_common.cli.main import main
 from pony_common.config import Settings
-from pony_common.grpc.server import start_server
+from pony_common.testing import serve
 from services.trainer.app import create_service
 from services.trainer.local_run import demo_spec
 from services.trainer.service import TrainerService
@@ -36,21 +34,10 @@ def cli_env(model_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settin
 @pytest.fixture
 def grpc_controller(cli_env: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[TrainerService]:
     """A TrainerService (local executor) served on a free port in a background event loop."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
     controller = TrainerService(cli_env)
-    running = asyncio.run_coroutine_threadsafe(
-        start_server(cli_env, create_service(cli_env, controller), port=0, host="127.0.0.1"), loop
-    ).result(10)
-    asyncio.run_coroutine_threadsafe(running.wait_ready(10), loop).result(15)
-    monkeypatch.setenv("PONY_TRAINER_ADDR", f"127.0.0.1:{running.port}")
-    try:
+    with serve(cli_env, create_service(cli_env, controller), ready_timeout=10) as served:
+        monkeypatch.setenv("PONY_TRAINER_ADDR", served.address)
         yield controller
-    finally:
-        asyncio.run_coroutine_threadsafe(running.stop(0), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
 
 
 def test_a_bad_spec_exits_2_with_one_line(cli_env: Settings, manifest: Path, tmp_path: Path, capsys) -> None:

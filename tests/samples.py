@@ -1,54 +1,15 @@
-"""Test helpers shared by the scorer and captioner tests: a service on a free port in a background event loop,
-a health probe, and test images (good ones and the bad kinds a caller may send)."""
+"""Test inputs and probes shared by the service tests: a readiness probe and test images (good ones and the bad
+kinds a caller may send). Servers are started with `pony_common.testing.serve` / `ServerLoop`."""
 
 from __future__ import annotations
 
-import asyncio
 import io
 import struct
-import threading
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
-
-from pony_common.config import Settings
-from pony_common.grpc.server import RunningServer, ServiceDefinition, start_server
-
-
-@dataclass
-class Served:
-    port: int
-    running: RunningServer
-    loop: asyncio.AbstractEventLoop
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-
-@contextmanager
-def serve(settings: Settings, definition: ServiceDefinition, ready_timeout: float = 60) -> Iterator[Served]:
-    """Starts `definition` on port 0 in a background loop, waits for its model, stops it afterwards."""
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    running = None
-    try:
-        running = asyncio.run_coroutine_threadsafe(
-            start_server(settings, definition, port=0, host="127.0.0.1"), loop
-        ).result(30)
-        asyncio.run_coroutine_threadsafe(running.wait_ready(ready_timeout), loop).result(ready_timeout + 5)
-        yield Served(running.port, running, loop)
-    finally:
-        if running is not None:
-            asyncio.run_coroutine_threadsafe(running.stop(0), loop).result(30)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
 
 
 def readiness(channel: grpc.Channel) -> int:

@@ -1,13 +1,40 @@
-"""The stage ledger: claims and completes (image, stage) with conditional writes, so redelivery is harmless."""
+"""The curation tier's own tables and their writes: the stage ledger (claims and completes (image, stage) with
+conditional writes, so a redelivered task is harmless) and named selections."""
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import ForeignKey, Integer, String, Text, select, update
+from sqlalchemy.orm import Mapped, mapped_column
 
 from pony_common.catalog.db import Catalog, upsert
-from pony_common.catalog.models import StageRow, utcnow
+from pony_common.catalog.models import IMAGE_FK, TS, Base, utcnow
+
+
+class StageRow(Base):
+    """The idempotency ledger of the curation workflow: one row per (image, stage)."""
+
+    __tablename__ = "stages"
+    image_id: Mapped[str] = mapped_column(ForeignKey(IMAGE_FK, ondelete="CASCADE"), primary_key=True)
+    stage: Mapped[str] = mapped_column(String(16), primary_key=True)
+    # pending | running | done | failed
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    writes: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[dt.datetime | None] = mapped_column(TS)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(TS)
+
+
+class SelectionRow(Base):
+    __tablename__ = "selections"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    image_id: Mapped[str] = mapped_column(ForeignKey(IMAGE_FK, ondelete="CASCADE"), primary_key=True)
+    rank: Mapped[int] = mapped_column(Integer)
+    category: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[dt.datetime] = mapped_column(TS, default=utcnow)
 
 
 def _advance(catalog: Catalog, image_id: str, stage: str, first: dict[str, Any], **values: Any) -> bool:
