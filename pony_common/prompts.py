@@ -1,5 +1,6 @@
-"""V7 prompt assembly shared by the export and the sampler: special tags, factual description, style
-description, extra content tags, in that order."""
+"""The V7 prompt convention, written once: special tags (score, style, source, rating), factual description,
+style description, extra content tags, in that order. The export, the trainer and the sampler all join their
+prompts with `join_v7` and order the special tags with `special_tags`; what each normalises before that is its own."""
 
 from __future__ import annotations
 
@@ -29,17 +30,26 @@ def rating_tag(rating: str | None) -> str | None:
 
 def special_tags(
     score_tags: str | Sequence[str] | None = None,
-    style_tag: str | None = None,
+    style_tag: str | Sequence[str] | None = None,
     source: str | None = None,
     rating: str | None = None,
+    *,
+    unique: bool = True,
 ) -> list[str]:
-    """The special tags in V7 order: score tag(s), style cluster tag, source tag, rating tag (empty ones left out).
+    """The special tags in V7 order: score tag(s), style cluster tag(s), source tag, rating tag (empty ones left
+    out; with `unique`, a repeated tag only once).
 
     `score_tags` is one tag (`score_8`) or several (a comma-separated or listed V6 cumulative set)."""
     if isinstance(score_tags, str):
         score_tags = [t.strip() for t in score_tags.split(",")]
-    out = [t for t in (*(score_tags or ()), style_tag, source, rating) if t]
-    return list(dict.fromkeys(out))
+    styles = [style_tag] if isinstance(style_tag, str) else list(style_tag or ())
+    out = [t for t in (*(score_tags or ()), *styles, source, rating) if t]
+    return list(dict.fromkeys(out)) if unique else out
+
+
+def join_v7(special: Iterable[str], descriptions: Iterable[str | None], extra: Iterable[str] = ()) -> str:
+    """`special tags, descriptions (factual, then stylistic), extra tags` joined with ", ", empty parts dropped."""
+    return ", ".join(p for p in (*special, *descriptions, *extra) if p)
 
 
 def _sentence(text: str | None) -> str:
@@ -57,5 +67,4 @@ def assemble_prompt(
     special = [t for t in special if t]
     seen = set(special)
     extra = [t for t in dict.fromkeys(t.strip() for t in extra_tags) if t and t not in seen]
-    parts = [*special, _sentence(factual), _sentence(style), *extra]
-    return ", ".join(p for p in parts if p)
+    return join_v7(special, [_sentence(factual), _sentence(style)], extra)

@@ -1,17 +1,17 @@
-"""Prompt assembly of a generation request in V7 order: score tags, style cluster tags, source tag, rating tag,
-then the caller's text.
+"""Prompt assembly of a generation request in the V7 order of pony_common.prompts: score tags, style cluster tags,
+source tag, rating tag, then the caller's text.
 
-The vocabulary (source and rating tags) is pony_common.prompts'. The assembly stays the sampler's own, because it
-differs from the export's `special_tags`/`assemble_prompt` there: a request names a score (its cumulative tags)
-and any number of style clusters (kept as given, repeats included), and its text is sent as written (stripped
-only), where the export takes one style tag, drops repeated tags and collapses whitespace."""
+What is the sampler's own: a request names a score (its cumulative tags) and any number of style clusters (kept
+as given, repeats included), and its text is sent as written (stripped only), where the export takes one style
+tag, drops repeated tags and collapses whitespace."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from pony_common.errors import InvalidArgument
-from pony_common.prompts import RATINGS, SOURCE_TAGS
+from pony_common.prompts import RATINGS, SOURCE_TAGS, join_v7
+from pony_common.prompts import special_tags as v7_special_tags
 from pony_common.tags import TOP_BUCKET, cumulative_score_tags
 
 # The source a request names is its tag without the prefix: pony, furry, cartoon, anime, realism.
@@ -41,15 +41,13 @@ class PromptTags:
 
 def special_tags(tags: PromptTags, style_format: str = "style_cluster_{n}") -> list[str]:
     """The tags in V7 order. A score N asks for quality N or better (`score_9, score_8_up, …, score_N_up`)."""
-    out: list[str] = []
-    if tags.score is not None:
-        out += cumulative_score_tags(tags.score)
-    out += [style_format.format(n=n) for n in tags.style_clusters]
-    if tags.source:
-        out.append(f"source_{tags.source}")
-    if tags.rating:
-        out.append(f"rating_{tags.rating}")
-    return out
+    return v7_special_tags(
+        cumulative_score_tags(tags.score) if tags.score is not None else None,
+        [style_format.format(n=n) for n in tags.style_clusters],
+        f"source_{tags.source}" if tags.source else None,
+        f"rating_{tags.rating}" if tags.rating else None,
+        unique=False,
+    )
 
 
 def assemble_prompt(text: str, tags: PromptTags, *, style_format: str = "style_cluster_{n}", raw: bool = False) -> str:
@@ -57,4 +55,4 @@ def assemble_prompt(text: str, tags: PromptTags, *, style_format: str = "style_c
     text = text.strip()
     if raw:
         return text
-    return ", ".join([*special_tags(tags, style_format), *([text] if text else [])])
+    return join_v7(special_tags(tags, style_format), [text])

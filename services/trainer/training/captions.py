@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+from pony_common.prompts import join_v7
 from services.trainer.spec import CaptionSpec
 from services.trainer.training.manifest import ManifestItem
 
@@ -13,8 +14,8 @@ def training_prompt(item: ManifestItem, spec: CaptionSpec, rng: random.Random) -
 
     With `spec.prompt_probability` the manifest's assembled prompt is used as written; with
     `spec.empty_probability` the prompt is empty (the unconditional branch of classifier-free guidance).
-    Not `pony_common.prompts.assemble_prompt`: that one also collapses whitespace inside the caption and strips and
-    de-duplicates the tags; here the manifest's text is trained as written.
+    The order is pony_common.prompts' `join_v7`; unlike the export's `assemble_prompt`, the manifest's text is
+    trained as written (no whitespace collapsing, no tag de-duplication).
     """
     draw = rng.random()
     if draw < spec.empty_probability:
@@ -34,5 +35,4 @@ def training_prompt(item: ManifestItem, spec: CaptionSpec, rng: random.Random) -
             rng.shuffle(special)
         if spec.tag_dropout > 0:
             special = [t for t in special if rng.random() >= spec.tag_dropout]
-    parts = [*special, caption.strip(), *tags]
-    return ", ".join(p for p in parts if p)
+    return join_v7(special, [caption.strip()], tags)
