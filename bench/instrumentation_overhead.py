@@ -2,7 +2,7 @@
 against one servicer served twice at once:
 
   bare          a plain grpc.aio server and a plain channel: no interceptor, no metrics, no log line, no spans;
-  instrumented  the server as every service runs (the shared interceptor: request id, RPC metrics, in-flight gauge,
+  instrumented  the server as every service runs (the shared interceptor: request id, RPC metrics,
                 one JSON log line per call at INFO, SERVER span) and a channel with the CLIENT-span interceptor.
 
 First with tracing off (the default: no provider; an incoming context is still passed on), then with tracing on as

@@ -64,11 +64,16 @@ def is_retryable(exc: BaseException) -> bool:
 
 
 class PonyTask(Task):
-    """Base task: retries with exponential backoff on a dependency being down; everything else fails."""
+    """Base task: a dependency being down is retried with exponential backoff (capped); everything else fails.
+
+    A task registered with `parks=True` waits out an outage for as long as it lasts (no retry budget: it retries
+    at least every `retry_max_backoff_s`); the others give up after `max_retries` retries."""
 
     abstract = True
-    max_retries = 8
+    max_retries: int | None = 8
     retry_backoff_s = 1.0
+    retry_max_backoff_s = 60.0
+    parks = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -77,23 +82,36 @@ class PonyTask(Task):
             if not is_retryable(exc) or self.request.called_directly:
                 raise
             retries = self.request.retries
-            # A waiting retry is an unacked message: on Redis it must come due before the visibility timeout,
-            # or the broker hands it out again while it waits (and every copy retries again).
-            visibility = float((self.app.conf.broker_transport_options or {}).get("visibility_timeout", 3600))
-            countdown = min(60.0, visibility / 2, self.retry_backoff_s * (2**retries))
-            log.warning(
+            countdown = self.retry_countdown(retries)
+            # A parked task retries for as long as the outage lasts: say so once, then quietly.
+            log.log(
+                logging.INFO if self.parks and retries > 0 else logging.WARNING,
                 "retrying task",
                 extra={"task": self.name, "retries": retries, "countdown": countdown, "error": str(exc)},
             )
             raise self.retry(exc=exc, countdown=countdown, max_retries=self.max_retries) from exc
 
+    def retry_countdown(self, retries: int) -> float:
+        """Seconds before retry number `retries + 1`: doubling from `retry_backoff_s`, at most `retry_max_backoff_s`.
 
-def pony_task(name: str, queue: str, *, idempotent: bool = True, **options: Any) -> Callable[[F], F]:
+        A waiting retry is an unacked message: on Redis it must come due before the visibility timeout, or the
+        broker hands it out again while it waits (and every copy retries again)."""
+        visibility = float((self.app.conf.broker_transport_options or {}).get("visibility_timeout", 3600))
+        return min(self.retry_max_backoff_s, visibility / 2, self.retry_backoff_s * (2 ** min(retries, 32)))
+
+
+def pony_task(
+    name: str, queue: str, *, idempotent: bool = True, parks: bool = False, **options: Any
+) -> Callable[[F], F]:
     """Registers a task with an explicit name on its queue. Idempotent tasks are acks_late and are
-    redelivered when their worker dies; only mark a task idempotent when a re-run is harmless."""
+    redelivered when their worker dies; only mark a task idempotent when a re-run is harmless. A task that
+    `parks` retries a dependency that is down without limit (the curation stages); the others have a budget
+    (`task_max_retries`) and then fail."""
     if queue not in QUEUES:
         raise ValueError(f"unknown queue {queue!r}; add it to QUEUES")
     _routes[name] = {"queue": queue}
+    if parks:
+        options.update(parks=True, max_retries=None)
 
     def decorate(fn: F) -> F:
         return app.task(
@@ -150,6 +168,7 @@ def configure_app(settings: Settings) -> Celery:
     app.conf.pony_settings = settings
     PonyTask.max_retries = settings.task_max_retries
     PonyTask.retry_backoff_s = settings.task_retry_backoff_s
+    PonyTask.retry_max_backoff_s = settings.task_retry_max_backoff_s
     return app
 
 

@@ -9,6 +9,8 @@ lower-cased: `replace(captioner_batch_size=4)` changes `settings.captioner.batch
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import logging
 import os
 import types
 import typing
@@ -174,6 +176,15 @@ def _section_env(section: type[Section], f: dataclasses.Field) -> str:
     return f.metadata.get("env") or f"PONY_{section.PREFIX}{f.name.upper()}"
 
 
+def _sqlite_under(url: str, state: Path) -> str:
+    """`url` with a relative SQLite path (sqlite:///catalog.db) taken under `state`; other URLs as they are."""
+    scheme, sep, rest = url.partition(":///")
+    path = rest.split("?", 1)[0]
+    if not sep or not scheme.startswith("sqlite") or not path or path.startswith(("/", ":memory:", "file:")):
+        return url
+    return f"{scheme}:///{state / rest}"
+
+
 @dataclass(frozen=True)
 class Settings:
     """All configuration. Field `foo_bar` is read from `PONY_FOO_BAR`; unset fields keep their default.
@@ -183,7 +194,7 @@ class Settings:
 
     # --- where state lives (the embedded default: one folder) ---
     state_dir: str = ".pony"  # the folder holding the embedded default's state
-    database_url: str = ""  # default sqlite:///<state_dir>/catalog.db
+    database_url: str = ""  # default sqlite:///<state_dir>/catalog.db; a relative sqlite path is taken under state_dir
     broker_url: str = ""  # default sqla+sqlite:///<state_dir>/broker.db
     result_backend: str = ""  # default db+sqlite:///<state_dir>/results.db
     blob_url: str = ""  # default <state_dir>/blobs
@@ -192,6 +203,8 @@ class Settings:
     # --- models ---
     device: str = "cpu"  # torch device of the services: cpu | cuda | cuda:N
     dtype: str = "float32"  # float32 | bfloat16 | float16
+    model_load_attempts: int = 5  # tries of a service's model load; all failed = liveness NOT_SERVING (restart)
+    model_load_backoff_s: float = 2.0  # wait before the second try; doubles per try, at most 60 s
 
     # --- service addresses (clients) ---
     captioner_addr: str = "127.0.0.1:50051"  # where clients find each service (host:port)
@@ -221,9 +234,13 @@ class Settings:
 
     # --- Celery ---
     worker_concurrency: int = 1  # processes per Celery worker
-    task_max_retries: int = 8  # retries of a task whose service is UNAVAILABLE
+    task_max_retries: int = 8  # retries of a task whose service is UNAVAILABLE (curation stages wait without limit)
     task_retry_backoff_s: float = 1.0  # first retry delay; doubles per retry
+    task_retry_max_backoff_s: float = 60.0  # longest delay between retries (a waiting curation stage tries this often)
+    ingest_stall_s: float = 120.0  # ingest: stop waiting (exit 1) after this long with no progress and no worker
     broker_visibility_timeout_s: float = 300.0  # Redis: unacked messages of a dead worker come back after this long
+    worker_heartbeat_file: str = ""  # default <state_dir>/worker.heartbeat; rewritten while a worker consumes (--probe)
+    worker_heartbeat_s: float = 5.0  # how often the worker rewrites it; the probe fails once it is 3 intervals old
 
     # --- observability ---
     log_level: str = "INFO"  # DEBUG | INFO | WARNING | ERROR
@@ -264,6 +281,7 @@ class Settings:
             if name in env_:
                 values[name[len("PONY_") :].lower()] = _parse(name, env_[name], _hint(section, attr))
         values.update(overrides)
+        check_log_level(str(values.get("log_level", cls.log_level)))
         extra = {k: v for k, v in env_.items() if k.startswith("PONY_") and k not in known}
         return cls().replace(extra=extra, **values).resolved()
 
@@ -276,8 +294,11 @@ class Settings:
             "result_backend": f"db+sqlite:///{state / 'results.db'}",
             "blob_url": str(state / "blobs"),
             "models_dir": str(state / "models"),
+            "worker_heartbeat_file": str(state / "worker.heartbeat"),
         }
         changes: dict[str, typing.Any] = {k: v for k, v in defaults.items() if not getattr(self, k)}
+        if self.database_url and _sqlite_under(self.database_url, state) != self.database_url:
+            changes["database_url"] = _sqlite_under(self.database_url, state)
         if not self.sampler.triton_repo:
             changes["sampler"] = self.sampler.replace(triton_repo=str(state / "triton"))
         return dataclasses.replace(self, state_dir=str(state), **changes) if changes else self
@@ -376,3 +397,42 @@ def _parse(name: str, raw: str, hint: typing.Any) -> typing.Any:
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a valid {getattr(hint, '__name__', hint)}") from None
     return raw
+
+
+# --- the log level and unknown variables (checked where a process starts: `ponyctl`, hence serve and worker) ---
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# `PONY_*` names read by name outside Settings: the test suite's (PONY_TEST_*, PONY_REQUIRE_SERVICES) and the
+# training entrypoint's spec (`--spec env:PONY_TRAIN_SPEC`). They are not settings, and not misspellings either.
+NOT_SETTINGS = ("PONY_TEST_", "PONY_REQUIRE_SERVICES", "PONY_TRAIN_SPEC")
+
+
+def check_log_level(level: str) -> str:
+    """`level` upper-cased, or ConfigError naming the valid levels."""
+    if level.strip().upper() not in LOG_LEVELS:
+        raise ConfigError(f"PONY_LOG_LEVEL={level!r} is not a log level; use one of {', '.join(LOG_LEVELS)}")
+    return level.strip().upper()
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One sentence per `PONY_*` name in `environ` (`Settings.extra`, or a whole environment) that is no setting,
+    naming the closest setting if there is one."""
+    known = [name for name, _, _ in Settings.env_names()]
+    out = []
+    for name in sorted(environ):
+        if not name.startswith("PONY_") or name in known or name.startswith(NOT_SETTINGS):
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+        hint = f"did you mean {close[0]}?" if close else 'the settings are listed in README.md, "Configuration"'
+        out.append(f"{name} is not a setting; {hint}")
+    return out
+
+
+def warn_unknown_variables(settings: Settings) -> list[str]:
+    """Logs a warning for each unknown `PONY_*` name once (a misspelt setting is otherwise silently ignored).
+    Called where a process starts from its environment (`ponyctl`, so `serve` and `worker` too), not by
+    library code that tests hand synthetic environments."""
+    messages = unknown_variables(settings.extra)
+    for message in messages:
+        logging.getLogger(__name__).warning(message)
+    return messages

@@ -1,4 +1,5 @@
-"""Prometheus metrics every process exports: RPC latency and counts, in-flight calls, batches, models, failures."""
+"""Prometheus metrics every process exports: RPC counts and latency (py-grpc-prometheus names), batches, models,
+failures."""
 
 from __future__ import annotations
 
@@ -10,13 +11,23 @@ log = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
-RPC_LATENCY = Histogram(
-    "pony_rpc_latency_seconds",
-    "gRPC server call latency",
-    ("service", "method", "code"),
+# RPC metrics under py-grpc-prometheus's names and labels (the same as go- and java-grpc-prometheus): grpc_type is
+# UNARY | SERVER_STREAMING | CLIENT_STREAMING | BIDI_STREAMING, grpc_service the full service name (pony.v1.Scorer,
+# grpc.health.v1.Health), grpc_method the method (Score), grpc_code the status code's name (OK, INVALID_ARGUMENT).
+# Calls in flight are grpc_server_started_total - grpc_server_handled_total.
+_RPC_LABELS = ("grpc_type", "grpc_service", "grpc_method")
+RPC_STARTED = Counter("grpc_server_started_total", "Total number of RPCs started on the server.", _RPC_LABELS)
+RPC_HANDLED = Counter(
+    "grpc_server_handled_total",
+    "Total number of RPCs completed on the server, regardless of success or failure.",
+    (*_RPC_LABELS, "grpc_code"),
+)
+RPC_HANDLING_SECONDS = Histogram(
+    "grpc_server_handling_seconds",
+    "Histogram of response latency (seconds) of gRPC that had been application-level handled by the server.",
+    _RPC_LABELS,
     buckets=_LATENCY_BUCKETS,
 )
-RPC_IN_FLIGHT = Gauge("pony_rpc_in_flight", "gRPC calls being served", ("service", "method"))
 BATCH_SIZE = Histogram(
     "pony_batch_size",
     "items per model batch",

@@ -1,4 +1,5 @@
-"""Server interceptors: request id and structured logs, bearer auth, metrics, domain error -> status code."""
+"""Server interceptors: request id and structured logs, bearer auth, metrics, domain error -> status code (bad input
+also as `google.rpc.BadRequest` details in the `grpc-status-details-bin` trailer)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
 
 from pony_common import errors, tracing
 from pony_common.logs import new_request_id, request_id_var
-from pony_common.metrics import RPC_IN_FLIGHT, RPC_LATENCY
+from pony_common.metrics import RPC_HANDLED, RPC_HANDLING_SECONDS, RPC_STARTED
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +28,9 @@ OPEN_SERVICES = (
     "/grpc.reflection.v1alpha.ServerReflection/",
     "/grpc.reflection.v1.ServerReflection/",
 )
+
+# Where gRPC carries a `google.rpc.Status` with error details (grpcio-status's rpc_status.from_call reads it).
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 STATUS_OF: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
@@ -43,6 +49,23 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         if isinstance(exc, kind):
             return code, str(exc)
     return grpc.StatusCode.INTERNAL, "internal error (see server logs with the request id)"
+
+
+def status_details(exc: BaseException, code: grpc.StatusCode, message: str) -> bytes | None:
+    """The `grpc-status-details-bin` trailer for an error: a `google.rpc.Status` whose details hold a
+    `google.rpc.BadRequest` naming the field for bad input (`rpc_status.from_call` reads it back); None otherwise."""
+    if not isinstance(exc, errors.InvalidArgument):
+        return None
+    violation = error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=exc.message)
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+    return status_pb2.Status(code=code.value[0], message=message, details=[detail]).SerializeToString()
+
+
+def rpc_type(handler: grpc.RpcMethodHandler) -> str:
+    """py-grpc-prometheus's grpc_type of a method: UNARY, SERVER_STREAMING, CLIENT_STREAMING or BIDI_STREAMING."""
+    kinds = {(False, False): "UNARY", (False, True): "SERVER_STREAMING", (True, False): "CLIENT_STREAMING"}
+    return kinds.get((bool(handler.request_streaming), bool(handler.response_streaming)), "BIDI_STREAMING")
 
 
 def _metadata(details: grpc.HandlerCallDetails) -> dict[str, str]:
@@ -85,8 +108,9 @@ def _wrap(
     quiet: bool,
     meta: dict[str, str] | None = None,
 ) -> grpc.RpcMethodHandler:
-    # Health and reflection keep their full name: grpc.health.v1.Health/Check is not the safety service's Check.
-    short = method.lstrip("/") if quiet else method.rsplit("/", 1)[-1]
+    # Metric labels: /pony.v1.Safety/Check -> (pony.v1.Safety, Check); health is grpc.health.v1.Health's Check.
+    grpc_service, _, grpc_method = method.lstrip("/").rpartition("/")
+    labels = (rpc_type(handler), grpc_service, grpc_method)
     named = "x-request-id" in (meta or {})
 
     async def begin(context: aio.ServicerContext) -> tuple[float, Any]:
@@ -96,13 +120,15 @@ def _wrap(
         context.set_trailing_metadata((("x-request-id", rid),))
         if named:
             await context.send_initial_metadata((("x-request-id", rid),))
+        started = time.perf_counter()
+        RPC_STARTED.labels(*labels).inc()
         if denied:
-            RPC_LATENCY.labels(service, short, "UNAUTHENTICATED").observe(0.0)
+            RPC_HANDLED.labels(*labels, "UNAUTHENTICATED").inc()
+            RPC_HANDLING_SECONDS.labels(*labels).observe(time.perf_counter() - started)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, denied)
-        RPC_IN_FLIGHT.labels(service, short).inc()
         # The handler runs in a SERVER span continuing the caller's traceparent (health probes stay untraced).
         span = None if quiet else tracing.start_server_span(service, method, meta or {}, rid)
-        return time.perf_counter(), span
+        return started, span
 
     async def fail(context: aio.ServicerContext, exc: BaseException) -> None:
         code, message = status_for(exc)
@@ -111,17 +137,20 @@ def _wrap(
             tracing.record_exception(exc)
         else:
             log.info("rpc error", extra={"method": method, "code": code.name, "error": message})
+        details = status_details(exc, code, message)
+        if details is not None:
+            context.set_trailing_metadata((("x-request-id", rid), (STATUS_DETAILS_KEY, details)))
         context.set_code(code)
         context.set_details(message)
 
     def finish(context: aio.ServicerContext, begun: tuple[float, Any]) -> None:
         started, span = begun
-        RPC_IN_FLIGHT.labels(service, short).dec()
         code = context.code() or grpc.StatusCode.OK
         if isinstance(code, int):
             code = grpc.StatusCode.OK if code == 0 else grpc.StatusCode.UNKNOWN
         elapsed = time.perf_counter() - started
-        RPC_LATENCY.labels(service, short, code.name).observe(elapsed)
+        RPC_HANDLED.labels(*labels, code.name).inc()
+        RPC_HANDLING_SECONDS.labels(*labels).observe(elapsed)
         if not quiet:
             log.info("rpc", extra={"method": method, "code": code.name, "ms": round(elapsed * 1000, 2)})
         if span is not None:

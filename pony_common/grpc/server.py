@@ -1,5 +1,10 @@
-"""gRPC server bootstrap every service uses: grpc.aio, health (overall, liveness, readiness), reflection,
-the shared interceptor, TLS and message limits from config, and SIGTERM -> NOT_SERVING -> drain -> stop."""
+"""gRPC server bootstrap every service uses: grpc.aio, health (overall, liveness, readiness), reflection (v1 and
+v1alpha), the shared interceptor, TLS and message limits from config, and SIGTERM -> NOT_SERVING -> drain -> stop.
+
+Health tells the truth about the model: readiness, the overall status ("") and each service's own name are SERVING
+only once the model has loaded. A failed load is tried again with a doubling backoff (PONY_MODEL_LOAD_ATTEMPTS,
+PONY_MODEL_LOAD_BACKOFF_S) while liveness stays SERVING; when every try has failed (or a setting is unusable, which
+no retry fixes) liveness turns NOT_SERVING, so the kubelet restarts the process."""
 
 from __future__ import annotations
 
@@ -14,12 +19,14 @@ from pathlib import Path
 import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
-from pony_common.config import Settings
+from pony_common.config import ConfigError, Settings
+from pony_common.errors import PonyError
+from pony_common.grpc import reflection
 from pony_common.grpc.interceptors import ServerInterceptor
 from pony_common.metrics import MODEL_LOAD_SECONDS
 from pony_common.models.loading import model_load_lock
+from pony_common.models.sources import ModelNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +34,7 @@ LIVENESS = "liveness"
 READINESS = "readiness"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+MAX_LOAD_BACKOFF_S = 60.0  # the doubling wait between load tries stops growing here
 
 
 @dataclass
@@ -34,7 +42,8 @@ class ServiceDefinition:
     """What a service package hands the bootstrap: its servicers and its model lifecycle.
 
     `register(server)` adds the servicers; `load()` is the blocking model load, run in a thread after
-    the port is bound, and readiness turns SERVING only when it returns; `close()` runs after stop.
+    the port is bound (and again after a failure), and readiness turns SERVING only when it returns;
+    `close()` runs after stop.
     """
 
     name: str
@@ -47,7 +56,8 @@ class ServiceDefinition:
 
 @dataclass
 class RunningServer:
-    """A started server: its port, its health servicer, and the task loading its model."""
+    """A started server: its port, its health servicer, and the task loading its model (its tries so far and the
+    last try's error)."""
 
     server: aio.Server
     port: int
@@ -56,10 +66,13 @@ class RunningServer:
     loading: asyncio.Task | None = None
     health_server: aio.Server | None = None
     health_port: int = 0
+    load_attempts: int = 0
+    load_error: BaseException | None = None
     _stopping: bool = field(default=False, repr=False)
+    _stop_requested: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     async def wait_ready(self, timeout: float | None = None) -> None:
-        """Waits until the model has loaded (re-raising its load error)."""
+        """Waits until the model has loaded (re-raising the last load error once no try is left)."""
         if self.loading is not None:
             await asyncio.wait_for(asyncio.shield(self.loading), timeout)
 
@@ -68,6 +81,7 @@ class RunningServer:
         if self._stopping:
             return
         self._stopping = True
+        self._stop_requested.set()  # a load waiting out its backoff gives up
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         if self.health_server is not None:
@@ -104,9 +118,12 @@ async def start_server(
     )
     definition.register(server)
     health_servicer = health.aio.HealthServicer()
+    # Set before the server starts: no probe ever sees SERVING for a model that is not loaded.
+    for name in ("", READINESS, *definition.full_names):
+        await health_servicer.set(name, NOT_SERVING)
+    await health_servicer.set(LIVENESS, SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = [*definition.full_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
-    reflection.enable_server_reflection(names, server)
+    reflection.enable_server_reflection([*definition.full_names, health.SERVICE_NAME], server)
     if port is None:
         port = settings.port(definition.name)
     address = f"{host or settings.bind_host}:{port}"
@@ -115,8 +132,6 @@ async def start_server(
     if not bound:
         raise OSError(f"could not bind {address}")
     await server.start()
-    for name in ("", LIVENESS, *definition.full_names):
-        await health_servicer.set(name, SERVING)
     running = RunningServer(server, bound, health_servicer, definition)
     if creds is not None and settings.health_port:
         # Kubelet gRPC probes cannot speak TLS: the same health state on a plaintext, health-only port.
@@ -126,8 +141,7 @@ async def start_server(
             f"{host or settings.bind_host}:{settings.health_port}"
         )
         await running.health_server.start()
-    await health_servicer.set(READINESS, NOT_SERVING)
-    running.loading = asyncio.create_task(_load(running))
+    running.loading = asyncio.create_task(_load(running, settings))
     log.info("serving", extra={"service": definition.name, "port": bound, "tls": creds is not None})
     return running
 
@@ -137,20 +151,40 @@ def _locked_load(load: Callable[[], None]) -> None:
         load()
 
 
-async def _load(running: RunningServer) -> None:
+async def _load(running: RunningServer, settings: Settings) -> None:
+    """Loads the model, trying again after a failure with a doubling backoff; then the server is ready. Once no
+    try is left (or the error is a ConfigError) liveness turns NOT_SERVING and the last error is raised."""
     definition = running.definition
-    if definition.load is not None:
+    attempts = max(1, settings.model_load_attempts)
+    delay = max(0.0, settings.model_load_backoff_s)
+    while definition.load is not None:
+        running.load_attempts += 1
         started = time.perf_counter()
         try:
             await asyncio.to_thread(_locked_load, definition.load)
-        except Exception:
-            log.exception("model load failed", extra={"service": definition.name})
-            for name in definition.full_names:
-                await running.health.set(name, NOT_SERVING)
-            raise
+        except Exception as exc:
+            running.load_error = exc
+            extra = {"service": definition.name, "attempt": running.load_attempts, "attempts": attempts}
+            # Our own errors say what is wrong and how to fix it in one line; anything else needs its traceback.
+            trace = not isinstance(exc, (PonyError, ConfigError, ModelNotFoundError))
+            if running.load_attempts >= attempts or isinstance(exc, ConfigError) or running._stopping:
+                log.error("model load failed, no try left (liveness NOT_SERVING): %s", exc, exc_info=trace, extra=extra)
+                if not running._stopping:
+                    await running.health.set(LIVENESS, NOT_SERVING)
+                raise
+            log.warning("model load failed; trying again in %.3g s: %s", delay, exc, exc_info=trace, extra=extra)
+            try:
+                await asyncio.wait_for(running._stop_requested.wait(), delay)
+            except TimeoutError:
+                delay = min(max(delay, 0.05) * 2, MAX_LOAD_BACKOFF_S)
+                continue
+            raise  # stopped while waiting: the last load error stands
         MODEL_LOAD_SECONDS.labels(definition.name, definition.model_id).set(time.perf_counter() - started)
+        running.load_error = None
+        break
     if not running._stopping:
-        await running.health.set(READINESS, SERVING)
+        for name in (READINESS, "", *definition.full_names):
+            await running.health.set(name, SERVING)
         log.info("ready", extra={"service": definition.name})
 
 

@@ -1,8 +1,11 @@
 """The lifecycle every served model shares (as KServe's `Model`): `load()` once, `ready`, `teardown()`.
 
 A service's `model.py` subclasses `Model` and fills `_load`/`_teardown`; it knows nothing of gRPC. The bootstrap
-calls `load()` in a thread after the port is bound and turns readiness SERVING when it returns; service logic
-calls `require_ready()` before using the model, so a call during the load is UNAVAILABLE (retry later).
+calls `load()` in a thread after the port is bound and turns readiness SERVING when it returns; a `load()` that
+raises is called again after a backoff, so `_load` must start over cleanly after a failed try. Before transformers or
+diffusers see a model path, `_load` passes it through `pony_common.models.sources.require_model_source` (one line
+naming the path and the fix when there is no such folder). Service logic calls `require_ready()` before using the
+model, so a call during the load is UNAVAILABLE (retry later).
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ from pony_common.models.clip import weights_version
 from pony_common.models.dtypes import torch_dtype
 from pony_common.models.lifecycle import Model
 from pony_common.models.loading import model_load_lock
+from pony_common.models.sources import require_model_source
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ class CaptionerModel(Model):
     # --- lifecycle ---
 
     def _load(self) -> None:
-        model, processor = load_vlm(self.model_path, str(self.device), self.dtype)
+        model, processor = load_vlm(require_model_source(self.model_path, "captioner"), str(self.device), self.dtype)
         local = Path(self.model_path)
         revision = str(getattr(model.config, "_commit_hash", None) or "")
         self._version = weights_version(local) if local.is_dir() else revision[:12]

@@ -35,7 +35,11 @@ def _register_ingest(sub: argparse._SubParsersAction) -> None:
     p.add_argument("source")
     p.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True, help="follow the images to the end")
     p.add_argument("--timeout", type=float, default=None, help="stop waiting after this many seconds")
-    p.add_argument("--resume", action="store_true", help="also resend images of this source that did not finish")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="also retry images of this source that failed in a workflow stage (unfinished ones are always sent)",
+    )
     p.add_argument("--dup-distance", type=int, default=None, help="pHash bits within which images are near-duplicates")
     p.add_argument("--refit-styles", action="store_true", help="refit the style clusters on the whole pool")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -159,6 +163,9 @@ def _run_report(args: argparse.Namespace, settings: Settings) -> int:
 
     if args.limit < 1:
         raise UsageError("--limit must be at least 1")
-    path = write_report(settings, args.dir, selection=args.name, limit=args.limit)
+    try:
+        path = write_report(settings, args.dir, selection=args.name, limit=args.limit)
+    except InvalidArgument as exc:
+        raise _usage(exc, {}) from None
     sys.stdout.write(f"{path}\n")
     return 0

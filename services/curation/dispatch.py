@@ -1,45 +1,193 @@
-"""Sending images through the curation workflow and following them to the end (with a progress bar)."""
+"""Sending images through the curation workflow and following them to the end (with a progress bar).
+
+An image is `processing` only while its workflow is published: a chunk is marked and published together, and
+what could not be published gets its previous status back, so a broker that is down leaves nothing in flight that
+is not. An image cut off between the two (the process killed) is resent by the next `ponyctl ingest` of its
+source, which sends every image that has not finished. Following the images, a wait with no progress at all while
+some curation queue has no worker ends with a NoWorker error instead of waiting forever.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Sequence
+from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
-from pony_common.catalog.db import catalog_for
+from pony_common.catalog.db import Catalog, catalog_for
 from pony_common.catalog.models import ImageRow
 from pony_common.config import Settings
+from pony_common.errors import DependencyUnavailable, PonyError
+from pony_common.workers import CURATION_QUEUES
+from services.curation.store import StageRow
 
 log = logging.getLogger(__name__)
 
 FINAL = ("done", "failed")
 _CHUNK = 500
+# Images marked `processing` and published together; on a publishing error the rest of the chunk is put back.
+SEND_CHUNK = 100
+
+
+class BrokerUnavailable(DependencyUnavailable):
+    """The broker cannot be reached: nothing more is sent and the unsent images keep their status."""
+
+
+class NoWorker(PonyError):
+    """Nothing made progress and some curation queue has no worker: the images wait in the queues."""
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _broker_error(settings: Settings, exc: BaseException, sent: int, total: int) -> BrokerUnavailable:
+    from kombu.utils.url import maybe_sanitize_url
+
+    url = maybe_sanitize_url(settings.broker_url)
+    done = f"{sent} of {total} images were sent, " if sent else ""
+    return BrokerUnavailable(
+        f"cannot reach the broker at {url} ({_one_line(exc)}): start it or set PONY_BROKER_URL to a running one; "
+        f"{done}the rest keep their status and the next `ponyctl ingest` of this source sends them"
+    )
+
+
+def _is_broker_error(exc: BaseException) -> bool:
+    from kombu.exceptions import OperationalError
+
+    return isinstance(exc, OperationalError | ConnectionError | OSError)
+
+
+def check_broker(settings: Settings) -> None:
+    """Connects to the configured broker once (a few quick tries); BrokerUnavailable when it cannot."""
+    from pony_common.celery_app import app, configure_app
+
+    configure_app(settings)
+    try:
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=2, interval_start=0.2, interval_step=0.2, interval_max=0.5)
+    except Exception as exc:
+        if not _is_broker_error(exc):
+            raise
+        raise _broker_error(settings, exc, 0, 0) from None
+
+
+def _mark_in_flight(catalog: Catalog, ids: Sequence[str]) -> dict[str, tuple[str, str | None]]:
+    """Marks `ids` processing and reopens their failed workflow stages (a stale persist then waits for them);
+    returns each image's previous (status, error)."""
+    with catalog.session() as s:
+        before = {
+            r.id: (r.status, r.error)
+            for r in s.execute(select(ImageRow.id, ImageRow.status, ImageRow.error).where(ImageRow.id.in_(ids)))
+        }
+        s.execute(update(ImageRow).where(ImageRow.id.in_(ids)).values(status="processing", error=None))
+        s.execute(
+            update(StageRow)
+            .where(StageRow.image_id.in_(ids), StageRow.status == "failed", StageRow.stage != "decode")
+            .values(status="pending", error=None)
+        )
+    return before
+
+
+def _put_back(catalog: Catalog, before: dict[str, tuple[str, str | None]], ids: Sequence[str]) -> None:
+    """Gives images that were marked but not published their previous status back."""
+    with catalog.session() as s:
+        for image_id in ids:
+            status, error = before.get(image_id, ("ingested", None))
+            s.execute(
+                update(ImageRow)
+                .where(ImageRow.id == image_id, ImageRow.status == "processing")
+                .values(status=status, error=error)
+            )
 
 
 def submit_images(settings: Settings, image_ids: Sequence[str]) -> list[str]:
-    """Publishes one workflow per image on the configured broker; returns the ids of the workflows."""
-    from pony_common.celery_app import configure_app
+    """Marks the images `processing` and publishes one workflow per image, a chunk at a time; returns the ids sent.
+
+    Raises BrokerUnavailable (naming PONY_BROKER_URL) when the broker cannot be reached; images not published keep
+    their previous status."""
     from services.curation.tasks import workflow
 
-    configure_app(settings)
-    ids = [workflow(image_id).apply_async().id for image_id in image_ids]
-    log.info("submitted images", extra={"count": len(ids)})
-    return ids
+    ids = list(dict.fromkeys(image_ids))
+    if not ids:
+        return []
+    check_broker(settings)
+    catalog = catalog_for(settings.database_url)
+    sent: list[str] = []
+    for i in range(0, len(ids), SEND_CHUNK):
+        chunk = ids[i : i + SEND_CHUNK]
+        before = _mark_in_flight(catalog, chunk)
+        published: list[str] = []
+        try:
+            for image_id in chunk:
+                workflow(image_id).apply_async()
+                published.append(image_id)
+        except Exception as exc:
+            _put_back(catalog, before, chunk[len(published) :])
+            sent += published
+            if _is_broker_error(exc):
+                raise _broker_error(settings, exc, len(sent), len(ids)) from None
+            raise
+        sent += published
+    log.info("submitted images", extra={"count": len(sent)})
+    return sent
 
 
-def image_statuses(settings: Settings, image_ids: Sequence[str]) -> dict[str, int]:
-    """Count of the given images per status."""
+def _progress(settings: Settings, image_ids: Sequence[str]) -> tuple[dict[str, int], tuple[Any, ...]]:
+    """Count of the given images per status, and a marker of their ledger activity (changes whenever a stage is
+    claimed, retried, finished or failed)."""
     catalog = catalog_for(settings.database_url)
     counts: dict[str, int] = {}
+    rows = attempts = 0
+    last: Any = None
     with catalog.session() as s:
         for i in range(0, len(image_ids), _CHUNK):
             chunk = list(image_ids[i : i + _CHUNK])
             query = select(ImageRow.status, func.count()).where(ImageRow.id.in_(chunk)).group_by(ImageRow.status)
             for status, n in s.execute(query):
                 counts[status] = counts.get(status, 0) + n
-    return counts
+            n, tries, finished = s.execute(
+                select(
+                    func.count(), func.coalesce(func.sum(StageRow.attempts), 0), func.max(StageRow.finished_at)
+                ).where(StageRow.image_id.in_(chunk))
+            ).one()
+            rows, attempts = rows + n, attempts + int(tries)
+            if finished is not None and (last is None or finished > last):
+                last = finished
+    return counts, (tuple(sorted(counts.items())), rows, attempts, last)
+
+
+def image_statuses(settings: Settings, image_ids: Sequence[str]) -> dict[str, int]:
+    """Count of the given images per status."""
+    return _progress(settings, image_ids)[0]
+
+
+def queues_without_worker(settings: Settings, timeout_s: float = 2.0) -> list[str] | None:
+    """The curation queues no running worker consumes (asked over the broker); None when the broker cannot say."""
+    from pony_common.celery_app import app, configure_app
+
+    if app.conf.get("pony_settings") != settings:
+        configure_app(settings)
+    try:
+        replies = app.control.inspect(timeout=timeout_s).active_queues() or {}
+    except Exception as exc:
+        log.info("cannot ask the workers", extra={"error": _one_line(exc)})
+        return None
+    consumed = {q.get("name") for queues in replies.values() for q in (queues or [])}
+    return [q for q in CURATION_QUEUES if q not in consumed]
+
+
+def _no_worker(stall_s: float, idle: list[str] | None) -> NoWorker:
+    queues = ", ".join(idle or CURATION_QUEUES)
+    # A broker without broadcast (the embedded SQLite one) cannot list the workers: no progress is all we know.
+    which = f"and no worker consumes the queues {queues}" if idle else f"(is a worker consuming the queues {queues}?)"
+    return NoWorker(
+        f"no image made progress in {stall_s:g} s {which}: start one with `ponyctl worker` (same PONY_BROKER_URL); "
+        "the images stay queued and finish once it runs (or run `ponyctl ingest` of this source again)"
+    )
 
 
 def wait_for_images(
@@ -49,21 +197,37 @@ def wait_for_images(
     progress: bool = True,
     timeout_s: float | None = None,
     poll_s: float = 0.5,
+    stall_s: float | None = None,
 ) -> dict[str, int]:
-    """Polls the catalog until every image is `done` or `failed` (or the timeout passes); returns the counts."""
+    """Polls the catalog until every image is `done` or `failed` (or the timeout passes); returns the counts.
+
+    After `stall_s` (default `settings.ingest_stall_s`; 0 = never) with no ledger activity at all for these
+    images, asks the workers: raises NoWorker when some curation queue has none (the images stay queued), and
+    goes on waiting when every queue has one (they are busy with other work)."""
     from tqdm import tqdm
 
     ids = list(dict.fromkeys(image_ids))
+    stall = settings.ingest_stall_s if stall_s is None else stall_s
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    marker: tuple[Any, ...] | None = None
+    changed = time.monotonic()
     with tqdm(total=len(ids), desc="curate", unit="img", disable=not progress) as bar:
         while True:
-            counts = image_statuses(settings, ids)
+            counts, now_marker = _progress(settings, ids)
             finished = sum(counts.get(s, 0) for s in FINAL)
             bar.update(finished - bar.n)
             bar.set_postfix(done=counts.get("done", 0), failed=counts.get("failed", 0), refresh=False)
             if finished >= len(ids):
                 return counts
-            if deadline is not None and time.monotonic() > deadline:
+            now = time.monotonic()
+            if now_marker != marker:
+                marker, changed = now_marker, now
+            elif stall > 0 and now - changed >= stall:
+                idle = queues_without_worker(settings)
+                if idle is None or idle:
+                    raise _no_worker(stall, idle)
+                changed = now  # every queue has a worker: they are busy elsewhere
+            if deadline is not None and now > deadline:
                 log.warning("stopped waiting", extra={"finished": finished, "total": len(ids)})
                 return counts
             time.sleep(poll_s)

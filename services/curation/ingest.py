@@ -1,5 +1,8 @@
 """Ingest: store a source's images by content hash (blob store + images table), group near-duplicates,
-send each new image through the curation workflow and, optionally, wait for it with a progress bar."""
+send each unfinished image through the curation workflow and, optionally, wait for it with a progress bar.
+
+Running it again on the same source finishes what an earlier run left: images never sent and images sent but
+not finished (whatever stage they stopped in) are sent again; the stage ledger makes the resend harmless."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from PIL import Image
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from pony_common.blobs import BlobStore, image_key
 from pony_common.catalog.db import Catalog, catalog_for, upsert
@@ -133,10 +136,10 @@ def store_items(settings: Settings, items: Iterable[SourceItem], *, progress: bo
 
 
 def pending_ids(catalog: Catalog, ids: Iterable[str], *, resume: bool) -> list[str]:
-    """Of `ids`, the images to send through the workflow: never sent (`ingested`), or with `resume`
-    also those sent but not finished (`processing`) and those failed in a workflow stage."""
+    """Of `ids`, the images to send through the workflow: every unfinished one (never sent: `ingested`; sent but
+    not finished: `processing`, wherever it stopped), and with `resume` also those failed in a workflow stage."""
     wanted = list(dict.fromkeys(ids))
-    statuses = ("ingested", "processing") if resume else ("ingested",)
+    statuses = ("ingested", "processing")
     with catalog.session() as s:
         rows = set(s.scalars(select(ImageRow.id).where(ImageRow.id.in_(wanted), ImageRow.status.in_(statuses))))
         if resume:
@@ -162,20 +165,18 @@ def ingest_source(
     max_distance: int = DEFAULT_MAX_DISTANCE,
     refit_styles: bool = False,
 ) -> IngestSummary:
-    """`ponyctl ingest`: stores the source, groups near-duplicates, submits the new images to the workflow
-    and (with `wait`) follows them to the end with a progress bar, then gives the pool style tags (fitting the
-    style clusters when there are none yet, or with `refit_styles`). Needs a broker, workers and the services."""
+    """`ponyctl ingest`: stores the source, groups near-duplicates, sends its unfinished images (with `resume`
+    also its failed ones) through the workflow and (with `wait`) follows them to the end with a progress bar, then
+    gives the pool style tags (fitting the style clusters when there are none yet, or with `refit_styles`).
+    Needs a broker, workers and the services: BrokerUnavailable when the broker is down (nothing unsent is marked
+    in flight), NoWorker when nothing progresses and a queue has no worker (the images stay queued)."""
     from services.curation.dispatch import submit_images, wait_for_images
 
     catalog = catalog_for(settings.database_url)
     summary = store_items(settings, iter_source(source), progress=progress)
     regroup(catalog, max_distance)
     todo = pending_ids(catalog, summary.ids, resume=resume)
-    if todo:
-        with catalog.session() as s:
-            s.execute(update(ImageRow).where(ImageRow.id.in_(todo)).values(status="processing", error=None))
-        submit_images(settings, todo)
-    summary.submitted = todo
+    summary.submitted = submit_images(settings, todo)
     if wait and todo:
         summary.finished = wait_for_images(settings, todo, progress=progress, timeout_s=timeout_s)
         resolve_duplicates(catalog)

@@ -17,6 +17,7 @@ from PIL import Image
 from pony_common.blobs import BlobStore
 from pony_common.catalog.db import catalog_for
 from pony_common.config import Settings
+from pony_common.errors import InvalidArgument
 from services.curation.categories import CATEGORIES
 from services.curation.charts import bar_chart, histogram
 from services.curation.records import ImageRecord, load_records
@@ -203,6 +204,11 @@ def write_report(settings: Settings, out_dir: str | Path, *, selection: str = "d
     """Writes `out_dir/index.html` for the catalog (at most `limit` image cards: the selection first)."""
     from services.curation.status import format_status
 
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InvalidArgument(
+            "dir", f"{out} is a file, not a folder: give a folder for the report (it writes DIR/index.html)"
+        )
     catalog = catalog_for(settings.database_url)
     selected = load_selection(catalog, selection)
     records = load_records(catalog)
@@ -223,8 +229,12 @@ def write_report(settings: Settings, out_dir: str | Path, *, selection: str = "d
     html = render_report(
         records, thumbs, selected=selected, mix_report=mix_report, status_text=format_status(curation_status(catalog))
     )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InvalidArgument(
+            "dir", f"cannot create the folder {out} ({exc.strerror}): give a folder you can write"
+        ) from None
     path = out / "index.html"
     path.write_text(html, encoding="utf-8")
     log.info("wrote report", extra={"path": str(path), "images": len(records)})

@@ -26,8 +26,12 @@ from services.curation.store import SelectionRow
 log = logging.getLogger(__name__)
 
 
+MIX_TOLERANCE = 1e-6
+
+
 def parse_mix(text: str) -> dict[str, float]:
-    """`pony=0.10,furry=0.10,...` -> weights normalised to sum 1; InvalidArgument("mix") on bad names or numbers."""
+    """`pony=0.10,furry=0.10,...` -> the shares per category; InvalidArgument("mix") on bad names or numbers and on
+    shares that do not add up to 1 (within MIX_TOLERANCE): a mix is never silently rescaled."""
     mix: dict[str, float] = {}
     for part in (p.strip() for p in text.split(",")):
         if not part:
@@ -48,7 +52,13 @@ def parse_mix(text: str) -> dict[str, float]:
     total = sum(mix.values())
     if total <= 0:
         raise InvalidArgument("mix", "the weights sum to 0")
-    return {c: w / total for c, w in mix.items()}
+    if abs(total - 1.0) > MIX_TOLERANCE:
+        raise InvalidArgument(
+            "mix",
+            f"the shares sum to {total:g}, not 1 (tolerance {MIX_TOLERANCE:g}): give shares that add up to 1, "
+            f"e.g. {','.join(f'{c}={w / total:.4g}' for c, w in mix.items())}",
+        )
+    return mix
 
 
 def _apportion(total: int, weights: Mapping[str, float]) -> dict[str, int]:

@@ -9,6 +9,7 @@ import glob
 import json
 import logging
 import tarfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,11 +137,10 @@ def read_manifest(path: Path) -> Iterator[SourceItem]:
         yield SourceItem(uri=resolved, data=data, **meta)
 
 
-def read_shards(shards: list[Path]) -> Iterator[SourceItem]:
-    """WebDataset tar shards: members grouped by key (name up to the first dot of the base name);
-    the image member plus an optional `.json` and/or `.txt` (tags) member per key."""
-    for shard in shards:
-        groups: dict[str, dict[str, bytes]] = {}
+def _shard_members(shard: Path) -> dict[str, dict[str, bytes]]:
+    """A shard's file members grouped by key; InvalidArgument("source") when it is not a readable tar archive."""
+    groups: dict[str, dict[str, bytes]] = {}
+    try:
         with tarfile.open(shard, "r:*") as tar:
             for member in tar:
                 if not member.isfile():
@@ -153,6 +153,19 @@ def read_shards(shards: list[Path]) -> Iterator[SourceItem]:
                 fh = tar.extractfile(member)
                 if fh is not None:
                     groups.setdefault(key, {})[ext] = fh.read()
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(": ")
+        raise InvalidArgument(
+            "source", f"{shard}: not a readable tar shard ({reason}); re-create it or leave it out of the source"
+        ) from None
+    return groups
+
+
+def read_shards(shards: list[Path]) -> Iterator[SourceItem]:
+    """WebDataset tar shards: members grouped by key (name up to the first dot of the base name);
+    the image member plus an optional `.json` and/or `.txt` (tags) member per key."""
+    for shard in shards:
+        groups = _shard_members(shard)
         for key in sorted(groups):
             parts = groups[key]
             image_ext = next((e for e in parts if f".{e}" in IMAGE_EXTENSIONS), None)

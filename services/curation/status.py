@@ -1,11 +1,12 @@
-"""`ponyctl status`: per-stage counts from the ledger, failures with their reasons, waiting retries, throughput."""
+"""`ponyctl status`: per-stage counts from the ledger, failures with their reasons, stages waiting on a service
+(parked until it is back), throughput."""
 
 from __future__ import annotations
 
 import datetime as dt
 from dataclasses import asdict, dataclass, field
 
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, or_, select
 
 from pony_common.catalog.db import Catalog, catalog_for
 from pony_common.catalog.models import ImageRow
@@ -13,7 +14,7 @@ from pony_common.config import Settings
 from services.curation.store import StageRow
 
 STAGES = ("decode", "caption", "score", "style", "safety", "persist")
-LEDGER_STATES = ("pending", "running", "done", "failed")
+LEDGER_STATES = ("pending", "running", "waiting", "done", "failed")
 
 
 @dataclass
@@ -21,6 +22,8 @@ class StageStatus:
     stage: str
     pending: int = 0
     running: int = 0
+    # Parked on a service or store that is down: retried until it is back, never failed for it.
+    waiting: int = 0
     done: int = 0
     failed: int = 0
     # Finished per second between the first start and the last finish of this stage.
@@ -41,6 +44,8 @@ class CurationStatus:
     stages: list[StageStatus] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
     retrying: list[Failure] = field(default_factory=list)
+    # Images with a stage waiting on a service that is down.
+    waiting_images: int = 0
     duplicates: int = 0
     # Images finished per second over the whole run (first stage start to last persist).
     images_per_second: float = 0.0
@@ -103,12 +108,10 @@ def curation_status(catalog: Catalog, *, failures: int = 20) -> CurationStatus:
             .limit(failures)
         )
         out.failures = [Failure(r.image_id, r.stage, r.error or "", r.source_uri or "") for r in failed]
-        waiting = s.execute(
-            select(StageRow.image_id, StageRow.stage, StageRow.error)
-            .where(StageRow.status == "pending", StageRow.error.is_not(None))
-            .limit(failures)
-        )
+        parked = or_(StageRow.status == "waiting", and_(StageRow.status == "pending", StageRow.error.is_not(None)))
+        waiting = s.execute(select(StageRow.image_id, StageRow.stage, StageRow.error).where(parked).limit(failures))
         out.retrying = [Failure(r.image_id, r.stage, r.error or "") for r in waiting]
+        out.waiting_images = s.scalar(select(func.count(func.distinct(StageRow.image_id))).where(parked)) or 0
         first = s.scalar(select(func.min(StageRow.started_at)).where(StageRow.stage == "caption"))
         last = s.scalar(select(func.max(StageRow.finished_at)).where(StageRow.stage == "persist"))
         persisted = counts.get("persist", {}).get("done", 0)
@@ -119,11 +122,15 @@ def curation_status(catalog: Catalog, *, failures: int = 20) -> CurationStatus:
 def format_status(status: CurationStatus) -> str:
     """Plain text for a terminal."""
     lines = ["images: " + (", ".join(f"{k} {v}" for k, v in sorted(status.images.items())) or "none")]
+    if status.waiting_images:
+        lines.append(f"waiting on a service: {status.waiting_images} images (retried until it is back)")
     if status.duplicates:
         lines.append(f"near-duplicates set aside: {status.duplicates}")
-    lines.append(f"{'stage':<8} {'pending':>8} {'running':>8} {'done':>8} {'failed':>8} {'per s':>8}")
+    head = ("stage", "pending", "running", "waiting", "done", "failed", "per s")
+    lines.append(f"{head[0]:<8} " + " ".join(f"{h:>8}" for h in head[1:]))
     for r in status.stages:
-        lines.append(f"{r.stage:<8} {r.pending:>8} {r.running:>8} {r.done:>8} {r.failed:>8} {r.per_second:>8.2f}")
+        counts = " ".join(f"{n:>8}" for n in (r.pending, r.running, r.waiting, r.done, r.failed))
+        lines.append(f"{r.stage:<8} {counts} {r.per_second:>8.2f}")
     lines.append(f"throughput: {status.images_per_second:.2f} images/s through the whole workflow")
     if status.retrying:
         lines.append("waiting to retry:")

@@ -1,9 +1,11 @@
 """The curation workflow: caption -> (score, style, safety in parallel) -> persist, one task per step and queue.
 
 Each task takes an image id, reads the image bytes from the blob store, makes one gRPC call and upserts the
-result keyed by the image id. The `stages` ledger claims and completes (image, stage), so a redelivered task
-(a worker killed mid-task, a lost ack) does no duplicate effect. UNAVAILABLE is retried with backoff by the
-house task; anything else is recorded as the stage's failure with its reason, and the workflow goes on.
+result keyed by the image id. The `stages` ledger claims and completes (image, stage), so a redelivered or
+resent task (a worker killed mid-task, a lost ack, `ponyctl ingest` run again) does no duplicate effect.
+A service that is UNAVAILABLE (or a catalog that cannot be reached) parks the stage: it is `waiting` in the
+ledger and retried with capped backoff for as long as the outage lasts, never failed for it. Anything else is
+recorded as the stage's failure with its reason, and the workflow goes on.
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ PARALLEL_STAGES = ("score", "style", "safety")
 TASK_NAMES = {stage: f"pony.curation.{stage}" for stage in STAGES}
 
 
+FINAL = ("done", "failed")
+
+
 class StageWaiting(DependencyUnavailable):
     """Persist ran before all parallel stages finished (a redelivered chord part): retried with backoff."""
 
@@ -84,27 +89,34 @@ def image_ref(settings: Settings, row: ImageRow) -> common_pb2.ImageRef:
     return common_pb2.ImageRef(data=data, image_id=row.id)
 
 
-def _mark_retrying(catalog: Catalog, image_id: str, stage: str, note: str) -> None:
-    """Shows a waiting retry in the ledger (pending + its reason); a later claim clears it."""
+def _mark_waiting(catalog: Catalog, image_id: str, stage: str, note: str) -> None:
+    """Shows a parked stage in the ledger (`waiting` + its reason); the retry's claim clears it."""
     with catalog.session() as s:
         s.execute(
             update(StageRow)
             .where(StageRow.image_id == image_id, StageRow.stage == stage, StageRow.status == "running")
-            .values(status="pending", error=note)
+            .values(status="waiting", error=note)
         )
 
 
 def run_stage(task: Task, image_id: str, stage: str, work: Callable[[Settings, Catalog, ImageRow], None]) -> dict:
     """Claim (skip when done already), do the work, complete; a permanent error is the stage's failure.
 
-    A service that is UNAVAILABLE and a catalog database that cannot be reached are retried with backoff."""
+    A service that is UNAVAILABLE and a catalog database that cannot be reached park the stage (`waiting`) and
+    are retried with capped backoff, for as long as the outage lasts when the task parks (every curation task).
+    Persist is the join: it is worked out again whenever the image is not final yet (an image sent through the
+    workflow again after a failure), since its effect is a function of the ledger."""
     settings = current_settings()
     catalog: Catalog | None = None
     try:
         catalog = catalog_for(settings.database_url)
         if not claim_stage(catalog, image_id, stage):
-            log.info("stage already done", extra={"image_id": image_id, "stage": stage})
-            return {"image_id": image_id, "stage": stage, "status": "done", "skipped": True}
+            row = _image(catalog, image_id) if stage == "persist" else None
+            if row is None or row.status in FINAL:
+                log.info("stage already done", extra={"image_id": image_id, "stage": stage})
+                return {"image_id": image_id, "stage": stage, "status": "done", "skipped": True}
+            work(settings, catalog, row)
+            return {"image_id": image_id, "stage": stage, "status": "done", "rejoined": True}
         work(settings, catalog, _image(catalog, image_id))
         complete_stage(catalog, image_id, stage)
         return {"image_id": image_id, "stage": stage, "status": "done"}
@@ -112,13 +124,13 @@ def run_stage(task: Task, image_id: str, stage: str, work: Callable[[Settings, C
         database_down = isinstance(exc, OperationalError)
         if catalog is None and not database_down:
             raise
-        retries_left = task.request.retries < task.max_retries and not task.request.called_directly
-        if (is_retryable(exc) or database_down) and retries_left:
+        retries_left = task.max_retries is None or task.request.retries < task.max_retries
+        if (is_retryable(exc) or database_down) and retries_left and not task.request.called_directly:
             note = f"retry {task.request.retries + 1}: {_reason(exc)}"
             if database_down:
                 raise DependencyUnavailable(f"catalog database unavailable: {exc}") from exc
             if catalog is not None:
-                _mark_retrying(catalog, image_id, stage, note)
+                _mark_waiting(catalog, image_id, stage, note)
             raise
         reason = _reason(exc)
         if catalog is None:
@@ -313,31 +325,31 @@ def persist_image(settings: Settings, catalog: Catalog, row: ImageRow) -> None:
 # --- the tasks ---------------------------------------------------------------------------------------------
 
 
-@pony_task(TASK_NAMES["caption"], queue="caption")
+@pony_task(TASK_NAMES["caption"], queue="caption", parks=True)
 def caption(self: Task, image_id: str) -> dict:
     """Captions of every kind, guided by the image's tags and characters."""
     return run_stage(self, image_id, "caption", caption_image)
 
 
-@pony_task(TASK_NAMES["score"], queue="score")
+@pony_task(TASK_NAMES["score"], queue="score", parks=True)
 def score(self: Task, image_id: str) -> dict:
     """Aesthetic score and its score tag."""
     return run_stage(self, image_id, "score", score_image)
 
 
-@pony_task(TASK_NAMES["style"], queue="style")
+@pony_task(TASK_NAMES["style"], queue="style", parks=True)
 def style(self: Task, image_id: str) -> dict:
     """Style cluster tag and palette tags (or the style embedding before a cluster set exists)."""
     return run_stage(self, image_id, "style", style_image)
 
 
-@pony_task(TASK_NAMES["safety"], queue="safety")
+@pony_task(TASK_NAMES["safety"], queue="safety", parks=True)
 def safety(self: Task, image_id: str) -> dict:
     """Rating and block decision from image, caption, tags and characters."""
     return run_stage(self, image_id, "safety", safety_image)
 
 
-@pony_task(TASK_NAMES["persist"], queue="persist")
+@pony_task(TASK_NAMES["persist"], queue="persist", parks=True)
 def persist(self: Task, image_id: str, *_parts: Any) -> dict:
     """Final status of the image once caption, score, style and safety have finished."""
     return run_stage(self, image_id, "persist", persist_image)

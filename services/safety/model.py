@@ -17,6 +17,7 @@ from pony_common.models.clip import ClipImageTower
 from pony_common.models.dtypes import torch_dtype
 from pony_common.models.heads import NSFW_LABELS, HeadInfo, MLPHead, load_head
 from pony_common.models.lifecycle import Model
+from pony_common.models.sources import require_model_source
 from services.safety.tag_rules import TagRules, load_tag_rules
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,8 @@ class SafetyModel(Model):
     def _load(self) -> None:
         s = self.settings
         rules = load_tag_rules(s.safety.blocked_tags_path)
-        tower = ClipImageTower.shared(s.model_path(SERVICE), s.device, torch_dtype(s.dtype))
+        path = require_model_source(s.model_path(SERVICE), SERVICE)
+        tower = ClipImageTower.shared(path, s.device, torch_dtype(s.dtype))
         tower.load()
         head, info = load_head(self.head_path)
         if info.out_features != len(NSFW_LABELS) or sorted(info.labels) != sorted(NSFW_LABELS):

@@ -6,7 +6,9 @@ resp = client.generate("a pony in a meadow", seed=1, width=1024, height=1024, sc
 open("out.png", "wb").write(resp.images[0].png)
 for event in client.stream("a pony", seed=1):     # Progress events, then the result
     ...
-job = client.submit_job("a pony", priority=7); client.watch_job(job.job_id); client.cancel_job(job.job_id)
+job = client.submit_job("a pony", priority=7); client.cancel_job(job.job_id)
+for event in client.watch_job(job.job_id):         # the job as of each event, and its event_id (the cursor)
+    ...                                            # resume: client.watch_job(job.job_id, after_event_id=event.event_id)
 """
 
 from __future__ import annotations
@@ -101,15 +103,18 @@ class SamplerClient(ServiceClient):
             sampler_pb2.GetJobRequest(job_id=job_id, omit_images=omit_images), timeout=self.timeout
         ).job
 
-    def watch_job(self, job_id: str, *, timeout: float | None = None, omit_images: bool = False) -> Iterator[Any]:
-        """Job snapshots: now, then at every change, until the job ends."""
+    def watch_job(
+        self, job_id: str, *, after_event_id: int = 0, timeout: float | None = None, omit_images: bool = False
+    ) -> Iterator[Any]:
+        """WatchJobResponse for every event of the job after `after_event_id` (0: its whole history: queued,
+        running, each progress step, ...), then each new one, until the job's final event. `.job` is the job as of
+        that event, `.event_id` the cursor to resume from. Stopping the iteration early cancels the stream."""
         call = self.stub.WatchJob(
-            sampler_pb2.WatchJobRequest(job_id=job_id, omit_images=omit_images),
+            sampler_pb2.WatchJobRequest(job_id=job_id, omit_images=omit_images, after_event_id=after_event_id),
             timeout=timeout or self.settings.sampler.job_timeout_s,
         )
         try:
-            for event in call:
-                yield event.job
+            yield from call
         finally:
             call.cancel()
 

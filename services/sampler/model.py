@@ -19,9 +19,11 @@ import numpy as np
 from pony_common.config import Settings
 from pony_common.errors import Cancelled, DependencyUnavailable, FailedPrecondition, InvalidArgument
 from pony_common.logs import request_id_var
+from pony_common.metrics import MODEL_INFO
 from pony_common.models.lifecycle import Model
+from pony_common.models.sources import require_model_source
 from services.sampler.generation import Generated, GenerationSpec, Progress
-from services.sampler.repository import MODEL_NAME, ModelRepository
+from services.sampler.repository import MODEL_NAME, ModelRepository, RepoVersion
 from services.sampler.triton_server import TritonProcess
 
 log = logging.getLogger(__name__)
@@ -109,7 +111,8 @@ class SamplerModel(Model):
         it started here (`teardown()` only tears down a model that finished loading)."""
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(f"{self.model_id}/tokenizer")
+        path = require_model_source(self.model_id, "sampler")
+        self.tokenizer = AutoTokenizer.from_pretrained(f"{path}/tokenizer")
         try:
             self._start()
         except BaseException:
@@ -124,6 +127,7 @@ class SamplerModel(Model):
         self._wait_live(self.settings.sampler.triton_start_timeout_s)
         if self._serving_latest():
             log.info("Triton already serves the latest version of %s", MODEL_NAME)
+            self._publish_serving()
         else:
             self.load_model()
         self._stop.clear()
@@ -184,6 +188,17 @@ class SamplerModel(Model):
             except InferenceServerException as exc:
                 raise DependencyUnavailable(f"Triton could not load {MODEL_NAME}: {exc.message()}") from None
             log.info("model loaded", extra={"model": MODEL_NAME, "s": round(time.perf_counter() - started, 2)})
+        self._publish_serving()
+
+    def _publish_serving(self, version: RepoVersion | None = None) -> None:
+        """The model-info metric names the version that serves now (default: the repository's latest)."""
+        if version is None:
+            versions = self.repository.versions()
+            if not versions:
+                return
+            version = versions[-1]
+        info = {"model": MODEL_NAME, "version": str(version.version), "uri": version.source or version.uri}
+        MODEL_INFO.labels("sampler").info(info)
 
     def _watch(self) -> None:
         while not self._stop.wait(WATCH_INTERVAL_S):
@@ -225,6 +240,7 @@ class SamplerModel(Model):
                 self.repository.remove_version(added.version)
                 raise
         log.info("model version loaded", extra={"model": MODEL_NAME, "version": added.version, "uri": added.uri})
+        self._publish_serving(added)
         return VersionInfo(added.version, added.uri, "READY", active=True)
 
     def list_versions(self) -> list[VersionInfo]:

@@ -13,7 +13,7 @@ from typing import Any
 from pony_common.blobs import BlobStore
 from pony_common.catalog import catalog_for
 from pony_common.config import Settings
-from pony_common.errors import DependencyUnavailable
+from pony_common.errors import DependencyUnavailable, InvalidArgument
 from pony_common.metrics import BATCH_SIZE, ITEM_FAILURES, SAMPLER_COMPUTE, SAMPLER_QUEUE_WAIT
 from services.sampler.generation import (
     BlockedOutput,
@@ -28,12 +28,12 @@ from services.sampler.model import SamplerModel, VersionInfo
 from services.sampler.pnginfo import encode_png
 from services.sampler.repository import MODEL_NAME
 from services.sampler.safety_gate import SafetyGate
-from services.sampler.store import JobRecord, JobStore, VersionCatalog
+from services.sampler.store import JobEvent, JobRecord, JobStore, VersionCatalog
 from services.sampler.validation import RequestValidator
 
 log = logging.getLogger(__name__)
 
-WATCH_POLL_S = 0.2
+WATCH_POLL_S = 0.2  # how often a watch looks for new events once it has replayed the log (it misses none)
 
 
 @dataclass(frozen=True)
@@ -173,18 +173,30 @@ class SamplerService:
         record = await asyncio.to_thread(self.jobs.get, job_id)
         return await asyncio.to_thread(self._job, record, with_images)
 
-    async def watch_job(self, job_id: str, *, with_images: bool = True) -> AsyncIterator[Job]:
-        """The job now, then at every change of state, progress or error, until it ends."""
-        seen: tuple[Any, ...] | None = None
+    async def watch_job(
+        self, job_id: str, *, after_event_id: int = 0, with_images: bool = True
+    ) -> AsyncIterator[tuple[Job, JobEvent]]:
+        """(the job as of the event, the event) for every event of the job after `after_event_id`, then for each
+        new one as it is written, until the job's final event. A cursor at or past the final event yields nothing.
+        Events are read from the job's log, so a change between two polls is never missed."""
+        if after_event_id < 0:
+            raise InvalidArgument("after_event_id", f"must be 0 or an event_id WatchJob sent, got {after_event_id}")
+        after = after_event_id
         while True:
+            # The job first: a job that is done already has its final event committed, so the read below sees it.
             record = await asyncio.to_thread(self.jobs.get, job_id)
-            key = (record.state, record.progress_step, record.progress_total, record.error)
-            if key != seen:
-                seen = key
-                yield await asyncio.to_thread(self._job, record, with_images)
-            if record.done:
+            events = await asyncio.to_thread(self.jobs.events, record.id, after)
+            for event in events:
+                after = event.id
+                if event.terminal and not record.done:  # it ended after the job was read: read its result
+                    record = await asyncio.to_thread(self.jobs.get, job_id)
+                yield await asyncio.to_thread(self._job, record.as_of(event), with_images), event
+                if event.terminal:
+                    return
+            if record.done and not events:
                 return
-            await asyncio.sleep(WATCH_POLL_S)
+            if not events:
+                await asyncio.sleep(WATCH_POLL_S)
 
     async def cancel_job(self, job_id: str) -> Job:
         """queued/running -> cancelled (a running job's task cancels its stream); a finished job stays as it is."""

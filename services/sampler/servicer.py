@@ -190,8 +190,11 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
         return sampler_pb2.GetJobResponse(job=job_to_proto(job))
 
     async def WatchJob(self, request: sampler_pb2.WatchJobRequest, context: aio.ServicerContext) -> Any:
-        async for job in self.service.watch_job(request.job_id, with_images=not request.omit_images):
-            yield sampler_pb2.WatchJobResponse(job=job_to_proto(job))
+        watch = self.service.watch_job(
+            request.job_id, after_event_id=request.after_event_id, with_images=not request.omit_images
+        )
+        async for job, event in watch:
+            yield sampler_pb2.WatchJobResponse(job=job_to_proto(job), event_id=event.id)
 
     async def CancelJob(self, request: sampler_pb2.CancelJobRequest, context: aio.ServicerContext) -> Any:
         job = await self.service.cancel_job(request.job_id)

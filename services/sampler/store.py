@@ -1,17 +1,19 @@
 """The sampler's catalog reads and writes: generation jobs (`generation_jobs`, its own table; every state change is a
-conditional write, so a redelivered task, a late cancel or two watchers never disagree about a job's state) and the
-`pony_v7` rows of `model_versions` (shared with the trainer), kept in step with the Triton repository's folders."""
+conditional write, so a redelivered task, a late cancel or two watchers never disagree about a job's state), the
+jobs' event log (`job_events`, its own table: one row per state change or progress step, written in the same
+transaction, read back by id as a cursor), and the `pony_v7` rows of `model_versions` (shared with the trainer),
+kept in step with the Triton repository's folders."""
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from sqlalchemy import JSON, Integer, String, Text, select, update
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy import JSON, ForeignKey, Integer, String, Text, insert, select, update
+from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from pony_common.catalog import Catalog, upsert
 from pony_common.catalog.models import TS, Base, ModelVersionRow, utcnow
@@ -23,6 +25,8 @@ log = logging.getLogger(__name__)
 QUEUED, RUNNING = "queued", "running"
 SUCCEEDED, FAILED, CANCELLED, BLOCKED = "succeeded", "failed", "cancelled", "blocked"
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED, BLOCKED})
+# Event kinds besides the states themselves (queued, running and the terminal states name their own events).
+PROGRESS, REQUEUED = "progress", "requeued"
 DEFAULT_PRIORITY = 5
 MAX_PRIORITY = 9
 
@@ -42,6 +46,38 @@ class GenerationJobRow(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(TS, default=utcnow, onupdate=utcnow)
 
 
+class JobEventRow(Base):
+    """One change of a job, with the job's state, progress and error right after it; ids grow in commit order for
+    each job (the event is written after the job row's UPDATE, which holds the row until the commit)."""
+
+    __tablename__ = "job_events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("generation_jobs.id", ondelete="CASCADE"), index=True)
+    # queued | running | progress | requeued | succeeded | failed | cancelled | blocked
+    kind: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16))
+    progress_step: Mapped[int] = mapped_column(Integer, default=0)
+    progress_total: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[dt.datetime] = mapped_column(TS, default=utcnow)
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    id: int
+    job_id: str
+    kind: str
+    state: str
+    progress_step: int = 0
+    progress_total: int = 0
+    error: str = ""
+    created_at: dt.datetime | None = field(default=None, compare=False)
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+
 @dataclass(frozen=True)
 class JobRecord:
     id: str
@@ -59,6 +95,19 @@ class JobRecord:
     def done(self) -> bool:
         return self.state in TERMINAL
 
+    def as_of(self, event: JobEvent) -> JobRecord:
+        """The job as it was right after `event` (this record being the job now): the event's state, progress and
+        error; the result only from the final event on (nothing changes a job after it)."""
+        return replace(
+            self,
+            state=event.state,
+            progress_step=event.progress_step,
+            progress_total=event.progress_total,
+            error=event.error,
+            result=self.result if event.terminal else {},
+            updated_at=event.created_at,
+        )
+
 
 def _record(row: GenerationJobRow) -> JobRecord:
     return JobRecord(
@@ -75,6 +124,19 @@ def _record(row: GenerationJobRow) -> JobRecord:
     )
 
 
+def _event(row: JobEventRow) -> JobEvent:
+    return JobEvent(
+        id=row.id,
+        job_id=row.job_id,
+        kind=row.kind,
+        state=row.state,
+        progress_step=row.progress_step or 0,
+        progress_total=row.progress_total or 0,
+        error=row.error or "",
+        created_at=row.created_at,
+    )
+
+
 def check_job_id(job_id: str) -> str:
     job_id = job_id.strip()
     if not job_id or len(job_id) > 64:
@@ -83,7 +145,8 @@ def check_job_id(job_id: str) -> str:
 
 
 class JobStore:
-    """Jobs by id: queued -> running -> succeeded | failed | blocked, or cancelled from queued or running."""
+    """Jobs by id: queued -> running -> succeeded | failed | blocked, or cancelled from queued or running. Every
+    change that happens (and every progress step) appends its event to `job_events` in the same transaction."""
 
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
@@ -92,10 +155,23 @@ class JobStore:
         priority = DEFAULT_PRIORITY if priority is None else priority
         if not 0 <= priority <= MAX_PRIORITY:
             raise InvalidArgument("priority", f"must be in 0..{MAX_PRIORITY}, got {priority}")
-        row = GenerationJobRow(id=uuid.uuid4().hex, state=QUEUED, priority=priority, request=request, result={})
+        now = dt.datetime.now(dt.UTC)
+        row = GenerationJobRow(
+            id=uuid.uuid4().hex,
+            state=QUEUED,
+            priority=priority,
+            request=request,
+            result={},
+            error="",
+            progress_step=0,
+            progress_total=0,
+            created_at=now,
+            updated_at=now,
+        )
         with self.catalog.session() as s:
             s.add(row)
-            s.flush()
+            s.flush()  # the job before its event (no ORM relationship orders them)
+            s.execute(insert(JobEventRow).values(job_id=row.id, kind=QUEUED, state=QUEUED, created_at=now))
             return _record(row)
 
     def get(self, job_id: str) -> JobRecord:
@@ -105,37 +181,76 @@ class JobStore:
                 raise NotFound(f"job {job_id!r} does not exist")
             return _record(row)
 
-    def _move(self, job_id: str, from_states: tuple[str, ...], **values: Any) -> bool:
-        values.setdefault("updated_at", dt.datetime.now(dt.UTC))
+    def events(self, job_id: str, after_id: int = 0, limit: int = 1000) -> list[JobEvent]:
+        """The job's events after the cursor `after_id` (0: from the first), oldest first."""
         with self.catalog.session() as s:
-            result = s.execute(
+            q = (
+                select(JobEventRow)
+                .where(JobEventRow.job_id == job_id, JobEventRow.id > after_id)
+                .order_by(JobEventRow.id)
+                .limit(limit)
+            )
+            return [_event(r) for r in s.scalars(q)]
+
+    def _move(self, job_id: str, from_states: tuple[str, ...], kind: str, **values: Any) -> bool:
+        """The conditional UPDATE and, when it changed the job, its event (the job's columns as the UPDATE left
+        them), in one transaction."""
+        now = dt.datetime.now(dt.UTC)
+        values.setdefault("updated_at", now)
+        with self.catalog.session() as s:
+            moved = s.execute(
                 update(GenerationJobRow)
                 .where(GenerationJobRow.id == job_id, GenerationJobRow.state.in_(from_states))
                 .values(**values)
+                .returning(
+                    GenerationJobRow.state,
+                    GenerationJobRow.progress_step,
+                    GenerationJobRow.progress_total,
+                    GenerationJobRow.error,
+                )
+            ).first()
+            if moved is None:
+                return False
+            self._append(s, job_id, kind, *moved, created_at=values["updated_at"])
+            return True
+
+    @staticmethod
+    def _append(
+        s: Session, job_id: str, kind: str, state: str, step: int, total: int, error: str, created_at: dt.datetime
+    ) -> None:
+        s.execute(
+            insert(JobEventRow).values(
+                job_id=job_id,
+                kind=kind,
+                state=state,
+                progress_step=step or 0,
+                progress_total=total or 0,
+                error=error or "",
+                created_at=created_at,
             )
-            return bool(result.rowcount)
+        )
 
     def claim(self, job_id: str) -> bool:
         """queued (or running, for a task redelivered after its worker died) -> running. False: leave it alone."""
-        return self._move(job_id, (QUEUED, RUNNING), state=RUNNING, error="")
+        return self._move(job_id, (QUEUED, RUNNING), RUNNING, state=RUNNING, error="")
 
     def progress(self, job_id: str, step: int, total: int) -> bool:
         """False when the job is no longer running (it was cancelled)."""
-        return self._move(job_id, (RUNNING,), progress_step=step, progress_total=total)
+        return self._move(job_id, (RUNNING,), PROGRESS, progress_step=step, progress_total=total)
 
     def finish(self, job_id: str, state: str, result: dict[str, Any] | None = None, error: str = "") -> bool:
         if state not in TERMINAL:
             raise ValueError(f"{state!r} is not a final state")
-        return self._move(job_id, (RUNNING,), state=state, result=result or {}, error=error)
+        return self._move(job_id, (RUNNING,), state, state=state, result=result or {}, error=error)
 
     def requeue(self, job_id: str, note: str) -> bool:
         """running -> queued while the task waits to retry (the sampler was unavailable)."""
-        return self._move(job_id, (RUNNING,), state=QUEUED, error=note)
+        return self._move(job_id, (RUNNING,), REQUEUED, state=QUEUED, error=note)
 
     def cancel(self, job_id: str) -> JobRecord:
         """queued/running -> cancelled; a finished job is returned as it is."""
         job_id = check_job_id(job_id)
-        self._move(job_id, (QUEUED, RUNNING), state=CANCELLED, error="cancelled by the caller")
+        self._move(job_id, (QUEUED, RUNNING), CANCELLED, state=CANCELLED, error="cancelled by the caller")
         return self.get(job_id)
 
 

@@ -19,6 +19,7 @@ from pony_common.models.clip import ClipImageTower
 from pony_common.models.dtypes import torch_dtype
 from pony_common.models.heads import HeadInfo, MLPHead, load_head
 from pony_common.models.lifecycle import Model
+from pony_common.models.sources import require_model_source
 from pony_common.tags import cumulative_tags_for_score, score_tag
 
 logger = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ class ScorerModel(Model):
 
     def _load(self) -> None:
         """Loads the process-wide CLIP tower and the head; checks that their widths agree."""
-        tower = ClipImageTower.shared(self.tower_path, str(self.device), self.dtype)
+        tower = ClipImageTower.shared(require_model_source(self.tower_path, SERVICE), str(self.device), self.dtype)
         tower.load()
         self._tower = tower
         if self._active is None:

@@ -7,7 +7,7 @@ import asyncio
 import os
 from pathlib import Path
 
-from pony_common.cli.errors import UsageError
+from pony_common.cli.errors import UsageError, writable_folder
 from pony_common.config import Settings
 from services.stack.registry import SERVICE_MODULES, canonical, create_service
 
@@ -22,7 +22,7 @@ def _register_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run a gRPC service")
     p.add_argument("service", help=f"one of: {', '.join(SERVICE_MODULES)}")
     p.add_argument("--port", type=int, default=None, help="port to bind (default: the service's DESIGN port)")
-    p.set_defaults(func=_run_serve)
+    p.set_defaults(func=_run_serve, logs="stderr")  # JSON lines on stderr: the log a collector reads
 
 
 def _run_serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -56,7 +56,7 @@ def _register_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--per-category", type=int, default=9, help="sample images per content family")
     p.add_argument("--total", type=int, default=40, help="images to select for training")
     p.add_argument("--train-steps", type=int, default=4)
-    p.set_defaults(func=_run_demo)
+    p.set_defaults(func=_run_demo, logs="terminal")  # the demo writes its own log file (demo.log)
 
 
 def _run_demo(args: argparse.Namespace, settings: Settings) -> int:
@@ -100,9 +100,7 @@ def _register_models(sub: argparse._SubParsersAction) -> None:
 def run_tiny(args: argparse.Namespace, settings: Settings) -> int:
     from services.stack.tiny import build_tiny_models
 
-    out = Path(args.dir or settings.models_dir)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{out} exists and is not a folder")
+    out = writable_folder(Path(args.dir or settings.models_dir), "name a folder you can write: ponyctl models tiny DIR")
     written = build_tiny_models(out, seed=args.seed)
     for name, path in written.items():
         print(f"{name}\t{path}")

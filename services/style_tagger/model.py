@@ -19,6 +19,7 @@ from pony_common.metrics import MODEL_INFO
 from pony_common.models.clip import ClipImageTower, weights_version
 from pony_common.models.dtypes import torch_dtype
 from pony_common.models.lifecycle import Model
+from pony_common.models.sources import require_model_source
 from services.style_tagger.clusters import validate_tag_format
 from services.style_tagger.index import check_index_kind
 
@@ -145,7 +146,9 @@ class StyleTaggerModel(Model):
     def _load(self) -> None:
         s = self.settings
         check_style_config(s)
-        encoder = self._given_encoder or create_encoder(s.model_path(SERVICE), s.device, torch_dtype(s.dtype))
+        encoder = self._given_encoder or create_encoder(
+            require_model_source(s.model_path(SERVICE), SERVICE), s.device, torch_dtype(s.dtype)
+        )
         encoder.load()
         self._encoder = encoder
         self._catalog = self._given_catalog or catalog_for(s.database_url)

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
 from pony_common.config import Settings
-from pony_common.workers import start_worker, stop_worker
+from pony_common.workers import CURATION_QUEUES, start_worker, stop_worker
 
 REQUIRED = ("captioner", "scorer", "style_tagger", "safety")
 
@@ -49,11 +49,13 @@ def workflow_settings(service_stack, redis_url: str) -> Settings:
 
 @pytest.fixture
 def workers(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen]]:
-    """`workers(settings)` starts a curation worker (all five queues, solo pool); all are stopped afterwards."""
+    """`workers(settings)` starts a curation worker (all five queues unless `queues` says which, solo pool); all
+    are stopped afterwards."""
     procs: list[subprocess.Popen] = []
 
-    def start(settings: Settings, name: str = "w") -> subprocess.Popen:
-        proc = start_worker(settings, name=name, log_path=tmp_path / f"worker-{name}-{len(procs)}.log")
+    def start(settings: Settings, name: str = "w", queues: Sequence[str] = CURATION_QUEUES) -> subprocess.Popen:
+        log_path = tmp_path / f"worker-{name}-{len(procs)}.log"
+        proc = start_worker(settings, queues, name=name, log_path=log_path)
         procs.append(proc)
         return proc
 

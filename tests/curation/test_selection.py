@@ -19,9 +19,15 @@ from tests.curation.pool import add_processed
 MIX_TEXT = "pony=0.10,furry=0.10,western=0.20,anime=0.25,realism=0.25,other=0.10"
 
 
-def test_parse_mix_normalises_and_rejects_unknown_categories() -> None:
-    mix = parse_mix("pony=1,anime=3")
+def test_parse_mix_takes_shares_that_sum_to_one_and_rejects_unknown_categories() -> None:
+    mix = parse_mix("pony=0.25,anime=0.75")
     assert mix == {"pony": 0.25, "anime": 0.75}
+    assert sum(parse_mix(MIX_TEXT).values()) == pytest.approx(1.0)
+    # Never silently rescaled: shares that do not add up to 1 are an error naming the sum and a fix.
+    with pytest.raises(InvalidArgument, match=r"sum to 4, not 1 .*e\.g\. pony=0\.25,anime=0\.75"):
+        parse_mix("pony=1,anime=3")
+    with pytest.raises(InvalidArgument, match=r"sum to 0\.999,"):
+        parse_mix("pony=0.333,anime=0.333,furry=0.333")
     with pytest.raises(InvalidArgument, match="CATEGORY"):
         parse_mix("ponies=1,dragons=2")
     with pytest.raises(InvalidArgument, match="not a number"):

@@ -364,6 +364,75 @@ def probe_violations(objs: list[Obj]) -> list[str]:
     return out
 
 
+WORKER_PROBE = ["ponyctl", "worker", "--probe"]
+
+
+def container_setting(objs: list[Obj], container: Obj, key: str) -> str | None:
+    """The value a container sees for environment variable `key`: its own `env` entry, else the first ConfigMap of
+    its `envFrom` that has it (None: unset, or set from a Secret or a field)."""
+    for entry in container.get("env", []):
+        if entry["name"] == key:
+            return entry.get("value")
+    maps = {cm["metadata"]["name"]: cm.get("data") or {} for cm in of_kind(objs, "ConfigMap")}
+    for source in container.get("envFrom", []):
+        data = maps.get((source.get("configMapRef") or {}).get("name", ""), {})
+        if key in data:
+            return data[key]
+    return None
+
+
+def worker_probe_violations(objs: list[Obj]) -> list[str]:
+    """Every Celery worker container has exec liveness and readiness probes running `ponyctl worker --probe`, and
+    the heartbeat file that probe reads (PONY_WORKER_HEARTBEAT_FILE, default <PONY_STATE_DIR>/worker.heartbeat)
+    lies on an emptyDir, since the root filesystem is read-only."""
+    out = []
+    for obj, spec in workloads(objs):
+        if pod_labels(obj).get("app.kubernetes.io/component") != "worker":
+            continue
+        empty_dirs = {v["name"] for v in spec.get("volumes", []) if "emptyDir" in v}
+        for c in spec["containers"]:
+            where = f"{name(obj)} container {c['name']}"
+            for probe in ("livenessProbe", "readinessProbe"):
+                command = ((c.get(probe) or {}).get("exec") or {}).get("command")
+                if not command:
+                    out.append(f"{where}: no exec {probe}")
+                elif command[: len(WORKER_PROBE)] != WORKER_PROBE:
+                    out.append(f"{where}: {probe} runs {command}, not {' '.join(WORKER_PROBE)}")
+            heartbeat = container_setting(objs, c, "PONY_WORKER_HEARTBEAT_FILE") or ""
+            if not heartbeat:
+                state_dir = container_setting(objs, c, "PONY_STATE_DIR") or ".pony"
+                heartbeat = f"{state_dir.rstrip('/')}/worker.heartbeat"
+            writable = [
+                m["mountPath"].rstrip("/") + "/"
+                for m in c.get("volumeMounts", [])
+                if m["name"] in empty_dirs and not m.get("readOnly")
+            ]
+            if not any(heartbeat.startswith(mount) for mount in writable):
+                out.append(f"{where}: heartbeat {heartbeat} is not on a writable emptyDir")
+    return out
+
+
+# --- KEDA on Redis ---------------------------------------------------------------------------------
+
+
+def redis_priority_lists(queue: str) -> list[str]:
+    """The Redis lists kombu's transport puts messages of `queue` in, one per priority step, for priorities 0..9:
+    kombu's own `Channel._q_for_pri` on a channel that is not connected (its steps and separator are class
+    attributes; transport options could change them, and the pony app sets none)."""
+    from kombu.transport.redis import Channel
+
+    channel = Channel.__new__(Channel)
+    return list(dict.fromkeys(channel._q_for_pri(queue, priority) for priority in range(10)))
+
+
+def formula_sum_terms(formula: str) -> list[str]:
+    """The trigger names a scalingModifiers formula adds up; ValueError if it is anything but a plain sum."""
+    terms = [term.strip() for term in formula.split("+")]
+    if not all(term.isidentifier() for term in terms):
+        raise ValueError(f"not a plain sum of trigger names: {formula!r}")
+    return terms
+
+
 def image_tag_violations(found: dict[str, str]) -> list[str]:
     out = []
     for ref, where in sorted(found.items()):

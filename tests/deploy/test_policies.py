@@ -23,6 +23,7 @@ from tests.deploy.manifests import (
     QUEUES,
     REPO,
     find,
+    formula_sum_terms,
     gpu_violations,
     image_tag_violations,
     images,
@@ -33,10 +34,12 @@ from tests.deploy.manifests import (
     pod_labels,
     probe_violations,
     rbac_violations,
+    redis_priority_lists,
     render_dir,
     restricted_pss_violations,
     security_violations,
     traffic_allowed,
+    worker_probe_violations,
     workloads,
 )
 
@@ -135,6 +138,37 @@ def test_probe_check_catches_a_missing_readiness_probe(prod):
     broken = copy.deepcopy(prod)
     find(broken, "Deployment", "safety")["spec"]["template"]["spec"]["containers"][0].pop("readinessProbe")
     assert any("Deployment/safety" in v and "readiness" in v for v in probe_violations(broken))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_worker_is_probed_on_its_heartbeat(rendered, overlay):
+    objs = rendered[overlay]
+    workers = [o for o in of_kind(objs, "Deployment") if o["metadata"]["name"].startswith("worker-")]
+    assert len(workers) == len(QUEUES)
+    assert worker_probe_violations(objs) == []
+
+
+@pytest.mark.parametrize(
+    ("breakage", "expected"),
+    [
+        (lambda c: c.pop("readinessProbe"), "no exec readinessProbe"),
+        (lambda c: c.pop("livenessProbe"), "no exec livenessProbe"),
+        (lambda c: c["livenessProbe"].update({"exec": {"command": ["true"]}}), "livenessProbe runs ['true']"),
+        (
+            lambda c: c["env"].append({"name": "PONY_WORKER_HEARTBEAT_FILE", "value": "/var/run/heartbeat"}),
+            "heartbeat /var/run/heartbeat is not on a writable emptyDir",
+        ),
+        (
+            lambda c: c["env"].append({"name": "PONY_STATE_DIR", "value": "/app/state"}),
+            "heartbeat /app/state/worker.heartbeat is not on a writable emptyDir",
+        ),
+    ],
+)
+def test_worker_probe_check_catches_a_broken_worker(prod, breakage, expected):
+    broken = copy.deepcopy(prod)
+    breakage(find(broken, "Deployment", "worker-generate")["spec"]["template"]["spec"]["containers"][0])
+    found = worker_probe_violations(broken)
+    assert [v for v in found if "Deployment/worker-generate" in v and expected in v], found
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -250,9 +284,7 @@ def test_one_worker_deployment_per_queue(rendered, overlay):
         assert worker["spec"]["selector"]["matchLabels"]["pony.ai/queue"] == queue
 
 
-@pytest.mark.parametrize(
-    ("overlay", "trigger", "queue_key"), [("prod", "rabbitmq", "queueName"), ("prod-redis", "redis", "listName")]
-)
+@pytest.mark.parametrize(("overlay", "trigger", "queue_key"), [("prod", "rabbitmq", "queueName")])
 def test_keda_scales_each_worker_on_its_queue(rendered, overlay, trigger, queue_key):
     objs = rendered[overlay]
     scaled = {o["spec"]["scaleTargetRef"]["name"]: o for o in of_kind(objs, "ScaledObject")}
@@ -265,6 +297,37 @@ def test_keda_scales_each_worker_on_its_queue(rendered, overlay, trigger, queue_
         assert only["type"] == trigger and only["metadata"][queue_key] == queue
         auth = auths[only["authenticationRef"]["name"]]
         assert all(ref["name"].startswith("pony-") for ref in auth["spec"]["secretTargetRef"])
+
+
+def test_keda_on_redis_scales_each_worker_on_every_priority_list_of_its_queue(rendered, prod):
+    """kombu keeps a Redis queue as one list per priority step: one trigger per list, the composite metric their
+    sum, its target per replica the RabbitMQ trigger's value."""
+    objs = rendered["prod-redis"]
+    scaled = {o["spec"]["scaleTargetRef"]["name"]: o["spec"] for o in of_kind(objs, "ScaledObject")}
+    on_rabbitmq = {o["spec"]["scaleTargetRef"]["name"]: o["spec"] for o in of_kind(prod, "ScaledObject")}
+    assert set(scaled) == {f"worker-{q}" for q in QUEUES}
+    auths = {a["metadata"]["name"]: a for a in of_kind(objs, "TriggerAuthentication")}
+    for queue in QUEUES:
+        assert "replicas" not in find(objs, "Deployment", f"worker-{queue}")["spec"], "KEDA owns the worker replicas"
+        spec = scaled[f"worker-{queue}"]
+        triggers = spec["triggers"]
+        assert {t["type"] for t in triggers} == {"redis"}
+        assert sorted(t["metadata"]["listName"] for t in triggers) == sorted(redis_priority_lists(queue))
+        modifiers = spec["advanced"]["scalingModifiers"]
+        assert sorted(formula_sum_terms(modifiers["formula"])) == sorted(t["name"] for t in triggers)
+        assert modifiers["metricType"] == "AverageValue"
+        (rabbit,) = on_rabbitmq[f"worker-{queue}"]["triggers"]
+        assert modifiers["target"] == rabbit["metadata"]["value"]
+        for trigger in triggers:
+            auth = auths[trigger["authenticationRef"]["name"]]
+            assert [ref["name"] for ref in auth["spec"]["secretTargetRef"]] == ["pony-keda-redis"] * 2
+
+
+def test_formula_check_accepts_only_a_plain_sum():
+    assert formula_sum_terms("p0 + p3+p6") == ["p0", "p3", "p6"]
+    for formula in ("max(p0, p3)", "p0 + p3 * 2", "p0 - p3"):
+        with pytest.raises(ValueError):
+            formula_sum_terms(formula)
 
 
 def test_dev_runs_one_replica_of_everything_with_tiny_models(dev):

@@ -1,8 +1,10 @@
-"""The gRPC bootstrap every service uses: health, reflection, error mapping, auth, limits, retries, SIGTERM."""
+"""The gRPC bootstrap every service uses: health (that tells the truth about the model, and retries a failed load),
+reflection (v1 and v1alpha), error mapping (with google.rpc.BadRequest details), auth, limits, retries, SIGTERM."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,17 +14,26 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import descriptor_pb2
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_status import rpc_status
 
 from pony.v1 import common_pb2, scorer_pb2, scorer_pb2_grpc
-from pony_common.config import Settings
+from pony_common.config import ConfigError, Settings
+from pony_common.grpc import reflection as reflection_v1
 from pony_common.grpc.client import channel
+from pony_common.grpc.server import RunningServer, ServiceDefinition
+from pony_common.models.sources import ModelNotFoundError
 from pony_common.testing import ServerLoop
 from tests.conftest import free_port
 from tests.foundation.echo_service import create_service
+from tests.samples import png_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def score(stub: scorer_pb2_grpc.ScorerStub, uri: str, **kw: object) -> scorer_pb2.ScoreResponse:
@@ -45,6 +56,14 @@ def server(settings: Settings):
         stop()
 
 
+def health_status(ch: grpc.Channel, name: str) -> int:
+    return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status
+
+
+def statuses(ch: grpc.Channel, *names: str) -> dict[str, int]:
+    return {name: health_status(ch, name) for name in names}
+
+
 def test_health_reports_liveness_and_readiness_after_model_load(settings: Settings) -> None:
     gate = threading.Event()
     port, stop, _, _ = run_server(settings, gate)
@@ -55,7 +74,9 @@ def test_health_reports_liveness_and_readiness_after_model_load(settings: Settin
             def status(name: str) -> int:
                 return health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status
 
-            assert status("") == health_pb2.HealthCheckResponse.SERVING
+            # Overall and each service's own name are serving only once the model is: they say what readiness says.
+            assert status("") == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert status("pony.v1.Scorer") == health_pb2.HealthCheckResponse.NOT_SERVING
             assert status("liveness") == health_pb2.HealthCheckResponse.SERVING
             assert status("readiness") == health_pb2.HealthCheckResponse.NOT_SERVING
             watch = health.Watch(health_pb2.HealthCheckRequest(service="readiness"), timeout=10)
@@ -64,6 +85,9 @@ def test_health_reports_liveness_and_readiness_after_model_load(settings: Settin
             assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
             watch.cancel()
             assert status("readiness") == health_pb2.HealthCheckResponse.SERVING
+            assert status("") == health_pb2.HealthCheckResponse.SERVING
+            assert status("pony.v1.Scorer") == health_pb2.HealthCheckResponse.SERVING
+            assert status("liveness") == health_pb2.HealthCheckResponse.SERVING
             with pytest.raises(grpc.RpcError) as err:
                 status("no.such.Service")
             assert err.value.code() == grpc.StatusCode.NOT_FOUND
@@ -78,6 +102,46 @@ def test_reflection_lists_the_services(server: int) -> None:
         responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
         names = {s.name for s in next(responses).list_services_response.service}
     assert {"pony.v1.Scorer", "grpc.health.v1.Health"} <= names
+
+
+def test_reflection_v1_lists_the_services_and_describes_them(server: int) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{server}") as ch:
+        stub = reflection_v1.ServerReflectionStub(ch)
+        requests = [
+            reflection_v1.ServerReflectionRequest(list_services=""),
+            reflection_v1.ServerReflectionRequest(file_containing_symbol="pony.v1.Scorer"),
+            reflection_v1.ServerReflectionRequest(file_containing_symbol="grpc.reflection.v1.ServerReflection"),
+        ]
+        listed, scorer, itself = stub.ServerReflectionInfo(iter(requests), timeout=10)
+    names = {s.name for s in listed.list_services_response.service}
+    assert {"pony.v1.Scorer", "pony.v1.Captioner", "grpc.health.v1.Health"} <= names
+    assert {"grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"} <= names
+
+    def files(response: object) -> dict[str, descriptor_pb2.FileDescriptorProto]:
+        protos = [
+            descriptor_pb2.FileDescriptorProto.FromString(b)
+            for b in response.file_descriptor_response.file_descriptor_proto
+        ]
+        return {p.name: p for p in protos}
+
+    described = files(scorer)
+    assert "Scorer" in [s.name for p in described.values() if p.package == "pony.v1" for s in p.service]
+    (v1,) = [p for p in files(itself).values() if p.package == "grpc.reflection.v1"]
+    assert [m.name for m in v1.service[0].method] == ["ServerReflectionInfo"]
+
+
+def test_buf_curl_lists_the_methods_over_reflection_v1(server: int) -> None:
+    buf = shutil.which("buf") or str(Path(sys.executable).with_name("buf"))
+    if not Path(buf).exists():
+        pytest.fail("buf is not installed (the buf-bin package is in requirements.txt)")
+    # --reflect-protocol grpc-v1: v1 only, no fallback to v1alpha.
+    out = subprocess.run(
+        [buf, "curl", "--protocol", "grpc", "--http2-prior-knowledge", "--reflect-protocol", "grpc-v1",
+         "--list-methods", f"http://127.0.0.1:{server}"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "pony.v1.Scorer/Score" in out.stdout.split()
 
 
 @pytest.mark.parametrize(
@@ -104,6 +168,27 @@ def test_invalid_argument_names_the_field_and_carries_a_request_id(server: int) 
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.value.details().startswith("images:")
     assert ("x-request-id", "req-123") in tuple(err.value.initial_metadata())
+
+
+def test_invalid_argument_carries_bad_request_details_naming_the_field(server: int) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{server}") as ch, pytest.raises(grpc.RpcError) as err:
+        scorer_pb2_grpc.ScorerStub(ch).Score(scorer_pb2.ScoreRequest(), timeout=5)
+    status = rpc_status.from_call(err.value)
+    assert status is not None and status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert status.message == err.value.details()
+    (detail,) = status.details
+    bad = error_details_pb2.BadRequest()
+    assert detail.Unpack(bad)
+    assert [(v.field, v.description) for v in bad.field_violations] == [("images", "at least one image is required")]
+    # The request id still travels in the trailers beside the details.
+    assert "x-request-id" in dict(err.value.trailing_metadata())
+
+
+def test_other_errors_carry_no_bad_request_details(server: int) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{server}") as ch, pytest.raises(grpc.RpcError) as err:
+        score(scorer_pb2_grpc.ScorerStub(ch), "down")
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert rpc_status.from_call(err.value) is None
 
 
 def test_bearer_auth_rejects_missing_and_wrong_tokens_but_not_health(settings: Settings) -> None:
@@ -229,3 +314,80 @@ def test_a_client_cancelling_a_stream_is_not_a_server_error(server: int, caplog:
         call.cancel()
         time.sleep(0.6)  # the server notices the cancellation at its next yield
     assert not [r for r in caplog.records if r.levelname == "ERROR"], [r.getMessage() for r in caplog.records]
+
+
+def wait_until(check, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def start_scorer(servers: ServerLoop, settings: Settings) -> RunningServer:
+    from services.scorer.app import create_service as create_scorer
+
+    return servers.start(settings, create_scorer(settings), wait_ready=False)
+
+
+def test_a_missing_model_is_retried_not_ready_but_live_and_a_model_that_appears_is_picked_up(
+    settings: Settings, tiny_models: Path, tmp_path: Path
+) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(tiny_models / "heads", models / "heads")  # the head is there, the CLIP folder is not (yet)
+    settings = settings.replace(models_dir=str(models), model_load_attempts=1000, model_load_backoff_s=0.2)
+    with ServerLoop() as servers:
+        running = start_scorer(servers, settings)
+        wait_until(lambda: running.load_error is not None, "the first load to fail")
+        assert isinstance(running.load_error, ModelNotFoundError)
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            # Retrying (999 tries left): not ready, not serving overall, but alive (no restart would help yet).
+            assert statuses(ch, "", "readiness", "pony.v1.Scorer", "liveness") == {
+                "": NOT_SERVING, "readiness": NOT_SERVING, "pony.v1.Scorer": NOT_SERVING, "liveness": SERVING,
+            }  # fmt: skip
+            with pytest.raises(grpc.RpcError) as err:
+                score(scorer_pb2_grpc.ScorerStub(ch), "x")
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            # The folder appears (as a volume finishing its sync would): a later try loads it.
+            shutil.copytree(tiny_models / "clip", models / ".clip-incoming")
+            (models / ".clip-incoming").rename(models / "clip")
+            servers.run(running.wait_ready(120), 130)
+            assert running.load_attempts >= 2 and running.load_error is None
+            assert set(statuses(ch, "", "readiness", "pony.v1.Scorer", "liveness").values()) == {SERVING}
+            scored = scorer_pb2_grpc.ScorerStub(ch).Score(
+                scorer_pb2.ScoreRequest(images=[common_pb2.ImageRef(data=png_bytes((200, 40, 40)))]), timeout=60
+            )
+            assert scored.results[0].score_tag.startswith("score_")
+
+
+def test_a_model_that_never_loads_fails_liveness_once_the_tries_are_spent(settings: Settings, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    settings = settings.replace(models_dir=str(models), model_load_attempts=3, model_load_backoff_s=0.05)
+    with ServerLoop() as servers:
+        running = start_scorer(servers, settings)
+        with pytest.raises(ModelNotFoundError) as err:
+            servers.run(running.wait_ready(120), 130)
+        assert running.load_attempts == 3
+        # One line naming the path and the fix, not the hub's "Repo id must be in the form ...".
+        message = str(err.value)
+        assert str(models / "clip") in message and f"ponyctl models tiny {models}" in message, message
+        assert "PONY_SCORER_MODEL" in message and "Repo id" not in message
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            assert set(statuses(ch, "", "readiness", "pony.v1.Scorer", "liveness").values()) == {NOT_SERVING}
+
+
+def test_an_unusable_setting_is_not_retried(settings: Settings) -> None:
+    tries: list[int] = []
+
+    def load() -> None:
+        tries.append(1)
+        raise ConfigError("PONY_STYLE_TAG_FORMAT: no {n} in it")
+
+    definition = ServiceDefinition("scorer", ["pony.v1.Scorer"], register=lambda server: None, load=load)
+    settings = settings.replace(model_load_attempts=5, model_load_backoff_s=0.05)
+    with ServerLoop() as servers:
+        running = servers.start(settings, definition, wait_ready=False)
+        with pytest.raises(ConfigError):
+            servers.run(running.wait_ready(60), 70)
+        assert tries == [1]
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            assert health_status(ch, "liveness") == NOT_SERVING

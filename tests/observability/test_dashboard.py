@@ -1,5 +1,6 @@
 """The Grafana dashboard (deploy/grafana/pony-platform.json): valid dashboard JSON whose panels do not overlap, and
-every metric it queries is one we export (pony_*) or one a real tritonserver exports (nv_*)."""
+every metric it queries is one we export (pony_*, and the RPC metrics under py-grpc-prometheus's grpc_server_* names)
+or one a real tritonserver exports (nv_*)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "pony-platform.json"
-METRIC = re.compile(r"\b((?:pony|nv)_[a-z0-9_]+)\b")
+# Metric names, not label names: grpc_service, grpc_method and grpc_code are labels of the grpc_server_* metrics.
+METRIC = re.compile(r"\b((?:pony|nv|grpc_server)_[a-z0-9_]+)\b")
+OURS = ("pony_", "grpc_server_")
 # Exported by a Triton with GPUs only (this machine has none): NVIDIA's documented GPU metric names.
 TRITON_GPU_METRICS = {"nv_gpu_utilization", "nv_gpu_memory_used_bytes", "nv_gpu_memory_total_bytes"}
 SUFFIXES = {
@@ -46,12 +49,12 @@ def _queries(dash: dict) -> list[str]:
 
 def _ours() -> set[str]:
     """Sample names our processes can export: every family in the registry, plus the broker collector's."""
-    assert metrics.RPC_LATENCY and celery_metrics.TASK_SECONDS  # imported: their metrics are registered
+    assert metrics.RPC_HANDLED and celery_metrics.TASK_SECONDS  # imported: their metrics are registered
     families = list(REGISTRY.collect())
     families += celery_metrics.QueueDepthCollector(Celery("probe"), []).describe()
     names = set()
     for family in families:
-        if family.name.startswith("pony_"):
+        if family.name.startswith(OURS):
             names |= {family.name + suffix for suffix in SUFFIXES[family.type]}
     return names
 
@@ -76,16 +79,17 @@ def test_dashboard_is_grafana_json_with_non_overlapping_panels_on_our_datasource
     assert "Curation workflow" in titles and "Sampler" in titles
 
 
-def test_every_pony_metric_the_dashboard_queries_is_one_we_export() -> None:
+def test_every_pony_and_grpc_metric_the_dashboard_queries_is_one_we_export() -> None:
     queries = _queries(_dashboard())
     assert all(METRIC.search(q) for q in queries), [q for q in queries if not METRIC.search(q)]
-    used = {m for q in queries for m in METRIC.findall(q) if m.startswith("pony_")}
+    used = {m for q in queries for m in METRIC.findall(q) if m.startswith(OURS)}
     unknown = used - _ours()
     assert not unknown, f"the dashboard queries metrics nobody exports: {sorted(unknown)}"
     # It covers the workflow, the services and the sampler.
     for name in (
-        "pony_rpc_latency_seconds_bucket",
-        "pony_rpc_in_flight",
+        "grpc_server_handling_seconds_bucket",
+        "grpc_server_handled_total",
+        "grpc_server_started_total",
         "pony_batch_size_bucket",
         "pony_item_failures_total",
         "pony_model_info",
@@ -98,6 +102,9 @@ def test_every_pony_metric_the_dashboard_queries_is_one_we_export() -> None:
         "pony_sampler_compute_seconds_bucket",
     ):
         assert name in used, name
+    # The RPC panels group and filter by the convention's labels.
+    rpc = [q for q in queries if "grpc_server_" in q]
+    assert rpc and all("grpc_service" in q and not re.search(r"\b(service|method|code)\b\s*[=!~,)]", q) for q in rpc)
 
 
 MODEL_PY = """import triton_python_backend_utils as pb_utils

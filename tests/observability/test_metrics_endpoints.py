@@ -1,6 +1,7 @@
-"""Prometheus metrics scraped over HTTP: the services' RPC counts and latency by method and code, in-flight calls,
-batch sizes, model load time and version, per-item failures; a `ponyctl worker`'s task latency, queue wait, retries,
-failures and item failures (solo and prefork pools); the broker's queue depths."""
+"""Prometheus metrics scraped over HTTP: the services' RPC counts and latency under py-grpc-prometheus's names
+(grpc_server_started_total, grpc_server_handled_total, grpc_server_handling_seconds), batch sizes, model load time
+and version, per-item failures; a `ponyctl worker`'s task latency, queue wait, retries, failures and item failures
+(solo and prefork pools); the broker's queue depths."""
 
 from __future__ import annotations
 
@@ -68,16 +69,22 @@ def test_service_metrics_count_rpcs_by_method_and_code_with_batches_models_and_i
     def delta(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
 
-    # RPC counts and latency by method and status code.
-    assert delta("pony_rpc_latency_seconds_count", service="scorer", method="Score", code="OK") == 2
-    assert delta("pony_rpc_latency_seconds_count", service="scorer", method="Score", code="INVALID_ARGUMENT") == 1
-    assert delta("pony_rpc_latency_seconds_count", service="safety", method="Check", code="OK") == 1
-    assert delta("pony_rpc_latency_seconds_sum", service="scorer", method="Score", code="OK") > 0
-    inf = value(after, "pony_rpc_latency_seconds_bucket", service="scorer", method="Score", code="OK", le="+Inf")
-    assert inf == value(after, "pony_rpc_latency_seconds_count", service="scorer", method="Score", code="OK")
-    # Nothing left in flight.
-    assert value(after, "pony_rpc_in_flight", service="scorer", method="Score") == 0
-    assert ("pony_rpc_in_flight", frozenset({("service", "scorer"), ("method", "Score")})) in after
+    # RPC counts and latency under py-grpc-prometheus's names and labels, by service, method, type and code.
+    score = {"grpc_type": "UNARY", "grpc_service": "pony.v1.Scorer", "grpc_method": "Score"}
+    check = {"grpc_type": "UNARY", "grpc_service": "pony.v1.Safety", "grpc_method": "Check"}
+    assert delta("grpc_server_started_total", **score) == 3
+    assert delta("grpc_server_handled_total", **score, grpc_code="OK") == 2
+    assert delta("grpc_server_handled_total", **score, grpc_code="INVALID_ARGUMENT") == 1
+    assert delta("grpc_server_handled_total", **check, grpc_code="OK") == 1
+    assert delta("grpc_server_handling_seconds_count", **score) == 3
+    assert delta("grpc_server_handling_seconds_sum", **score) > 0
+    inf = value(after, "grpc_server_handling_seconds_bucket", **score, le="+Inf")
+    assert inf == value(after, "grpc_server_handling_seconds_count", **score)
+    # Nothing left in flight: every started call was handled.
+    handled = sum(v for _, v in matching(after, "grpc_server_handled_total", **score))
+    assert value(after, "grpc_server_started_total", **score) == handled
+    # The old names are gone (one convention, not two).
+    assert not [name for name, _ in after if name.startswith("pony_rpc_")]
     # Batch sizes: 2 decodable images in the first call, 1 in the second.
     assert delta("pony_batch_size_count", service="scorer", stage="score") == 2
     assert delta("pony_batch_size_sum", service="scorer", stage="score") == 3
@@ -90,15 +97,15 @@ def test_service_metrics_count_rpcs_by_method_and_code_with_batches_models_and_i
         assert loads and all(v > 0 for _, v in loads), service
         (info, one), *_ = matching(after, "pony_model_info", service=service)
         assert one == 1 and info["model"] and info["version"], info
-    # Health probes keep their full method name (not counted as the safety service's Check).
+    # Health probes are grpc.health.v1.Health's Check, not counted as the safety service's Check.
     health = health_pb2_grpc.HealthStub(channel(services.settings, "safety"))
     assert health.Check(health_pb2.HealthCheckRequest(service="")).status == health_pb2.HealthCheckResponse.SERVING
     probed = scrape(port)
-    assert value(probed, "pony_rpc_latency_seconds_count", service="safety", method="Check", code="OK") == value(
-        after, "pony_rpc_latency_seconds_count", service="safety", method="Check", code="OK"
+    assert value(probed, "grpc_server_handled_total", **check, grpc_code="OK") == value(
+        after, "grpc_server_handled_total", **check, grpc_code="OK"
     )
-    full = "grpc.health.v1.Health/Check"
-    assert value(probed, "pony_rpc_latency_seconds_count", service="safety", method=full, code="OK") >= 1
+    probe = {"grpc_type": "UNARY", "grpc_service": "grpc.health.v1.Health", "grpc_method": "Check"}
+    assert value(probed, "grpc_server_handled_total", **probe, grpc_code="OK") >= 1
 
 
 def _worker(settings: Settings, pool: str, metrics_port: int, log: Path) -> subprocess.Popen:

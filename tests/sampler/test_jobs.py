@@ -1,5 +1,6 @@
 """Asynchronous generation jobs: SubmitJob -> a real Celery worker on the `generate` queue -> the sampler -> Triton;
-GetJob/WatchJob/CancelJob, cancellation reaching the model, priorities on a Redis broker."""
+GetJob/WatchJob/CancelJob, WatchJob's replay of the job's event log from a cursor, cancellation reaching the model,
+priorities on a Redis broker."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ from services.sampler.client import SamplerClient
 from tests.sampler.conftest import SamplerStack
 
 pytestmark = pytest.mark.triton
+
+QUEUED, RUNNING = sampler_pb2.JOB_STATE_QUEUED, sampler_pb2.JOB_STATE_RUNNING
+SUCCEEDED = sampler_pb2.JOB_STATE_SUCCEEDED
 
 
 @contextmanager
@@ -52,18 +56,41 @@ def generate_worker(sampler_stack: SamplerStack) -> Iterator[subprocess.Popen]:
         yield proc
 
 
+def history(events: list[sampler_pb2.WatchJobResponse]) -> list[tuple[int, int, int]]:
+    """(state, progress_step, progress_total) of the job as of each event."""
+    return [(e.job.state, e.job.progress_step, e.job.progress_total) for e in events]
+
+
+def full_run(steps: int) -> list[tuple[int, int, int]]:
+    """A job that ran once without a retry: queued, running, every step 1..steps in order, succeeded."""
+    return [
+        (QUEUED, 0, 0),
+        (RUNNING, 0, 0),
+        *((RUNNING, step, steps) for step in range(1, steps + 1)),
+        (SUCCEEDED, steps, steps),
+    ]
+
+
+@pytest.fixture(scope="module")
+def finished_job(client, generate_worker) -> sampler_pb2.Job:
+    """A job the worker ran to the end before anyone watched it."""
+    job = client.submit_job("a pony on a hill", seed=5, steps=3)
+    return wait_state(client, job.job_id, {SUCCEEDED, sampler_pb2.JOB_STATE_FAILED})
+
+
 def test_a_job_runs_on_the_generate_queue_and_its_images_equal_a_direct_generate(client, generate_worker) -> None:
     job = client.submit_job("a pony in a meadow", seed=21, steps=3, score=8)
     assert job.job_id and job.state == sampler_pb2.JOB_STATE_QUEUED and job.priority == 5
     assert job.request.seed == 21
     seen = list(client.watch_job(job.job_id, timeout=180))
-    states = [j.state for j in seen]
-    assert states[-1] == sampler_pb2.JOB_STATE_SUCCEEDED, seen[-1].error
-    assert sampler_pb2.JOB_STATE_RUNNING in states
-    assert [j.progress_step for j in seen if j.state == sampler_pb2.JOB_STATE_RUNNING] == sorted(
-        j.progress_step for j in seen if j.state == sampler_pb2.JOB_STATE_RUNNING
-    )
+    assert seen[-1].job.state == SUCCEEDED, seen[-1].job.error
+    # Every event of the job, in order, however fast it ran: no progress step is skipped.
+    assert history(seen) == full_run(3)
+    ids = [e.event_id for e in seen]
+    assert ids == sorted(set(ids)) and ids[0] > 0
+    assert all(not e.job.HasField("result") for e in seen[:-1])
     done = client.get_job(job.job_id)
+    assert seen[-1].job.result == done.result and seen[-1].job.updated_at == done.updated_at
     assert (done.progress_step, done.progress_total) == (3, 3)
     (image,) = done.result.images
     assert image.uri and Path(image.uri).read_bytes() == image.png
@@ -71,6 +98,44 @@ def test_a_job_runs_on_the_generate_queue_and_its_images_equal_a_direct_generate
     assert image.png == direct.images[0].png
     assert done.result.prompt == "score_9, score_8_up, a pony in a meadow"
     assert not client.get_job(job.job_id, omit_images=True).result.images[0].png
+
+
+def test_a_watch_started_after_the_job_finished_replays_its_whole_history(client, finished_job) -> None:
+    assert finished_job.state == SUCCEEDED, finished_job.error
+    replay = list(client.watch_job(finished_job.job_id, timeout=60))
+    assert history(replay) == full_run(3)
+    assert replay[-1].job.result.images[0].png == client.get_job(finished_job.job_id).result.images[0].png
+    assert list(client.watch_job(finished_job.job_id, timeout=60)) == replay  # the log does not change
+
+
+def test_a_watch_resumed_from_a_cursor_yields_exactly_the_events_after_it(client, finished_job) -> None:
+    def watch(job_id: str, after: int = 0) -> list[sampler_pb2.WatchJobResponse]:
+        return list(client.watch_job(job_id, after_event_id=after, timeout=180, omit_images=True))
+
+    replay = watch(finished_job.job_id)
+    for i, event in enumerate(replay):
+        resumed = watch(finished_job.job_id, event.event_id)
+        assert resumed == replay[i + 1 :], f"resumed after event {i}"
+    # A watch cut off while the job runs, resumed from its last event, misses nothing and repeats nothing.
+    job = client.submit_job("a pony by a lake", seed=6, steps=3)
+    stream = client.watch_job(job.job_id, timeout=180, omit_images=True)
+    first = [next(stream), next(stream)]
+    stream.close()
+    rest = watch(job.job_id, first[-1].event_id)
+    assert history(first + rest) == full_run(3)
+    assert first + rest == watch(job.job_id)
+
+
+def test_a_watch_of_an_unknown_job_is_not_found_and_a_negative_cursor_is_invalid(client, finished_job) -> None:
+    import grpc
+
+    with pytest.raises(grpc.RpcError) as err:
+        list(client.watch_job("no-such-job", timeout=60))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as err:
+        list(client.watch_job(finished_job.job_id, after_event_id=-1, timeout=60))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("after_event_id:")
 
 
 def test_a_job_without_a_seed_gets_one_at_submit_so_a_retry_draws_the_same_image(client) -> None:

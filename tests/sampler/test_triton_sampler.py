@@ -282,6 +282,7 @@ def test_versions_swap_under_load_without_failing_a_request(sampler_stack: Sampl
         for w in workers:
             w.join(120)
     assert new == max(before) + 1 and loaded.active and loaded.state == sampler_pb2.VERSION_STATE_READY
+    assert sampler_model_info()["version"] == str(new)  # the model-info metric follows the version that serves
     errors = [r for r in results if r[0] == "error"]
     assert not errors, errors
     served = [v for _, v in results]
@@ -301,6 +302,21 @@ def test_versions_swap_under_load_without_failing_a_request(sampler_stack: Sampl
         rows = {r.version: r for r in s.scalars(select(ModelVersionRow).where(ModelVersionRow.name == "pony_v7"))}
     assert rows[new].source_run_id == "run-42" and rows[new].active and rows[new].uri == str(checkpoint)
     assert not rows[new - 1].active
+
+
+def sampler_model_info() -> dict[str, str]:
+    """The labels of the sampler's pony_model_info sample in this process's registry."""
+    from prometheus_client import REGISTRY
+
+    (labels,) = [s.labels for f in REGISTRY.collect() for s in f.samples if s.name == "pony_model_info"
+                 and s.labels.get("service") == "sampler"]  # fmt: skip
+    return labels
+
+
+def test_the_model_info_metric_names_the_version_that_serves(client) -> None:
+    (active,) = [v for v in client.list_versions() if v.active]
+    info = sampler_model_info()
+    assert info["model"] == "pony_v7" and info["version"] == str(active.version) and info["uri"], info
 
 
 def test_load_version_rejects_what_is_not_a_pipeline(client, tmp_path) -> None:
