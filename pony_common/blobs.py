@@ -5,9 +5,37 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from typing import BinaryIO
 
 import fsspec
 from fsspec.core import url_to_fs
+
+CHUNK_BYTES = 1 << 16
+
+
+class TooLarge(ValueError):
+    """A read stopped at its byte cap: the source holds more than `limit` bytes."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        super().__init__(f"larger than {limit} bytes")
+
+
+def read_capped(fh: BinaryIO, max_bytes: int | None) -> bytes:
+    """Reads `fh` to its end, or raises TooLarge once more than `max_bytes` have come (never holding more than
+    `max_bytes` plus one chunk). `max_bytes` None = no cap."""
+    if max_bytes is None:
+        return fh.read()
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = fh.read(min(CHUNK_BYTES, max_bytes + 1 - size))
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > max_bytes:
+            raise TooLarge(max_bytes)
+        chunks.append(chunk)
 
 
 class BlobStore:
@@ -20,7 +48,7 @@ class BlobStore:
             os.makedirs(self.root, exist_ok=True)
 
     def path(self, key: str) -> str:
-        if key.startswith("/") or ".." in key.split("/"):
+        if key.startswith("/") or ".." in key.split("/") or "\x00" in key:
             raise ValueError(f"blob key must be relative and stay inside the store: {key!r}")
         return f"{self.root}/{key}"
 
@@ -49,9 +77,10 @@ class BlobStore:
         self.put(key, data)
         return True
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, max_bytes: int | None = None) -> bytes:
+        """The blob's bytes; TooLarge when it holds more than `max_bytes` (None = no cap)."""
         with self.fs.open(self.path(key), "rb") as fh:
-            return fh.read()
+            return read_capped(fh, max_bytes)
 
     def delete(self, key: str) -> None:
         if self.exists(key):
@@ -67,10 +96,11 @@ class BlobStore:
                 yield rel
 
 
-def open_uri(uri: str) -> bytes:
-    """Reads any fsspec URI or local path."""
+def open_uri(uri: str, max_bytes: int | None = None) -> bytes:
+    """Reads any fsspec URI or local path, for locations the platform itself chose (a manifest's images, an
+    operator's ingest source). A location a caller names goes through `pony_common.access` instead."""
     with fsspec.open(uri, "rb") as fh:
-        return fh.read()
+        return read_capped(fh, max_bytes)
 
 
 def image_key(image_id: str, ext: str = "bin") -> str:

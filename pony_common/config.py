@@ -125,6 +125,8 @@ class TrainerSettings(Section):
     resync_s: float = 10.0  # the controller relists Jobs at least this often
     publish_model: str = "pony_v7"  # model_versions name a finished run publishes
     local_launcher: str = "auto"  # local executor: auto (torchrun when >1 process) | torchrun | python
+    roots: tuple[str, ...] = ()  # spec paths may also name these folders/URL prefixes (besides runs, models, export)
+    registries: tuple[str, ...] = ()  # registry (or registry/namespace) prefixes for resources.image; empty = image's
 
 
 @dataclass(frozen=True)
@@ -148,6 +150,7 @@ class SamplerSettings(Section):
     default_steps: int = 28
     default_guidance: float = 3.5
     max_guidance: float = 20.0
+    max_prompt_chars: int = 8192  # prompt and negative prompt, refused before tokenizing when longer
     negative_prompt: str = ""  # used when a request gives none
     safety: str = "required"  # required: every image checked, safety down -> UNAVAILABLE | off
     max_batch_size: int = 4  # requests Triton's dynamic batcher hands the model at once
@@ -156,6 +159,7 @@ class SamplerSettings(Section):
     warmup: str = ""  # warm-up generations at load, e.g. "1024x1024x28,512x512x4"
     random_init: str = ""  # "full": random full-size weights instead of loading them (benchmarks)
     job_timeout_s: float = 600.0  # one generation job's GenerateStream deadline
+    model_roots: tuple[str, ...] = ()  # LoadVersion may also name these folders/URL prefixes (besides models, runs)
 
 
 SECTIONS: dict[str, type[Section]] = {
@@ -215,8 +219,12 @@ class Settings:
     sampler_addr: str = "127.0.0.1:50056"
 
     # --- gRPC servers ---
-    bind_host: str = "0.0.0.0"  # address the gRPC servers listen on
-    auth_token: str = ""  # bearer token; empty = no auth
+    bind_host: str = "0.0.0.0"  # address the gRPC servers listen on; not loopback = tokens required
+    auth_tokens: str = ""  # servers: role:token,... accepted (roles generate < worker < admin; each has the lower)
+    auth_tokens_file: str = ""  # servers: the same, from a file (role:token lines) or a folder of files named by role
+    auth_token: str = ""  # legacy single token: servers accept it as admin; clients send it without PONY_CLIENT_TOKEN*
+    client_token: str = ""  # the bearer token this process's clients send (default: PONY_AUTH_TOKEN)
+    client_token_file: str = ""  # the same, read from a file (a mounted Secret key)
     tls_cert: str = ""  # PEM paths; both set = TLS on the server
     tls_key: str = ""
     tls_ca: str = ""  # clients: CA bundle to trust
@@ -230,6 +238,12 @@ class Settings:
     # --- images and tags ---
     max_image_pixels: int = 64_000_000  # larger images are refused (decompression bombs)
     image_formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP")  # decoder allow-list, comma-separated
+    image_roots: tuple[str, ...] = ()  # folders an ImageRef uri may name as a path; empty = blob keys and bytes only
+    image_hosts: tuple[str, ...] = ()  # http(s) hosts (`host`, `host:port`, `*.domain`) ImageRef uris may fetch from
+    image_max_bytes: int = 32_000_000  # cap on one image read from a blob key, path or URL; more is refused
+    image_fetch_timeout_s: float = 10.0  # one image read from a path or URL must finish within this long
+    request_max_pixels: int = 128_000_000  # pixels one request may have decoded at once (summed from headers first)
+    request_max_image_bytes: int = 256 * 2**20  # image bytes one request may read, inline and by reference together
     style_tag_format: str = "style_cluster_{n}"  # style cluster tags in captions, exports and prompts
 
     # --- Celery ---
@@ -238,6 +252,9 @@ class Settings:
     task_retry_backoff_s: float = 1.0  # first retry delay; doubles per retry
     task_retry_max_backoff_s: float = 60.0  # longest delay between retries (a waiting curation stage tries this often)
     ingest_stall_s: float = 120.0  # ingest: stop waiting (exit 1) after this long with no progress and no worker
+    ingest_max_member_bytes: int = 64 * 2**20  # ingest: largest source file or shard member read; larger: unreadable
+    ingest_max_shard_bytes: int = 4 * 2**30  # ingest: decompressed bytes read per tar shard; members past: unreadable
+    ingest_allowed_roots: tuple[str, ...] = ()  # ingest: folders, URL prefixes a manifest may name outside its folder
     broker_visibility_timeout_s: float = 300.0  # Redis: unacked messages of a dead worker come back after this long
     worker_heartbeat_file: str = ""  # default <state_dir>/worker.heartbeat; rewritten while a worker consumes (--probe)
     worker_heartbeat_s: float = 5.0  # how often the worker rewrites it; the probe fails once it is 3 intervals old

@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from pony_common.blobs import BlobStore, open_uri
+from pony_common.access import ImageAccess
 from pony_common.config import Settings
 from pony_common.errors import InvalidArgument
+from pony_common.fields import check_image_ref
 from pony_common.images import decode_image, image_id
 
 
@@ -20,26 +21,20 @@ class LoadedImage:
 
 
 class ImageResolver:
-    """Reads ImageRefs: inline bytes, a blob-store key (`images/ab/…`), a local path or any fsspec URI."""
+    """Reads ImageRefs: inline bytes, or a uri under the access policy (`pony_common.access`): a blob-store key
+    (`images/ab/…`) by default, a local path or http(s) URL only under the allow-listed roots and hosts."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.blobs = BlobStore(settings.blob_url)
+        self.access = ImageAccess(settings)
 
     def read(self, ref: object, field: str) -> bytes:
+        check_image_ref(ref, field)  # NUL bytes, control characters, over-long text: refused before any lookup
         which = ref.WhichOneof("source")  # type: ignore[attr-defined]
         if which == "data":
             return bytes(ref.data)  # type: ignore[attr-defined]
         if which == "uri":
-            uri: str = ref.uri  # type: ignore[attr-defined]
-            try:
-                if "://" not in uri and not uri.startswith("/"):
-                    return self.blobs.get(uri)
-                return open_uri(uri)
-            except FileNotFoundError:
-                raise InvalidArgument(f"{field}.uri", f"no such image: {uri}") from None
-            except (OSError, ValueError) as exc:
-                raise InvalidArgument(f"{field}.uri", f"cannot read {uri}: {exc}") from None
+            return self.access.read(ref.uri, f"{field}.uri")  # type: ignore[attr-defined]
         raise InvalidArgument(field, "image has neither data nor uri")
 
     def load(self, ref: object, field: str) -> LoadedImage:

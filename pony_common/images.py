@@ -1,4 +1,5 @@
-"""Safe image decoding (format allow-list, pixel limit, truncation, EXIF orientation, RGB) and content-hash ids."""
+"""Safe image decoding (format allow-list, pixel limit read from the header before any pixel is decoded, truncation,
+EXIF orientation, RGB) and content-hash ids."""
 
 from __future__ import annotations
 
@@ -20,17 +21,18 @@ def image_id(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def decode_image(
+def open_image(
     data: bytes,
     *,
     field: str = "image",
     formats: Iterable[str] = DEFAULT_FORMATS,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Image.Image:
-    """Decodes untrusted bytes into an RGB image with EXIF orientation applied.
+    """Reads only the header of untrusted bytes: the image comes back unloaded (PIL opens lazily), so its `size`
+    is known and no pixel has been decoded or allocated; `load_image` decodes it.
 
-    Raises InvalidArgument(field, reason) for empty input, unknown or disallowed formats, images over
-    `max_pixels` (decompression bombs are refused before any pixel is decoded) and truncated files.
+    Raises InvalidArgument(field, reason) for empty input, unknown or disallowed formats and images over
+    `max_pixels` (decompression bombs are refused before any pixel is decoded).
     """
     if not data:
         raise InvalidArgument(field, "empty image")
@@ -50,6 +52,12 @@ def decode_image(
         raise InvalidArgument(field, "image has no pixels")
     if width * height > max_pixels:
         raise InvalidArgument(field, f"image is {width}x{height}, more than {max_pixels} pixels")
+    return probe
+
+
+def load_image(probe: Image.Image, *, field: str = "image") -> Image.Image:
+    """Decodes an image `open_image` returned into RGB with EXIF orientation applied; InvalidArgument(field) for a
+    truncated or corrupt file."""
     try:
         probe.load()
     except (OSError, ValueError, SyntaxError) as exc:
@@ -64,6 +72,21 @@ def decode_image(
         else:
             img = img.convert("RGB")
     return img
+
+
+def decode_image(
+    data: bytes,
+    *,
+    field: str = "image",
+    formats: Iterable[str] = DEFAULT_FORMATS,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Image.Image:
+    """Decodes untrusted bytes into an RGB image with EXIF orientation applied (`open_image`, then `load_image`).
+
+    Raises InvalidArgument(field, reason) for empty input, unknown or disallowed formats, images over
+    `max_pixels` (decompression bombs are refused before any pixel is decoded) and truncated files.
+    """
+    return load_image(open_image(data, field=field, formats=formats, max_pixels=max_pixels), field=field)
 
 
 def encode_png(img: Image.Image, text: dict[str, str] | None = None) -> bytes:

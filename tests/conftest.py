@@ -13,6 +13,9 @@ import pytest
 
 from pony_common.config import Settings
 
+# The session-wide sampler stack (one tritonserver for tests/sampler, tests/security and the rest).
+pytest_plugins = ["tests.sampler_stack"]
+
 ROOT = Path(__file__).resolve().parents[1]
 # The project's reference data: ../shared/ref beside the checkout (CI clones main next to shared/).
 SHARED_REF = next(

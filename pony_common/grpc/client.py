@@ -1,4 +1,5 @@
-"""Client channels to our services: deadlines, retries on UNAVAILABLE, bearer token, TLS, message limits."""
+"""Client channels to our services: deadlines, retries on UNAVAILABLE, the bearer token of this process's role
+(`auth.client_token`: PONY_CLIENT_TOKEN / PONY_CLIENT_TOKEN_FILE / PONY_AUTH_TOKEN), TLS, message limits."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import grpc
 from grpc import aio
 
 from pony_common.config import Settings
+from pony_common.grpc.auth import client_token
 from pony_common.tracing import ClientInterceptor, aio_client_interceptors
 
 
@@ -99,17 +101,16 @@ def channel(settings: Settings, target: str) -> grpc.Channel:
     Calls send the current trace context (`traceparent`) in CLIENT spans."""
     address = _address(settings, target)
     creds = _credentials(settings)
+    token = client_token(settings)
     if creds is not None:
-        if settings.auth_token:
-            creds = grpc.composite_channel_credentials(
-                creds, grpc.metadata_call_credentials(_Auth(settings.auth_token))
-            )
+        if token:
+            creds = grpc.composite_channel_credentials(creds, grpc.metadata_call_credentials(_Auth(token)))
         return grpc.intercept_channel(
             grpc.secure_channel(address, creds, options=_options(settings)), ClientInterceptor()
         )
     ch = grpc.insecure_channel(address, options=_options(settings))
-    if settings.auth_token:
-        ch = grpc.intercept_channel(ch, _TokenInterceptor(settings.auth_token))
+    if token:
+        ch = grpc.intercept_channel(ch, _TokenInterceptor(token))
     return grpc.intercept_channel(ch, ClientInterceptor())
 
 
@@ -137,15 +138,14 @@ def aio_channel(settings: Settings, target: str) -> aio.Channel:
     """An asyncio channel, configured like `channel`."""
     address = _address(settings, target)
     creds = _credentials(settings)
+    token = client_token(settings)
     interceptors: list[Any] = aio_client_interceptors()
-    if settings.auth_token and creds is None:
+    if token and creds is None:
         # grpc.aio files an interceptor under its first kind only: the token needs one per kind.
-        interceptors += [_AioToken(settings.auth_token), _AioTokenStream(settings.auth_token)]
+        interceptors += [_AioToken(token), _AioTokenStream(token)]
     if creds is not None:
-        if settings.auth_token:
-            creds = grpc.composite_channel_credentials(
-                creds, grpc.metadata_call_credentials(_Auth(settings.auth_token))
-            )
+        if token:
+            creds = grpc.composite_channel_credentials(creds, grpc.metadata_call_credentials(_Auth(token)))
         return aio.secure_channel(address, creds, options=_options(settings), interceptors=interceptors)
     return aio.insecure_channel(address, options=_options(settings), interceptors=interceptors)
 
@@ -169,7 +169,7 @@ class ServiceClient:
     STUB: type | None = None
 
     _lock = threading.Lock()
-    _channels: dict[tuple[str, str], grpc.Channel] = {}
+    _channels: dict[tuple[str, ...], grpc.Channel] = {}
 
     def __init__(self, settings: Settings, address: str | None = None) -> None:
         self.settings = settings
@@ -185,9 +185,15 @@ class ServiceClient:
         return self.timeout if timeout is None else timeout
 
     @property
+    def _key(self) -> tuple[str, ...]:
+        """The shared channel's key: the address and where this client's token comes from."""
+        s = self.settings
+        return (self.address, s.client_token, s.client_token_file, s.auth_token)
+
+    @property
     def stub(self) -> Any:
         """The blocking stub on the process-wide channel to `address`."""
-        key = (self.address, self.settings.auth_token)
+        key = self._key
         with ServiceClient._lock:
             ch = ServiceClient._channels.get(key)
             if ch is None:
@@ -210,7 +216,7 @@ class ServiceClient:
         """Whether the shared channel to `address` connects within `timeout` seconds."""
         self.stub  # noqa: B018 - creates the shared channel
         with ServiceClient._lock:
-            ch = ServiceClient._channels[(self.address, self.settings.auth_token)]
+            ch = ServiceClient._channels[self._key]
         try:
             grpc.channel_ready_future(ch).result(timeout=timeout)
         except grpc.FutureTimeoutError:
@@ -219,9 +225,8 @@ class ServiceClient:
 
     def reset(self) -> None:
         """Forgets the shared blocking channel to `address` (after UNAVAILABLE)."""
-        key = (self.address, self.settings.auth_token)
         with ServiceClient._lock:
-            ch = ServiceClient._channels.pop(key, None)
+            ch = ServiceClient._channels.pop(self._key, None)
         if ch is not None:
             ch.close()
 

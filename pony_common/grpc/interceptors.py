@@ -1,12 +1,12 @@
-"""Server interceptors: request id and structured logs, bearer auth, metrics, domain error -> status code (bad input
-also as `google.rpc.BadRequest` details in the `grpc-status-details-bin` trailer)."""
+"""Server interceptors: request id and structured logs, bearer-token roles (`auth.py`), metrics, domain error ->
+status code (bad input also as `google.rpc.BadRequest` details in the `grpc-status-details-bin` trailer)."""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import inspect
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -17,17 +17,12 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc import aio
 
 from pony_common import errors, tracing
+from pony_common.grpc.auth import OPEN_SERVICES, Authorizer
 from pony_common.logs import new_request_id, request_id_var
 from pony_common.metrics import RPC_HANDLED, RPC_HANDLING_SECONDS, RPC_STARTED
 
 log = logging.getLogger(__name__)
 
-# Health and reflection stay open without a token: Kubernetes probes and grpcurl send none.
-OPEN_SERVICES = (
-    "/grpc.health.v1.Health/",
-    "/grpc.reflection.v1alpha.ServerReflection/",
-    "/grpc.reflection.v1.ServerReflection/",
-)
 
 # Where gRPC carries a `google.rpc.Status` with error details (grpcio-status's rpc_status.from_call reads it).
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
@@ -43,11 +38,26 @@ STATUS_OF: list[tuple[type[BaseException], grpc.StatusCode]] = [
 ]
 
 
+# A status message (and each text in its details trailer) is cut to this many UTF-8 bytes: a message that echoes a
+# huge request field must still fit the caller's metadata limit (8 KiB by default, after percent-encoding).
+MAX_DETAILS_BYTES = 1024
+MAX_FIELD_BYTES = 256
+
+
+def bounded(text: str, limit: int = MAX_DETAILS_BYTES) -> str:
+    """`text` cut to at most `limit` UTF-8 bytes, ending in an ellipsis when it was cut."""
+    data = text.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return text
+    return data[: limit - 3].decode("utf-8", "ignore") + "\u2026"
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and the caller-safe message for an exception; unknown errors hide their internals."""
+    """The status code and the caller-safe message for an exception (bounded in size); unknown errors hide their
+    internals."""
     for kind, code in STATUS_OF:
         if isinstance(exc, kind):
-            return code, str(exc)
+            return code, bounded(str(exc))
     return grpc.StatusCode.INTERNAL, "internal error (see server logs with the request id)"
 
 
@@ -56,7 +66,9 @@ def status_details(exc: BaseException, code: grpc.StatusCode, message: str) -> b
     `google.rpc.BadRequest` naming the field for bad input (`rpc_status.from_call` reads it back); None otherwise."""
     if not isinstance(exc, errors.InvalidArgument):
         return None
-    violation = error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=exc.message)
+    violation = error_details_pb2.BadRequest.FieldViolation(
+        field=bounded(exc.field, MAX_FIELD_BYTES), description=bounded(exc.message)
+    )
     detail = any_pb2.Any()
     detail.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
     return status_pb2.Status(code=code.value[0], message=message, details=[detail]).SerializeToString()
@@ -68,6 +80,59 @@ def rpc_type(handler: grpc.RpcMethodHandler) -> str:
     return kinds.get((bool(handler.request_streaming), bool(handler.response_streaming)), "BIDI_STREAMING")
 
 
+class Malformed:
+    """What a request deserializer hands the handler for bytes that do not parse (garbage, a truncated message,
+    invalid UTF-8 in a string field): the handler answers INVALID_ARGUMENT instead of grpc's UNKNOWN naming a
+    Python exception class."""
+
+    def __init__(self, message_name: str) -> None:
+        self.message_name = message_name
+
+    def error(self) -> errors.InvalidArgument:
+        return errors.InvalidArgument("request", f"malformed request: not a valid {self.message_name} message")
+
+
+def parsing(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """`deserialize` made total: bytes that do not parse become a `Malformed` (never an exception in grpc's core)."""
+    if deserialize is None:
+        return None
+    descriptor = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
+    name = getattr(descriptor, "full_name", "") or "request"
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception:
+            return Malformed(name)
+
+    return parse
+
+
+def _parsed(request: Any) -> Any:
+    if isinstance(request, Malformed):
+        raise request.error()
+    return request
+
+
+async def _parsed_stream(request_iter: Any) -> AsyncIterator[Any]:
+    async for request in request_iter:
+        yield _parsed(request)
+
+
+# A caller's own request id is echoed back (headers, trailers, logs) only when it is short and plain.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def _request_id(meta: dict[str, str]) -> str:
+    given = meta.get("x-request-id", "")
+    return given if _REQUEST_ID.fullmatch(given) else new_request_id()
+
+
+def _unread(data: bytes) -> None:
+    """The request deserializer of a call refused before it runs."""
+    return None
+
+
 def _metadata(details: grpc.HandlerCallDetails) -> dict[str, str]:
     return {k.lower(): v for k, v in (details.invocation_metadata or ()) if isinstance(v, str)}
 
@@ -75,9 +140,9 @@ def _metadata(details: grpc.HandlerCallDetails) -> dict[str, str]:
 class ServerInterceptor(aio.ServerInterceptor):
     """One interceptor for the cross-cutting concerns, so their order is explicit and fixed."""
 
-    def __init__(self, service: str, auth_token: str = "") -> None:
+    def __init__(self, service: str, auth: Authorizer | None = None) -> None:
         self.service = service
-        self.auth_token = auth_token
+        self.auth = auth
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Any], details: grpc.HandlerCallDetails
@@ -88,14 +153,10 @@ class ServerInterceptor(aio.ServerInterceptor):
         method = details.method
         meta = _metadata(details)
         is_open = method.startswith(OPEN_SERVICES)
-        rid = meta.get("x-request-id") or new_request_id()
-        denied = None
-        if self.auth_token and not is_open:
-            supplied = meta.get("authorization", "")
-            if not supplied.lower().startswith("bearer "):
-                denied = "missing bearer token"
-            elif not hmac.compare_digest(supplied[7:].strip().encode(), self.auth_token.encode()):
-                denied = "invalid bearer token"
+        rid = _request_id(meta)
+        denied = self.auth.check(method, meta) if self.auth is not None else None
+        if denied is not None and hasattr(handler, "_replace"):
+            handler = handler._replace(request_deserializer=_unread)  # a refused caller's bytes are never parsed
         return _wrap(handler, self.service, method, rid, denied, quiet=is_open, meta=meta)
 
 
@@ -104,7 +165,7 @@ def _wrap(
     service: str,
     method: str,
     rid: str,
-    denied: str | None,
+    denied: tuple[grpc.StatusCode, str] | None,
     quiet: bool,
     meta: dict[str, str] | None = None,
 ) -> grpc.RpcMethodHandler:
@@ -123,15 +184,15 @@ def _wrap(
         started = time.perf_counter()
         RPC_STARTED.labels(*labels).inc()
         if denied:
-            RPC_HANDLED.labels(*labels, "UNAUTHENTICATED").inc()
+            RPC_HANDLED.labels(*labels, denied[0].name).inc()
             RPC_HANDLING_SECONDS.labels(*labels).observe(time.perf_counter() - started)
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, denied)
+            await context.abort(*denied)
         # The handler runs in a SERVER span continuing the caller's traceparent (health probes stay untraced).
         span = None if quiet else tracing.start_server_span(service, method, meta or {}, rid)
         return started, span
 
     async def fail(context: aio.ServicerContext, exc: BaseException) -> None:
-        code, message = status_for(exc)
+        code, message = status_for(exc)  # bounded: a huge echoed field never reaches the caller's metadata
         if code is grpc.StatusCode.INTERNAL:
             log.exception("rpc failed", extra={"method": method})
             tracing.record_exception(exc)
@@ -168,7 +229,7 @@ def _wrap(
         async def unary_unary(request: Any, context: aio.ServicerContext) -> Any:
             started = await begin(context)
             try:
-                return await _maybe_await(inner_uu(request, context))
+                return await _maybe_await(inner_uu(_parsed(request), context))
             except BaseException as exc:
                 if not guard(exc):
                     raise
@@ -178,7 +239,7 @@ def _wrap(
                 finish(context, started)
 
         return grpc.unary_unary_rpc_method_handler(
-            unary_unary, handler.request_deserializer, handler.response_serializer
+            unary_unary, parsing(handler.request_deserializer), handler.response_serializer
         )
     if handler.unary_stream:
         inner_us = handler.unary_stream
@@ -186,7 +247,7 @@ def _wrap(
         async def unary_stream(request: Any, context: aio.ServicerContext) -> Any:
             started = await begin(context)
             try:
-                async for item in _items(inner_us(request, context)):
+                async for item in _items(inner_us(_parsed(request), context)):
                     yield item
             except BaseException as exc:
                 if not guard(exc):
@@ -196,7 +257,7 @@ def _wrap(
                 finish(context, started)
 
         return grpc.unary_stream_rpc_method_handler(
-            unary_stream, handler.request_deserializer, handler.response_serializer
+            unary_stream, parsing(handler.request_deserializer), handler.response_serializer
         )
     if handler.stream_unary:
         inner_su = handler.stream_unary
@@ -204,7 +265,7 @@ def _wrap(
         async def stream_unary(request_iter: Any, context: aio.ServicerContext) -> Any:
             started = await begin(context)
             try:
-                return await _maybe_await(inner_su(request_iter, context))
+                return await _maybe_await(inner_su(_parsed_stream(request_iter), context))
             except BaseException as exc:
                 if not guard(exc):
                     raise
@@ -214,14 +275,14 @@ def _wrap(
                 finish(context, started)
 
         return grpc.stream_unary_rpc_method_handler(
-            stream_unary, handler.request_deserializer, handler.response_serializer
+            stream_unary, parsing(handler.request_deserializer), handler.response_serializer
         )
     inner_ss = handler.stream_stream
 
     async def stream_stream(request_iter: Any, context: aio.ServicerContext) -> Any:
         started = await begin(context)
         try:
-            async for item in _items(inner_ss(request_iter, context)):
+            async for item in _items(inner_ss(_parsed_stream(request_iter), context)):
                 yield item
         except BaseException as exc:
             if not guard(exc):
@@ -231,7 +292,7 @@ def _wrap(
             finish(context, started)
 
     return grpc.stream_stream_rpc_method_handler(
-        stream_stream, handler.request_deserializer, handler.response_serializer
+        stream_stream, parsing(handler.request_deserializer), handler.response_serializer
     )
 
 

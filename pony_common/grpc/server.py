@@ -1,5 +1,6 @@
 """gRPC server bootstrap every service uses: grpc.aio, health (overall, liveness, readiness), reflection (v1 and
-v1alpha), the shared interceptor, TLS and message limits from config, and SIGTERM -> NOT_SERVING -> drain -> stop.
+v1alpha), the shared interceptor with bearer-token roles (no tokens off loopback: no start), TLS and message
+limits from config, and SIGTERM -> NOT_SERVING -> drain -> stop.
 
 Health tells the truth about the model: readiness, the overall status ("") and each service's own name are SERVING
 only once the model has loaded. A failed load is tried again with a doubling backoff (PONY_MODEL_LOAD_ATTEMPTS,
@@ -23,6 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from pony_common.config import ConfigError, Settings
 from pony_common.errors import PonyError
 from pony_common.grpc import reflection
+from pony_common.grpc.auth import Authorizer, Role, require_credentials
 from pony_common.grpc.interceptors import ServerInterceptor
 from pony_common.metrics import MODEL_LOAD_SECONDS
 from pony_common.models.loading import model_load_lock
@@ -43,7 +45,8 @@ class ServiceDefinition:
 
     `register(server)` adds the servicers; `load()` is the blocking model load, run in a thread after
     the port is bound (and again after a failure), and readiness turns SERVING only when it returns;
-    `close()` runs after stop.
+    `close()` runs after stop. `roles` maps each full method path to the role it needs (a method missing from it
+    needs `admin`).
     """
 
     name: str
@@ -52,6 +55,7 @@ class ServiceDefinition:
     load: Callable[[], None] | None = None
     close: Callable[[], None] | None = None
     model_id: str = ""
+    roles: dict[str, Role] = field(default_factory=dict)
 
 
 @dataclass
@@ -105,10 +109,15 @@ def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
 async def start_server(
     settings: Settings, definition: ServiceDefinition, port: int | None = None, host: str | None = None
 ) -> RunningServer:
-    """Binds (port 0 = a free port), starts serving, and starts loading the model in the background."""
+    """Binds (port 0 = a free port), starts serving, and starts loading the model in the background. Off loopback it
+    refuses (ConfigError) to start without tokens (PONY_AUTH_TOKENS)."""
+    if port is None:
+        port = settings.port(definition.name)
+    address = f"{host or settings.bind_host}:{port}"
+    tokens = require_credentials(settings, definition.name, address)
     limit = settings.max_message_mb * 1024 * 1024
     server = aio.server(
-        interceptors=[ServerInterceptor(definition.name, settings.auth_token)],
+        interceptors=[ServerInterceptor(definition.name, Authorizer(tokens, definition.roles))],
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
@@ -124,9 +133,6 @@ async def start_server(
     await health_servicer.set(LIVENESS, SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*definition.full_names, health.SERVICE_NAME], server)
-    if port is None:
-        port = settings.port(definition.name)
-    address = f"{host or settings.bind_host}:{port}"
     creds = _server_credentials(settings)
     bound = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     if not bound:
@@ -142,7 +148,9 @@ async def start_server(
         )
         await running.health_server.start()
     running.loading = asyncio.create_task(_load(running, settings))
-    log.info("serving", extra={"service": definition.name, "port": bound, "tls": creds is not None})
+    log.info(
+        "serving", extra={"service": definition.name, "port": bound, "tls": creds is not None, "auth": bool(tokens)}
+    )
     return running
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+from pony_common.budgets import RequestBudget
 from pony_common.config import Settings
 from pony_common.errors import Cancelled, InvalidArgument
 from pony_common.metrics import BATCH_SIZE, ITEM_FAILURES
@@ -110,11 +111,13 @@ class CaptionerService:
         max_items: int = 256,
         prompts: PromptBook | None = None,
         cleaner: CaptionCleaner | None = None,
+        budget: RequestBudget | None = None,
     ) -> None:
         self.model = model
         self.batch_size = max(1, int(batch_size))
         self.max_new_tokens = max(1, int(max_new_tokens))
         self.max_items = max_items
+        self.budget = budget or RequestBudget.from_settings(Settings(), max_items, "PONY_CAPTIONER_MAX_ITEMS")
         self.prompts = prompts or PromptBook.load()
         self.cleaner = cleaner or CaptionCleaner.load()
 
@@ -130,20 +133,21 @@ class CaptionerService:
             max_items=c.max_items,
             prompts=prompts,
             cleaner=CaptionCleaner.load(c.filler_path or None, c.artist_blocklist_path or None),
+            budget=RequestBudget.from_settings(settings, c.max_items, "PONY_CAPTIONER_MAX_ITEMS"),
         )
 
     @property
     def template_version(self) -> str:
         return self.prompts.version
 
-    # --- request checks (before any image is read) ---
+    # --- request checks (before any image is read; the images' bytes and pixels against `budget` before any
+    # pixel is decoded: pony_common.budgets.open_images) ---
 
     def check_request(self, count: int, max_new_tokens: int) -> None:
         """A whole-request problem (no items, too many, a bad token budget) is InvalidArgument naming the field."""
         if not count:
             raise InvalidArgument("items", "at least one item is required")
-        if count > self.max_items:
-            raise InvalidArgument("items", f"{count} given; at most {self.max_items} per call")
+        self.budget.check_items(count, "items")
         check_max_new_tokens(max_new_tokens)
 
     @staticmethod

@@ -9,7 +9,10 @@ from collections.abc import AsyncIterator, Sequence
 from grpc import aio
 
 from pony.v1 import captioner_pb2, captioner_pb2_grpc, common_pb2
+from pony_common.budgets import OpenedImage, decode, open_images
 from pony_common.errors import InvalidArgument
+from pony_common.fields import check_id, check_names
+from pony_common.grpc.auth import Role
 from pony_common.imagerefs import ImageResolver
 from services.captioner.prompts import KINDS
 from services.captioner.service import CaptionerService, CaptionJob, CaptionOutcome, CaptionSpec
@@ -37,10 +40,24 @@ def _kinds(item: captioner_pb2.CaptionItem, i: int) -> list[str]:
     return kinds
 
 
+def _check_fields(item: captioner_pb2.CaptionItem, field: str) -> None:
+    """Hostile text (NUL bytes, control characters, over-long values) is refused before anything is read."""
+    check_id(item.item_id, f"{field}.item_id")
+    for name in ("tags", "characters", "artists"):
+        check_names(getattr(item, name), f"{field}.{name}")
+
+
 class CaptionerServicer(captioner_pb2_grpc.CaptionerServicer):
     """A problem with the request as a whole (no items, too many, an unknown kind, a bad token budget, an
-    oversized tag) is INVALID_ARGUMENT naming the field; a bad image of one item is that item's ItemError
-    (reason "invalid_image", field `items[i].image...`) and the other items are captioned."""
+    oversized tag, images over the request's byte or pixel budget) is INVALID_ARGUMENT naming the field; a bad
+    image of one item is that item's ItemError (reason "invalid_image", field `items[i].image...`) and the other
+    items are captioned."""
+
+    # The role each method needs (pony_common.grpc.auth: generate < worker < admin); every method has one.
+    ROLES = {
+        "Caption": Role.WORKER,
+        "CaptionStream": Role.WORKER,
+    }
 
     def __init__(self, service: CaptionerService, resolver: ImageResolver) -> None:
         self.service = service
@@ -48,10 +65,18 @@ class CaptionerServicer(captioner_pb2_grpc.CaptionerServicer):
 
     def _validate(self, items: Sequence[captioner_pb2.CaptionItem], max_new_tokens: int) -> list[CaptionSpec]:
         self.service.check_request(len(items), max_new_tokens)
+        for i, item in enumerate(items):
+            _check_fields(item, f"items[{i}]")
         return [
             self.service.check_item(f"items[{i}]", _kinds(item, i), item.tags, item.characters, item.artists)
             for i, item in enumerate(items)
         ]
+
+    def _open(self, items: Sequence[captioner_pb2.CaptionItem], group: int = 0) -> list[OpenedImage | InvalidArgument]:
+        """The items' images read and their headers parsed, the request refused over its byte or pixel budget
+        (pixels per `group` items decoded together; all when 0) before any pixel is decoded."""
+        refs = [(f"items[{i}].image", item.image) for i, item in enumerate(items)]
+        return open_images(self.resolver, refs, self.service.budget, "items", group)
 
     def _run(
         self,
@@ -60,16 +85,17 @@ class CaptionerServicer(captioner_pb2_grpc.CaptionerServicer):
         offset: int,
         max_new_tokens: int,
         context: aio.ServicerContext,
+        opened: Sequence[OpenedImage | InvalidArgument],
     ) -> list[captioner_pb2.CaptionResult]:
-        """Loads the images (bad ones become item errors) and captions the rest in one service call; stops between
-        generation batches once the caller's deadline has passed or the call was cancelled."""
+        """Decodes the opened images (bad ones become item errors) and captions the rest in one service call; stops
+        between generation batches once the caller's deadline has passed or the call was cancelled."""
         results: list[captioner_pb2.CaptionResult] = []
         jobs: list[CaptionJob] = []
         positions: list[int] = []
         for k, (item, spec) in enumerate(zip(items, specs, strict=True)):
             result = captioner_pb2.CaptionResult(item_id=item.item_id, image_id=item.image.image_id)
             try:
-                loaded = self.resolver.load(item.image, field=f"items[{offset + k}].image")
+                loaded = decode(opened[k])
             except InvalidArgument as exc:
                 self._fill(result, self.service.rejected_image(exc), exc.field)
             else:
@@ -109,7 +135,11 @@ class CaptionerServicer(captioner_pb2_grpc.CaptionerServicer):
     ) -> captioner_pb2.CaptionResponse:
         items = list(request.items)
         specs = self._validate(items, request.max_new_tokens)
-        results = await asyncio.to_thread(self._run, items, specs, 0, request.max_new_tokens, context)
+
+        def work() -> list[captioner_pb2.CaptionResult]:
+            return self._run(items, specs, 0, request.max_new_tokens, context, self._open(items))
+
+        results = await asyncio.to_thread(work)
         return captioner_pb2.CaptionResponse(results=results)
 
     async def CaptionStream(
@@ -119,11 +149,18 @@ class CaptionerServicer(captioner_pb2_grpc.CaptionerServicer):
         items = list(request.items)
         specs = self._validate(items, request.max_new_tokens)
         step = self.service.batch_size
+        opened = await asyncio.to_thread(self._open, items, step)
         done = 0
         for start in range(0, len(items), step):
             chunk = items[start : start + step]
             results = await asyncio.to_thread(
-                self._run, chunk, specs[start : start + step], start, request.max_new_tokens, context
+                self._run,
+                chunk,
+                specs[start : start + step],
+                start,
+                request.max_new_tokens,
+                context,
+                opened[start : start + step],
             )
             for result in results:
                 done += 1

@@ -146,6 +146,8 @@ def _run_export(args: argparse.Namespace, settings: Settings) -> int:
     out = {"manifest": str(summary.manifest), "rows": summary.rows, "shards": [str(p) for p in summary.shards]}
     if summary.missing_style:
         out["missing_style_tags"] = summary.missing_style
+    if summary.skipped:
+        out["skipped"] = summary.skipped
     sys.stdout.write(json.dumps(out) + "\n")
     return 0
 

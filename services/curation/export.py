@@ -1,13 +1,18 @@
 """The training export: `DIR/manifest.parquet` (one row per selected image, images copied to `DIR/images/`)
-and, on request, WebDataset shards `DIR/shards/shard-NNNNNN.tar` (`<id>.<ext>`, `<id>.json`, `<id>.txt`)."""
+and, on request, WebDataset shards `DIR/shards/shard-NNNNNN.tar` (`<id>.<ext>`, `<id>.json`, `<id>.txt`).
+
+File names come from catalog values, so they are checked first: an image id must be a content hash (64 lower-case
+hex digits) and its blob key's extension a short alphanumeric one; a row that fails is skipped with its reason,
+and nothing is ever written outside DIR."""
 
 from __future__ import annotations
 
 import io
 import json
 import logging
+import re
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +32,19 @@ from services.curation.selection import load_selection
 log = logging.getLogger(__name__)
 
 SHARD_SIZE = 1000
+_IMAGE_ID = re.compile(r"[0-9a-f]{64}")
+_EXTENSION = re.compile(r"[a-z0-9]{1,8}")
+
+
+def export_name(rec: ImageRecord) -> str:
+    """`<id>.<ext>`, the file name of a record's image in the export; ValueError (the reason) when the id is no
+    content hash or the blob key has no plain extension."""
+    if not _IMAGE_ID.fullmatch(rec.image_id):
+        raise ValueError("the image id is not a content hash (64 hex digits)")
+    ext = rec.blob_key.rsplit(".", 1)[-1] if "." in rec.blob_key.rsplit("/", 1)[-1] else ""
+    if not _EXTENSION.fullmatch(ext):
+        raise ValueError("the blob key has no plain file extension")
+    return f"{rec.image_id}.{ext}"
 
 
 def content_tags(rec: ImageRecord) -> list[str]:
@@ -81,6 +99,8 @@ class ExportSummary:
     rows: int
     shards: list[Path]
     missing_style: int
+    # Rows left out because a catalog value would make an unsafe file name: image id (repr) -> reason.
+    skipped: dict[str, str] = field(default_factory=dict)
 
 
 def export_selection(
@@ -111,20 +131,30 @@ def export_selection(
     (out / "images").mkdir(parents=True, exist_ok=True)
     rows = []
     files: dict[str, Path] = {}
+    skipped: dict[str, str] = {}
     for rank, rec in enumerate(records):
-        ext = rec.blob_key.rsplit(".", 1)[-1]
-        target = out / "images" / f"{rec.image_id}.{ext}"
-        if not target.exists():
-            target.write_bytes(blobs.get(rec.blob_key))
+        try:
+            target = out / "images" / export_name(rec)
+            if target.is_symlink() or not target.is_file():
+                data = blobs.get(rec.blob_key)
+                target.unlink(missing_ok=True)  # a link planted in DIR is replaced, never written through
+                target.write_bytes(data)
+        except ValueError as exc:
+            skipped[repr(rec.image_id)] = str(exc)
+            log.warning("export row skipped", extra={"image_id": repr(rec.image_id), "reason": str(exc)})
+            continue
         files[rec.image_id] = target
         rows.append(manifest_row(rec, str(target), rank))
     manifest = out / "manifest.parquet"
+    if manifest.is_symlink():
+        manifest.unlink()
     columns = {f.name: [r[f.name] for r in rows] for f in SCHEMA}
     pq.write_table(pa.table(columns, schema=SCHEMA), manifest)
     shards = write_shards(out / "shards", rows, files, shard_size) if webdataset else []
     missing = sum(r.style_version is None for r in records)
-    log.info("exported", extra={"dir": str(out), "rows": len(rows), "shards": len(shards), "missing_style": missing})
-    return ExportSummary(manifest, len(rows), shards, missing)
+    extra = {"dir": str(out), "rows": len(rows), "shards": len(shards), "missing_style": missing}
+    log.info("exported", extra={**extra, "skipped": len(skipped)})
+    return ExportSummary(manifest, len(rows), shards, missing, skipped)
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:

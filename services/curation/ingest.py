@@ -173,7 +173,7 @@ def ingest_source(
     from services.curation.dispatch import submit_images, wait_for_images
 
     catalog = catalog_for(settings.database_url)
-    summary = store_items(settings, iter_source(source), progress=progress)
+    summary = store_items(settings, iter_source(source, settings), progress=progress)
     regroup(catalog, max_distance)
     todo = pending_ids(catalog, summary.ids, resume=resume)
     summary.submitted = submit_images(settings, todo)

@@ -108,7 +108,8 @@ def _card(rec: ImageRecord, thumb: str | None, selected: bool) -> str:
         body.append(f'<div class="cap"><span class="kind">safety</span> {escape(text)}</div>')
     if rec.error:
         body.append(f'<div class="cap"><span class="kind">error</span> {escape(rec.error)}</div>')
-    body.append(f'<div class="cap" title="{rec.image_id}">{rec.image_id[:16]}… {rec.width}×{rec.height}</div>')
+    shown = f"{escape(rec.image_id[:16])}… {rec.width}×{rec.height}"
+    body.append(f'<div class="cap" title="{escape(rec.image_id)}">{shown}</div>')
     body.append("</div>")
     return f'<div class="{" ".join(classes)}">{_img(thumb, rec.image_id)}{"".join(body)}</div>'
 
@@ -220,7 +221,7 @@ def write_report(settings: Settings, out_dir: str | Path, *, selection: str = "d
     for r in records:
         try:
             thumbs[r.image_id] = thumbnail(blobs.get(r.blob_key))
-        except FileNotFoundError:
+        except (FileNotFoundError, ValueError):  # ValueError: a blob key that would leave the store
             thumbs[r.image_id] = None
     mix_report = None
     key = f"selections/{selection}.json"

@@ -1,15 +1,16 @@
 """The character codex: a versioned registry of characters (aliases, franchise, age class, real person), its YAML
 file format (`ponyctl codex import/export`), and name lookup that never guesses. `store.py` keeps it in the catalog.
 
-A name matches a character when it equals the character's name or one of its aliases after normalisation:
-Unicode NFKC, lower case, underscores as spaces, runs of whitespace as one space (so `Twilight_Sparkle`,
-`twilight  sparkle` and `Twilight Sparkle` are one name). Text (captions, prompts) is searched for whole-word
-occurrences of names and aliases with punctuation ignored. Anything else is reported as unknown.
+A name matches a character when it equals the character's name or one of its aliases after the normalisation of
+`pony_common.textnorm` (the one every safety rule uses): NFKC, case folding, invisible characters removed,
+confusables folded to Latin, `_`/`-`/whitespace runs as one space (so `Twilight_Sparkle`, `twilight  sparkle`,
+`Ｔｗｉｌｉｇｈｔ Sparkle`, `Twi\u200blight Sparkle` and `Twilight Sparkle` are one name). Text (captions, prompts)
+is searched for whole-word occurrences of names and aliases with punctuation ignored. Anything else is reported as
+unknown.
 """
 
 from __future__ import annotations
 
-import re
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -17,10 +18,11 @@ from typing import Any
 
 import yaml
 
+from pony_common.textnorm import tag_key, words_key
+
 AGE_CLASSES = ("adult", "minor", "ambiguous")
 CHARACTER_KEYS = ("name", "aliases", "franchise", "age_class", "real_person")
 MAX_NAME_LENGTH = 255
-_TEXT_TOKEN = re.compile(r"[^\w']+")
 
 
 class CodexFormatError(ValueError):
@@ -28,13 +30,20 @@ class CodexFormatError(ValueError):
 
 
 def normalize_name(name: str) -> str:
-    """The lookup key of a character name: NFKC, lower case, `_` as space, whitespace collapsed."""
-    return " ".join(unicodedata.normalize("NFKC", name).lower().replace("_", " ").split())
+    """The lookup key of a character name (`pony_common.textnorm.tag_key`)."""
+    return tag_key(name)
 
 
 def text_key(text: str) -> str:
-    """`normalize_name` with punctuation (other than apostrophes) as spaces: how names are found inside text."""
-    return " ".join(_TEXT_TOKEN.sub(" ", normalize_name(text)).split())
+    """`normalize_name` with punctuation (other than apostrophes) as spaces: how names are found inside text
+    (`pony_common.textnorm.words_key`)."""
+    return words_key(text)
+
+
+def row_key(name: str) -> str:
+    """The catalog row key of a character (`codex_characters.key`): NFKC, lower case, `_` as space, whitespace
+    collapsed. It stays as rows were written; lookups never use it (they compare `normalize_name` keys)."""
+    return " ".join(unicodedata.normalize("NFKC", name).lower().replace("_", " ").split())
 
 
 @dataclass(frozen=True)
@@ -47,7 +56,8 @@ class CodexCharacter:
 
     @property
     def key(self) -> str:
-        return normalize_name(self.name)
+        """The catalog row key (`row_key`)."""
+        return row_key(self.name)
 
     @property
     def names(self) -> tuple[str, ...]:

@@ -10,6 +10,9 @@ Rules (each reason names its rule id and the codex version):
 - Characters the codex does not know are reported (`unknown_characters`, flag `codex.unknown_character`) and
   never guessed; they block nothing by themselves.
 Questionable content with a minor-coded, ambiguous or real character is flagged, not blocked.
+Tags, captions and names are compared by their `pony_common.textnorm` keys (in `tag_rules.py` and `codex.py`), so
+no spelling variant (fullwidth, invisible characters, lookalike letters, case, `_`/`-`/space) slips past a rule;
+reasons quote the rule's or the codex's spelling.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from services.safety.codex import Codex, CodexCharacter
+from services.safety.codex import Codex, CodexCharacter, normalize_name
 from services.safety.tag_rules import Rating, TagRules
 
 ALLOW = "allow"
@@ -112,10 +115,13 @@ class Policy:
 
         matched: list[CodexCharacter] = []
         unknown: list[str] = []
+        unknown_keys: set[str] = set()
         for name in item.characters:
             c = codex.lookup(name)
             if c is None:
-                if name.strip() and name.strip() not in unknown:
+                key = normalize_name(name)
+                if key and key not in unknown_keys:  # one report per name, however it is spelled
+                    unknown_keys.add(key)
                     unknown.append(name.strip())
             elif c not in matched:
                 matched.append(c)

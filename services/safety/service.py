@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pony_common.budgets import RequestBudget
 from pony_common.config import ConfigError, Settings
 from pony_common.errors import InvalidArgument
 from pony_common.metrics import BATCH_SIZE
@@ -55,16 +56,17 @@ class SafetyService:
         self.settings = settings
         self.policy = policy_from(settings)
         self.model = model or SafetyModel(settings)
+        self.budget = RequestBudget.from_settings(settings, settings.safety.max_batch, "PONY_SAFETY_MAX_BATCH")
         self._codex: Codex | None = None
         self._lock = threading.Lock()
 
     def check_request(self, count: int) -> None:
-        """Raises UNAVAILABLE while the model loads, INVALID_ARGUMENT for no items or more than `max_batch`."""
+        """Raises UNAVAILABLE while the model loads, INVALID_ARGUMENT for no items or more than `max_batch`. The
+        items' images are then held to `budget` (bytes, pixels) before any is decoded (pony_common.budgets)."""
         self.model.require_ready()
         if not count:
             raise InvalidArgument("items", "at least one item is required")
-        if count > self.settings.safety.max_batch:
-            raise InvalidArgument("items", f"at most {self.settings.safety.max_batch} items per call, got {count}")
+        self.budget.check_items(count, "items")
 
     def check_item(self, field: str, item: SafetyInput, has_image: bool = False) -> None:
         """Raises INVALID_ARGUMENT naming `field` when `item` (before its image is decoded: `has_image`) is over

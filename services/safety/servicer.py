@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import replace
 
 from grpc import aio
 
 from pony.v1 import common_pb2, safety_pb2, safety_pb2_grpc
+from pony_common.budgets import load_images
 from pony_common.errors import InvalidArgument
+from pony_common.fields import check_id, check_names, check_text
+from pony_common.grpc.auth import Role
 from pony_common.imagerefs import ImageResolver
 from pony_common.metrics import ITEM_FAILURES
 from services.safety.model import SERVICE
@@ -21,10 +25,24 @@ def _item_error(reason: str, exc: InvalidArgument) -> common_pb2.ItemError:
     return common_pb2.ItemError(reason=reason, message=exc.message, field=exc.field)
 
 
+def _check_fields(item: safety_pb2.SafetyItem, field: str) -> None:
+    """Hostile text (NUL bytes, control characters, over-long ids and names) makes the item an ItemError naming the
+    field before anything of it is read or checked."""
+    check_id(item.item_id, f"{field}.item_id")
+    check_text(item.caption, f"{field}.caption")
+    check_names(item.tags, f"{field}.tags")
+    check_names(item.characters, f"{field}.characters")
+
+
 class SafetyServicer(safety_pb2_grpc.SafetyServicer):
     """A problem with the request as a whole (no items, too many) is INVALID_ARGUMENT naming the field; a bad item
     (over a budget, nothing to check, an image that does not decode) is that item's ItemError and the other items
     are checked."""
+
+    # The role each method needs (pony_common.grpc.auth: generate < worker < admin); every method has one.
+    ROLES = {
+        "Check": Role.WORKER,
+    }
 
     def __init__(self, service: SafetyService, resolver: ImageResolver) -> None:
         self.service = service
@@ -32,6 +50,7 @@ class SafetyServicer(safety_pb2_grpc.SafetyServicer):
 
     def _input(self, item: safety_pb2.SafetyItem, i: int) -> SafetyInput:
         field = f"items[{i}]"
+        _check_fields(item, field)
         has_image = item.HasField("image")
         result = SafetyInput(
             item_id=item.item_id,
@@ -41,10 +60,27 @@ class SafetyServicer(safety_pb2_grpc.SafetyServicer):
             characters=tuple(item.characters),
         )
         self.service.check_item(field, result, has_image)
-        if has_image:
-            loaded = self.resolver.load(item.image, f"{field}.image")
-            result = replace(result, image=loaded.image, image_id=loaded.image_id)
         return result
+
+    def _with_images(
+        self,
+        items: Sequence[safety_pb2.SafetyItem],
+        inputs: list[tuple[int, SafetyInput]],
+        errors: dict[int, common_pb2.ItemError],
+    ) -> list[tuple[int, SafetyInput]]:
+        """The checked inputs with their images: read and sized under the request's budget (over it, the request is
+        refused before any pixel is decoded), then decoded; an image that does not decode is its item's error."""
+        wanted = [i for i, _ in inputs if items[i].HasField("image")]
+        refs = [(f"items[{i}].image", items[i].image) for i in wanted]
+        images = dict(zip(wanted, load_images(self.resolver, refs, self.service.budget, "items"), strict=True))
+        out = []
+        for i, checked in inputs:
+            got = images.get(i)
+            if isinstance(got, InvalidArgument):
+                errors[i] = _item_error("invalid_image", got)
+            else:
+                out.append((i, checked if got is None else replace(checked, image=got.image, image_id=got.image_id)))
+        return out
 
     async def Check(self, request: safety_pb2.CheckRequest, context: aio.ServicerContext) -> safety_pb2.CheckResponse:
         self.service.check_request(len(request.items))
@@ -62,6 +98,7 @@ class SafetyServicer(safety_pb2_grpc.SafetyServicer):
                         else "invalid_argument"
                     )
                     errors[i] = _item_error(reason, exc)
+            inputs = self._with_images(request.items, inputs, errors)
             verdicts = self.service.check([x for _, x in inputs]) if inputs else []
             by_index = dict(zip((i for i, _ in inputs), verdicts, strict=True))
             provenance = provenance_proto(self.service.provenance())

@@ -146,7 +146,9 @@ class ModelRepository:
     def _fetch(self, uri: str, target: Path, version: int) -> str:
         import fsspec
 
-        fs, path = fsspec.core.url_to_fs(uri)
+        # A web server's redirect could lead off the allowed prefix: http(s) fetches follow none.
+        options = {"allow_redirects": False} if uri.lower().startswith(("http://", "https://")) else {}
+        fs, path = fsspec.core.url_to_fs(uri, **options)
         if not fs.exists(f"{path.rstrip('/')}/{PIPELINE_MARKER}"):
             raise InvalidArgument("uri", f"{uri!r} is not a diffusers pipeline folder (no {PIPELINE_MARKER})")
         fs.get(path.rstrip("/") + "/", str(target), recursive=True)

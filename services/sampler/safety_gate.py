@@ -1,4 +1,11 @@
-"""The output safety check: every generated image goes through `pony.v1.Safety/Check` before it is returned.
+"""The safety checks of a generation, both through `pony.v1.Safety/Check`: the prompt before any GPU work
+(`check_prompt`: a prompt the rules block on its text alone is refused without generating), then every generated
+image before it is returned (`check`).
+
+The safety service compares every tag, caption and name by its `pony_common.textnorm` key (NFKC, case folding,
+invisible characters removed, confusables folded to Latin, `_`/space/`-` as one); the gate sends the prompt as
+written (the caption) and its comma-separated pieces cut at any comma form, as those keys (the tags), so a blocked
+tag hidden behind a fullwidth comma, a zero-width space or a Cyrillic letter is what the rules see as the tag.
 
 `PONY_SAMPLER_SAFETY=required` (the default) fails closed: a configured safety service that is down or errs
 makes the generation UNAVAILABLE, never unchecked. `off`, or an empty `PONY_SAFETY_ADDR`, skips the check and
@@ -8,11 +15,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
 from pony_common.config import ConfigError, Settings
 from pony_common.errors import DependencyUnavailable
+from pony_common.textnorm import split_tags
 from services.safety.client import SafetyClient
 
 log = logging.getLogger(__name__)
@@ -57,27 +66,34 @@ class SafetyGate:
     async def aclose(self) -> None:
         await self.client.aclose()
 
-    async def check(self, pngs: list[bytes], prompt: str, timeout: float | None = None) -> list[Verdict]:
-        """One verdict per PNG. Raises DependencyUnavailable when the check cannot be made (fail closed)."""
-        if not self.enabled:
-            return [Verdict(True) for _ in pngs]
+    def _items(self, prompt: str, pngs: list[bytes]) -> list[Any]:
+        """One SafetyItem per PNG (or one text-only item when there are none): the prompt and its tag keys."""
         from pony.v1 import common_pb2, safety_pb2
 
-        tags = [t.strip() for t in prompt.split(",") if t.strip()]
-        items = [
+        tags = split_tags(prompt)
+        if not pngs:
+            return [safety_pb2.SafetyItem(caption=prompt, tags=tags, item_id="0")]
+        return [
             safety_pb2.SafetyItem(image=common_pb2.ImageRef(data=png), caption=prompt, tags=tags, item_id=str(i))
             for i, png in enumerate(pngs)
         ]
+
+    async def _check(self, items: list[Any], what: str, timeout: float | None) -> list[Verdict]:
+        """One verdict per item (`what`: "prompt" or "images"). Raises DependencyUnavailable when the check cannot
+        be made (fail closed)."""
+        from pony.v1 import safety_pb2
+
         try:
             response = await self.client.acheck(safety_pb2.CheckRequest(items=items), timeout=timeout or 30.0)
         except grpc.aio.AioRpcError as exc:
             log.warning("safety check failed", extra={"code": exc.code().name, "details": exc.details()})
             raise DependencyUnavailable(
-                f"safety service at {self.addr} could not check the images ({exc.code().name}); nothing is returned"
+                f"safety service at {self.addr} could not check the {what} ({exc.code().name}); nothing is returned"
             ) from None
         by_id = {r.item_id: r for r in response.results}
+        noun = "prompt" if what == "prompt" else "image"
         verdicts = []
-        for i in range(len(pngs)):
+        for i in range(len(items)):
             result = by_id.get(str(i))
             if result is None:
                 verdicts.append(Verdict(False, [("safety.missing", "the safety service returned no result")]))
@@ -87,6 +103,21 @@ class SafetyGate:
                 reasons = [(r.rule_id, r.message) for r in result.reasons]
                 allowed = result.decision == safety_pb2.DECISION_ALLOW
                 if not allowed and not reasons:
-                    reasons = [("safety.undecided", "the safety service did not allow the image")]
+                    reasons = [("safety.undecided", f"the safety service did not allow the {noun}")]
                 verdicts.append(Verdict(allowed, reasons, _RATINGS.get(int(result.rating), "")))
         return verdicts
+
+    async def check_prompt(self, prompt: str, timeout: float | None = None) -> Verdict:
+        """The verdict on `prompt` by its text alone (tag rules, codex rules on the rating its tags give), asked
+        before generating: whatever it blocks, the image check would block too, so a refused prompt costs no GPU.
+        Raises DependencyUnavailable when the check cannot be made (fail closed)."""
+        if not self.enabled:
+            return Verdict(True)
+        (verdict,) = await self._check(self._items(prompt, []), "prompt", timeout)
+        return verdict
+
+    async def check(self, pngs: list[bytes], prompt: str, timeout: float | None = None) -> list[Verdict]:
+        """One verdict per PNG. Raises DependencyUnavailable when the check cannot be made (fail closed)."""
+        if not self.enabled:
+            return [Verdict(True) for _ in pngs]
+        return await self._check(self._items(prompt, pngs), "images", timeout)

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from pony_common.access import confine_model_uri
 from pony_common.blobs import BlobStore
 from pony_common.catalog import catalog_for
 from pony_common.config import Settings
@@ -73,7 +74,8 @@ class SamplerService:
     # --- generation ---
 
     def spec(self, given: GenerationInput) -> GenerationSpec:
-        """The validated generation (defaults filled, seed drawn when not given), or InvalidArgument(field)."""
+        """The validated generation (defaults filled, seed drawn when not given), or InvalidArgument(field).
+        Blocking CPU work (tokenizing): async callers run it in a worker thread."""
         self.model.require_ready()
         if self._validator is None:
             raise DependencyUnavailable("the sampler is still loading its model")
@@ -82,7 +84,13 @@ class SamplerService:
     async def run(
         self, spec: GenerationSpec, timeout: float | None = None
     ) -> AsyncIterator[Progress | GenerationResult]:
-        """Progress events, then the GenerationResult (after the safety check)."""
+        """Progress events, then the GenerationResult (after the safety check). A prompt the safety rules block on
+        its text alone is refused before any GPU work: a result with no images, every seed blocked with the rules'
+        reasons, as a blocked image is (so callers, jobs (state `blocked`) and the CLI read one shape)."""
+        refusal = await self.gate.check_prompt(spec.prompt, timeout)
+        if not refusal.allowed:
+            yield self.refused(spec, refusal.reasons)
+            return
         generated: Generated | None = None
         async for event in self.model.stream(spec, timeout):
             if isinstance(event, Progress):
@@ -100,6 +108,22 @@ class SamplerService:
                 result = event
         assert result is not None
         return result
+
+    def refused(self, spec: GenerationSpec, reasons: list[tuple[str, str]]) -> GenerationResult:
+        """The result of a prompt refused before generating: each of its seeds blocked, the reasons marked as the
+        prompt's; no model version, since no model ran."""
+        ITEM_FAILURES.labels("sampler", "prompt_blocked").inc(spec.num_images)
+        log.info("prompt refused before generation", extra={"reasons": [r[0] for r in reasons]})
+        why = [(rule, f"prompt refused before generation: {message}") for rule, message in reasons]
+        return GenerationResult(
+            spec=spec,
+            images=[],
+            blocked=[BlockedOutput(seed=spec.seed + i, reasons=why) for i in range(spec.num_images)],
+            model_version="",
+            batch_size=0,
+            safety_checked=True,
+            safety_note=self.gate.note,
+        )
 
     async def finish(self, spec: GenerationSpec, generated: Generated, timeout: float | None) -> GenerationResult:
         BATCH_SIZE.labels("sampler", "triton").observe(generated.batch_size)
@@ -207,8 +231,11 @@ class SamplerService:
     # --- versions ---
 
     async def load_version(self, uri: str, source_run_id: str = "") -> VersionInfo:
-        """Triton loads the next version; the catalog records it as the active one."""
+        """Triton loads the next version; the catalog records it as the active one. Only a pipeline under the model
+        roots (models_dir, the trainer's runs folder, PONY_SAMPLER_MODEL_ROOTS) is loaded; anything else is
+        InvalidArgument("uri") that does not say whether it exists."""
         self.model.require_ready()
+        uri = confine_model_uri(self.settings, uri)
         return await asyncio.to_thread(self._load_version, uri, source_run_id)
 
     def _load_version(self, uri: str, source_run_id: str) -> VersionInfo:

@@ -3,6 +3,7 @@ cancellation reach Triton."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 from typing import Any
 
@@ -14,6 +15,8 @@ from PIL import Image
 
 from pony.v1 import common_pb2, safety_pb2, sampler_pb2, sampler_pb2_grpc
 from pony_common.errors import InvalidArgument
+from pony_common.fields import NAME_MAX, URI_MAX, check_id, check_text
+from pony_common.grpc.auth import Role
 from services.sampler.generation import GenerationInput, GenerationResult, GenerationSpec, Progress
 from services.sampler.model import VersionInfo
 from services.sampler.prompts import PromptTags
@@ -42,6 +45,9 @@ VERSION_STATES = {
 
 
 def input_from_proto(req: sampler_pb2.GenerateRequest) -> GenerationInput:
+    check_text(req.prompt, "prompt")  # its length is the validator's prompt budget
+    check_text(req.negative_prompt, "negative_prompt")
+    check_text(req.tags.source, "tags.source", NAME_MAX, multiline=False)
     if req.tags.rating and req.tags.rating not in RATING_NAMES:
         raise InvalidArgument("tags.rating", f"unknown rating {req.tags.rating}")
     tags = PromptTags(
@@ -152,21 +158,35 @@ def job_to_proto(job: Job) -> sampler_pb2.Job:
 class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
     """Thin: converts, calls the SamplerService, converts back."""
 
+    # The role each method needs (pony_common.grpc.auth: generate < worker < admin); every method has one.
+    ROLES = {
+        "Generate": Role.GENERATE,
+        "GenerateStream": Role.GENERATE,
+        "SubmitJob": Role.GENERATE,
+        "GetJob": Role.GENERATE,
+        "WatchJob": Role.GENERATE,
+        "CancelJob": Role.GENERATE,
+        "ListVersions": Role.GENERATE,
+        "LoadVersion": Role.ADMIN,
+    }
+
     def __init__(self, service: SamplerService) -> None:
         self.service = service
 
     # --- generation ---
 
-    def _spec(self, request: sampler_pb2.GenerateRequest) -> GenerationSpec:
-        return self.service.spec(input_from_proto(request))
+    async def _spec(self, request: sampler_pb2.GenerateRequest) -> GenerationSpec:
+        """Validated in a worker thread: the field scans and tokenizing are CPU work on texts as long as a message
+        allows, and the event loop (health checks, other calls) must not wait on them."""
+        return await asyncio.to_thread(lambda: self.service.spec(input_from_proto(request)))
 
     async def Generate(self, request: sampler_pb2.GenerateRequest, context: aio.ServicerContext) -> Any:
-        spec = self._spec(request)
+        spec = await self._spec(request)
         result = await self.service.generate(spec, timeout=context.time_remaining())
         return result_to_proto(result)
 
     async def GenerateStream(self, request: sampler_pb2.GenerateStreamRequest, context: aio.ServicerContext) -> Any:
-        spec = self._spec(request.request)
+        spec = await self._spec(request.request)
         async for event in self.service.run(spec, timeout=context.time_remaining()):
             if isinstance(event, Progress):
                 yield sampler_pb2.GenerateStreamResponse(progress=progress_to_proto(event))
@@ -176,7 +196,7 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
     # --- jobs ---
 
     async def SubmitJob(self, request: sampler_pb2.SubmitJobRequest, context: aio.ServicerContext) -> Any:
-        spec = self._spec(request.request)
+        spec = await self._spec(request.request)
         generate = sampler_pb2.GenerateRequest()
         generate.CopyFrom(request.request)
         generate.seed = spec.seed  # a retried job draws the same images
@@ -186,10 +206,12 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
         return sampler_pb2.SubmitJobResponse(job=job_to_proto(job))
 
     async def GetJob(self, request: sampler_pb2.GetJobRequest, context: aio.ServicerContext) -> Any:
+        check_id(request.job_id, "job_id")
         job = await self.service.get_job(request.job_id, with_images=not request.omit_images)
         return sampler_pb2.GetJobResponse(job=job_to_proto(job))
 
     async def WatchJob(self, request: sampler_pb2.WatchJobRequest, context: aio.ServicerContext) -> Any:
+        check_id(request.job_id, "job_id")
         watch = self.service.watch_job(
             request.job_id, after_event_id=request.after_event_id, with_images=not request.omit_images
         )
@@ -197,12 +219,15 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
             yield sampler_pb2.WatchJobResponse(job=job_to_proto(job), event_id=event.id)
 
     async def CancelJob(self, request: sampler_pb2.CancelJobRequest, context: aio.ServicerContext) -> Any:
+        check_id(request.job_id, "job_id")
         job = await self.service.cancel_job(request.job_id)
         return sampler_pb2.CancelJobResponse(job=job_to_proto(job))
 
     # --- versions ---
 
     async def LoadVersion(self, request: sampler_pb2.LoadVersionRequest, context: aio.ServicerContext) -> Any:
+        check_text(request.uri, "uri", URI_MAX, multiline=False)
+        check_id(request.source_run_id, "source_run_id")
         info = await self.service.load_version(request.uri, request.source_run_id)
         return sampler_pb2.LoadVersionResponse(version=version_to_proto(info))
 

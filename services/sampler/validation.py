@@ -1,6 +1,9 @@
-"""Request validation: defaults from config, limits on size, steps, guidance, images, seed and prompt tokens.
+"""Request validation: defaults from config, limits on size, steps, guidance, images, seed, prompt length and
+prompt tokens.
 
-Every violation raises InvalidArgument naming the request field, before any work reaches Triton."""
+Every violation raises InvalidArgument naming the request field, before any work reaches Triton. The prompt lengths
+are checked first, before any text is assembled, normalised or tokenized; tokenizing is CPU work, so the service runs
+`spec` in a worker thread, off the event loop."""
 
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ from services.sampler.prompts import assemble_prompt
 PIPELINE_MAX_TOKENS = 256
 MAX_SEED = 2**63 - 1
 SIZE_MULTIPLE = 16
+# Every style tag is at least one token, so more clusters than the pipeline's tokens can never fit a prompt.
+MAX_STYLE_CLUSTERS = PIPELINE_MAX_TOKENS
 
 
 class RequestValidator:
@@ -32,7 +37,21 @@ class RequestValidator:
         """Tokens the pipeline would encode, end-of-sequence token included."""
         return len(self.tokenizer(text, truncation=False)["input_ids"])
 
+    def check_lengths(self, given: GenerationInput) -> None:
+        """The texts within `max_prompt_chars` and the style clusters within what a prompt can hold: cheap checks
+        that bound the work of everything after them (assembly, normalisation, tokenizing)."""
+        limit = self.settings.sampler.max_prompt_chars
+        for name, text in (("prompt", given.prompt), ("negative_prompt", given.negative_prompt)):
+            if len(text) > limit:
+                raise InvalidArgument(
+                    name, f"is {len(text):,} characters long; the limit is {limit:,} (PONY_SAMPLER_MAX_PROMPT_CHARS)"
+                )
+        clusters = len(given.tags.style_clusters)
+        if clusters > MAX_STYLE_CLUSTERS:
+            raise InvalidArgument("tags.style_clusters", f"{clusters} given; at most {MAX_STYLE_CLUSTERS}")
+
     def spec(self, given: GenerationInput) -> GenerationSpec:
+        self.check_lengths(given)
         s = self.settings
         width = given.width or s.sampler.default_width
         height = given.height or s.sampler.default_height

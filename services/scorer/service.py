@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from pony_common.blobs import BlobStore
+from pony_common.budgets import RequestBudget, load_images
 from pony_common.catalog.db import Catalog
 from pony_common.config import Settings
 from pony_common.errors import InvalidArgument, Overloaded
@@ -129,6 +130,7 @@ class ScorerService:
         head_source = self.active_head_dir if self.config.head_from_catalog else None
         self.model = model or ScorerModel.from_settings(settings, head_source=head_source)
         self.resolver = ImageResolver(settings)
+        self.budget = RequestBudget.from_settings(settings, self.config.max_batch, "PONY_SCORER_MAX_BATCH")
         self._decoder = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="decode")
         self._catalog: Catalog | None = None
         self._catalog_lock = threading.Lock()
@@ -179,18 +181,21 @@ class ScorerService:
     def _check_batch(self, items: Sequence[Any], field: str) -> None:
         if not items:
             raise InvalidArgument(field, "at least one is required")
-        if len(items) > self.config.max_batch:
-            raise InvalidArgument(field, f"{len(items)} given; at most {self.config.max_batch} per call")
+        self.budget.check_items(len(items), field)
 
     def _load_images(self, refs: Sequence[object]) -> list[LoadedImage | ItemFailure]:
-        def load(i: int) -> LoadedImage | ItemFailure:
-            try:
-                return self.resolver.load(refs[i], field=f"images[{i}]")
-            except InvalidArgument as exc:
+        """Headers first: a request over the pixel or byte budget is refused before any pixel is decoded; then the
+        images are decoded in parallel, a bad one its ItemFailure."""
+        fields = [(f"images[{i}]", ref) for i, ref in enumerate(refs)]
+        loaded = load_images(self.resolver, fields, self.budget, "images", self._decoder.map)
+        out: list[LoadedImage | ItemFailure] = []
+        for ref, item in zip(refs, loaded, strict=True):
+            if isinstance(item, InvalidArgument):
                 ITEM_FAILURES.labels(SERVICE, INVALID_IMAGE).inc()
-                return ItemFailure(getattr(refs[i], "image_id", ""), exc.field, exc.message)
-
-        return list(self._decoder.map(load, range(len(refs))))
+                out.append(ItemFailure(getattr(ref, "image_id", ""), item.field, item.message))
+            else:
+                out.append(item)
+        return out
 
     def _provenance(self, head_version: str) -> Provenance:
         return Provenance(self.model.model_id, self.model.model_version, head_version)

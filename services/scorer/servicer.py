@@ -8,6 +8,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from grpc import aio
 
 from pony.v1 import common_pb2, scorer_pb2, scorer_pb2_grpc
+from pony_common.fields import check_id, check_ids
+from pony_common.grpc.auth import Role
 from services.scorer.service import FitRequest, ImageScore, ItemFailure, Provenance, ScorerService
 
 
@@ -36,6 +38,16 @@ def _score_result(item: ImageScore | ItemFailure) -> scorer_pb2.ScoreResult:
 class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
     """Transport only: the service raises domain errors, the server's interceptor maps them to status codes."""
 
+    # The role each method needs (pony_common.grpc.auth: generate < worker < admin); every method has one.
+    ROLES = {
+        "Score": Role.WORKER,
+        "Embed": Role.WORKER,
+        "ScoreEmbeddings": Role.WORKER,
+        "NextPair": Role.GENERATE,
+        "SubmitComparison": Role.GENERATE,
+        "FitHead": Role.ADMIN,
+    }
+
     def __init__(self, service: ScorerService) -> None:
         self.service = service
 
@@ -56,6 +68,7 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
     async def ScoreEmbeddings(
         self, request: scorer_pb2.ScoreEmbeddingsRequest, context: aio.ServicerContext
     ) -> scorer_pb2.ScoreEmbeddingsResponse:
+        check_ids(request.image_ids, "image_ids")
         vectors = [embedding.values for embedding in request.embeddings]
         items = await asyncio.to_thread(self.service.score_embeddings, vectors, list(request.image_ids))
         return scorer_pb2.ScoreEmbeddingsResponse(results=[_score_result(item) for item in items])
@@ -63,6 +76,7 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
     async def NextPair(
         self, request: scorer_pb2.NextPairRequest, context: aio.ServicerContext
     ) -> scorer_pb2.NextPairResponse:
+        check_id(request.rater, "rater")
         pair = await asyncio.to_thread(self.service.next_pair, request.rater)
         return scorer_pb2.NextPairResponse(
             image_a=pair.image_a, image_b=pair.image_b, rating_a=pair.rating_a, rating_b=pair.rating_b
@@ -71,6 +85,9 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
     async def SubmitComparison(
         self, request: scorer_pb2.SubmitComparisonRequest, context: aio.ServicerContext
     ) -> scorer_pb2.SubmitComparisonResponse:
+        check_id(request.rater, "rater")
+        check_id(request.winner_id, "winner_id")
+        check_id(request.loser_id, "loser_id")
         done = await asyncio.to_thread(
             self.service.submit_comparison, request.rater, request.winner_id, request.loser_id, request.tie
         )

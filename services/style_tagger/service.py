@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from pony_common.budgets import RequestBudget
 from pony_common.config import Settings
 from pony_common.errors import FailedPrecondition, InvalidArgument
 from pony_common.metrics import BATCH_SIZE
@@ -79,6 +80,8 @@ class StyleTaggerService:
     def __init__(self, settings: Settings, model: StyleTaggerModel | None = None) -> None:
         self.settings = settings
         self.model = model or StyleTaggerModel(settings)
+        limit = settings.style_tagger.max_batch
+        self.budget = RequestBudget.from_settings(settings, limit, "PONY_STYLE_MAX_BATCH")
         self._lock = threading.Lock()
         self._active: ActiveSet | None = None
 
@@ -99,13 +102,12 @@ class StyleTaggerService:
         return self.model.dim
 
     def check_batch(self, count: int, field: str = "images") -> None:
-        """UNAVAILABLE while loading; INVALID_ARGUMENT naming `field` for no images or more than the batch budget."""
+        """UNAVAILABLE while loading; INVALID_ARGUMENT naming `field` for no images or more than the batch budget.
+        The images are then held to `budget` (bytes, pixels) before any is decoded (pony_common.budgets)."""
         self.model.require_ready()
         if not count:
             raise InvalidArgument(field, "at least one image is required")
-        limit = self.settings.style_tagger.max_batch
-        if count > limit:
-            raise InvalidArgument(field, f"at most {limit} images per call, got {count}")
+        self.budget.check_items(count, field)
 
     # --- embeddings ---
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:

@@ -8,8 +8,10 @@ from collections.abc import Sequence
 from grpc import aio
 
 from pony.v1 import common_pb2, style_tagger_pb2, style_tagger_pb2_grpc
+from pony_common.budgets import load_image_ref, load_images
 from pony_common.config import Settings
 from pony_common.errors import InvalidArgument
+from pony_common.grpc.auth import Role
 from pony_common.imagerefs import ImageResolver, LoadedImage
 from pony_common.metrics import ITEM_FAILURES
 from services.style_tagger.clusters import ClusterSet
@@ -23,6 +25,15 @@ def _item_error(exc: InvalidArgument) -> common_pb2.ItemError:
 
 
 class StyleTaggerServicer(style_tagger_pb2_grpc.StyleTaggerServicer):
+    # The role each method needs (pony_common.grpc.auth: generate < worker < admin); every method has one.
+    ROLES = {
+        "Embed": Role.WORKER,
+        "Tag": Role.WORKER,
+        "Palette": Role.WORKER,
+        "SimilarStyles": Role.GENERATE,
+        "FitClusters": Role.ADMIN,
+    }
+
     def __init__(self, settings: Settings, service: StyleTaggerService) -> None:
         self.settings = settings
         self.service = service
@@ -31,12 +42,15 @@ class StyleTaggerServicer(style_tagger_pb2_grpc.StyleTaggerServicer):
     def _resolve(
         self, refs: Sequence[common_pb2.ImageRef], field: str
     ) -> tuple[list[tuple[int, LoadedImage]], dict[int, common_pb2.ItemError]]:
+        """The images read and sized under the request's budget (over it, the request is refused before any pixel
+        is decoded), then decoded; a bad image is its index's ItemError."""
         loaded, errors = [], {}
-        for i, ref in enumerate(refs):
-            try:
-                loaded.append((i, self.resolver.load(ref, f"{field}[{i}]")))
-            except InvalidArgument as exc:
-                errors[i] = _item_error(exc)
+        named = [(f"{field}[{i}]", ref) for i, ref in enumerate(refs)]
+        for i, got in enumerate(load_images(self.resolver, named, self.service.budget, field)):
+            if isinstance(got, InvalidArgument):
+                errors[i] = _item_error(got)
+            else:
+                loaded.append((i, got))
         return loaded, errors
 
     def _provenance(self, component: str = "") -> common_pb2.Provenance:
@@ -124,7 +138,9 @@ class StyleTaggerServicer(style_tagger_pb2_grpc.StyleTaggerServicer):
 
         def work() -> style_tagger_pb2.SimilarStylesResponse:
             version, found = self.service.similar_styles(
-                image=self.resolver.load(request.image, "image").image if which == "image" else None,
+                image=load_image_ref(self.resolver, request.image, "image", self.service.budget).image
+                if which == "image"
+                else None,
                 cluster_id=request.cluster_id if which == "cluster_id" else None,
                 k=request.k,
                 examples=request.examples,

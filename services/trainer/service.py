@@ -16,7 +16,8 @@ from pony_common.errors import FailedPrecondition, InvalidArgument
 from pony_common.models.lifecycle import Model
 from services.trainer.executors import Executor
 from services.trainer.publish import Published, publish_run
-from services.trainer.spec import TrainSpec, parse_spec, parse_spec_text
+from services.trainer.render import CHECKPOINT_MOUNT
+from services.trainer.spec import TrainSpec, confine_spec, parse_spec, parse_spec_text
 from services.trainer.store import ACTIVE, CANCELLED, FAILED, STATES, Run, RunEvent, RunStore
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,8 @@ class TrainerService(Model):
             parsed = parse_spec_text(spec)
         else:
             parsed = parse_spec(spec)
+        # Paths in the spec are where the run's pods look: a Kubernetes run writes under the checkpoint mount.
+        confine_spec(parsed, self.settings, (CHECKPOINT_MOUNT,) if self.executor.name == "kubernetes" else ())
         if run_id and not RUN_ID_RE.match(run_id):
             raise InvalidArgument("run_id", "must be 1-39 lower-case letters, digits or '-', starting with a letter")
         if run_id:
@@ -123,10 +126,10 @@ class TrainerService(Model):
         if not 0 <= page_size <= 1000:
             raise InvalidArgument("page_size", "must be 0..1000")
         size = page_size or 100
-        try:
-            offset = int(page_token or 0)
-        except ValueError:
-            raise InvalidArgument("page_token", "not a token this server issued") from None
+        # A token is the offset this server issued: plain ASCII digits (int() would take "-5" or "1_000").
+        if page_token and not (page_token.isascii() and page_token.isdigit() and len(page_token) <= 18):
+            raise InvalidArgument("page_token", "not a token this server issued")
+        offset = int(page_token or 0)
         runs = self.store.list(states=states, limit=size + 1, offset=offset)
         more = len(runs) > size
         return runs[:size], str(offset + size) if more else ""

@@ -11,6 +11,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from grpc import aio
 
 from pony.v1 import trainer_pb2, trainer_pb2_grpc
+from pony_common.fields import SPEC_MAX, TOKEN_MAX, check_id, check_text
+from pony_common.grpc.auth import Role
 from services.trainer.service import TrainerService
 from services.trainer.store import Run, RunEvent
 
@@ -83,23 +85,37 @@ def event_to_pb(event: RunEvent) -> trainer_pb2.RunEvent:
 
 
 class TrainerControllerServicer(trainer_pb2_grpc.TrainerControllerServicer):
+    # The role each method needs (pony_common.grpc.auth: generate < worker < admin); every method has one.
+    ROLES = {
+        "GetRun": Role.WORKER,
+        "ListRuns": Role.WORKER,
+        "WatchRun": Role.WORKER,
+        "SubmitRun": Role.ADMIN,
+        "CancelRun": Role.ADMIN,
+    }
+
     def __init__(self, service: TrainerService) -> None:
         self.service = service
 
     async def SubmitRun(self, request: trainer_pb2.SubmitRunRequest, context: aio.ServicerContext):
+        check_text(request.spec_yaml, "spec_yaml", SPEC_MAX)
+        check_id(request.run_id, "run_id")
         run = await asyncio.to_thread(self.service.submit, request.spec_yaml, request.run_id)
         return trainer_pb2.SubmitRunResponse(run=run_to_pb(run))
 
     async def GetRun(self, request: trainer_pb2.GetRunRequest, context: aio.ServicerContext):
+        check_id(request.run_id, "run_id")
         run = await asyncio.to_thread(self.service.get, request.run_id)
         return trainer_pb2.GetRunResponse(run=run_to_pb(run))
 
     async def ListRuns(self, request: trainer_pb2.ListRunsRequest, context: aio.ServicerContext):
+        check_id(request.page_token, "page_token", TOKEN_MAX)
         states = tuple(PB_TO_STATE.get(s, f"unknown({s})") for s in request.states)
         runs, token = await asyncio.to_thread(self.service.list_runs, states, request.page_size, request.page_token)
         return trainer_pb2.ListRunsResponse(runs=[run_to_pb(r) for r in runs], next_page_token=token)
 
     async def CancelRun(self, request: trainer_pb2.CancelRunRequest, context: aio.ServicerContext):
+        check_id(request.run_id, "run_id")
         propagation = PROPAGATION.get(request.propagation, "unknown")
         run = await asyncio.to_thread(self.service.cancel, request.run_id, propagation)
         return trainer_pb2.CancelRunResponse(run=run_to_pb(run))
@@ -107,6 +123,7 @@ class TrainerControllerServicer(trainer_pb2_grpc.TrainerControllerServicer):
     async def WatchRun(
         self, request: trainer_pb2.WatchRunRequest, context: aio.ServicerContext
     ) -> AsyncIterator[trainer_pb2.WatchRunResponse]:
+        check_id(request.run_id, "run_id")
         run = await asyncio.to_thread(self.service.get, request.run_id)
         yield trainer_pb2.WatchRunResponse(run=run_to_pb(run))
         after = request.after_event_id

@@ -11,8 +11,10 @@ from typing import Any
 
 import yaml
 
+from pony_common.access import Roots, allowed_registries, export_root, image_allowed, runs_root
 from pony_common.config import Settings
 from pony_common.errors import InvalidArgument
+from pony_common.fields import URI_MAX, check_text
 
 NAME_RE = re.compile(r"^[a-z]([-a-z0-9]{0,28}[a-z0-9])?$")
 QUANTITY_RE = re.compile(r"^[0-9]+(\.[0-9]+)?(m|Ki|Mi|Gi|Ti|k|M|G|T)?$")
@@ -337,6 +339,7 @@ class _Reader:
             return default
         if not isinstance(value, str):
             raise InvalidArgument(f"{self.where}.{key}", "must be a string")
+        check_text(value, f"{self.where}.{key}", URI_MAX, multiline=False)  # YAML escapes can spell a NUL
         if required and not value.strip():
             raise InvalidArgument(f"{self.where}.{key}", "must not be empty")
         return value
@@ -439,5 +442,40 @@ def run_output_dir(spec: TrainSpec, settings: Settings, run_id: str) -> str:
     """Where a run writes checkpoints and its final pipeline: the spec's output, else <trainer_output_dir>/<run>."""
     if spec.output:
         return spec.output
-    base = settings.trainer.output_dir or str(Path(settings.state_dir) / "runs")
-    return str(Path(base) / run_id)
+    return str(Path(runs_root(settings)) / run_id)
+
+
+OUTSIDE_ROOTS = (
+    "not an allowed location: name a path under the runs folder, models_dir or <state_dir>/export, or add its "
+    "root to PONY_TRAINER_ROOTS"
+)
+OUTSIDE_RUNS = "not an allowed output: name a folder under the runs folder (PONY_TRAINER_OUTPUT_DIR) or a trainer root"
+
+
+def confine_spec(spec: TrainSpec, settings: Settings, runs_roots: tuple[str, ...] = ()) -> None:
+    """Raises InvalidArgument naming the first field that leaves the configured places: manifest, base_model and
+    resume under the runs folder (and `runs_roots`, where the executor's runs write), models_dir, <state_dir>/export
+    or PONY_TRAINER_ROOTS; output under the runs folders or PONY_TRAINER_ROOTS; resources.image from
+    PONY_TRAINER_REGISTRIES (default: PONY_TRAINER_IMAGE's registry and namespace). Nothing is opened, and the
+    message is the same whether or not the path exists."""
+    writable = [runs_root(settings), *runs_roots, *settings.trainer.roots]
+    readable = Roots([*writable, settings.models_dir, export_root(settings)])
+    paths = [("spec.manifest", spec.manifest, readable, OUTSIDE_ROOTS)]
+    if spec.base_model:
+        paths.append(("spec.base_model", spec.base_model, readable, OUTSIDE_ROOTS))
+    if spec.resume not in ("auto", "never"):
+        paths.append(("spec.resume", spec.resume, readable, OUTSIDE_ROOTS))
+    if spec.output:
+        paths.append(("spec.output", spec.output, Roots(writable), OUTSIDE_RUNS))
+    for field_name, value, roots, message in paths:
+        if roots.confine(value) is None:
+            raise InvalidArgument(field_name, message)
+    image = spec.resources.image
+    if image:
+        registries = allowed_registries(settings.trainer.registries, settings.trainer.image)
+        if not image_allowed(image, registries):
+            raise InvalidArgument(
+                "spec.resources.image",
+                "not from an allowed registry: see PONY_TRAINER_REGISTRIES (default: the "
+                "registry and namespace of PONY_TRAINER_IMAGE)",
+            )

@@ -20,6 +20,7 @@ OVERLAYS = ("dev", "prod", "prod-redis")
 SCHEMAS = Path(__file__).resolve().parent / "schemas"  # copies of /work/shared/ref (see its README)
 SHARED_REF = _SHARED_REF
 KEDA_CRDS = SCHEMAS / "keda"
+CERT_MANAGER_CRDS = SCHEMAS / "cert-manager"
 SKAFFOLD_SCHEMA = SCHEMAS / "skaffold-schema.json"
 
 POOL_KEY = "pony.ai/pool"
@@ -147,10 +148,11 @@ def image_tag(ref: str) -> str | None:
 # --- KEDA CRD schemas ---------------------------------------------------------------------------
 
 
-def keda_schemas() -> dict[tuple[str, str], Obj]:
-    """(apiVersion, kind) -> openAPIV3Schema, for every version the CRDs in /work/shared/ref/keda serve."""
+def keda_schemas(folder: Path = KEDA_CRDS) -> dict[tuple[str, str], Obj]:
+    """(apiVersion, kind) -> openAPIV3Schema, for every version the CRDs in `folder` serve (default: the KEDA CRDs
+    of /work/shared/ref/keda; CERT_MANAGER_CRDS holds cert-manager's Certificate)."""
     schemas: dict[tuple[str, str], Obj] = {}
-    for path in sorted(KEDA_CRDS.glob("*.yaml")):
+    for path in sorted(folder.glob("*.yaml")):
         for crd in yaml.safe_load_all(path.read_text()):
             if not crd or crd.get("kind") != "CustomResourceDefinition":
                 continue
@@ -327,7 +329,9 @@ def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
 
 def probe_violations(objs: list[Obj]) -> list[str]:
     """Every Service's pods answer gRPC health probes: a gRPC readiness probe on a port the Service
-    routes to; pony servers probe `liveness` and `readiness` on their own gRPC port."""
+    routes to; pony servers probe `liveness` and `readiness` on their own gRPC port, or, when they serve TLS
+    (PONY_TLS_CERT), on their plaintext health-only port (PONY_HEALTH_PORT, a containerPort): kubelet gRPC probes
+    speak no TLS."""
     out = []
     pods = list(workloads(objs))
     for svc in of_kind(objs, "Service"):
@@ -347,17 +351,27 @@ def probe_violations(objs: list[Obj]) -> list[str]:
                 where = f"{name(svc)} -> {name(obj)} container {c['name']}"
                 ready = (c.get("readinessProbe") or {}).get("grpc")
                 live = c.get("livenessProbe")
-                if not ready or ready.get("port") not in routed:
+                port = GRPC_PORTS.get(obj["metadata"]["name"])
+                if port is not None and container_setting(objs, c, "PONY_TLS_CERT"):
+                    health = container_setting(objs, c, "PONY_HEALTH_PORT") or ""
+                    if not health.isdigit() or int(health) == 0:
+                        out.append(f"{where}: serves TLS without a plaintext PONY_HEALTH_PORT for the probes")
+                        continue
+                    port = int(health)
+                    if port not in container_ports.values():
+                        out.append(f"{where}: health port {port} is no containerPort")
+                elif not ready or ready.get("port") not in routed:
                     out.append(f"{where}: no gRPC readiness probe on a port the Service routes to")
                 if not live:
                     out.append(f"{where}: no liveness probe")
-                port = GRPC_PORTS.get(obj["metadata"]["name"])
                 if port is None:
                     continue
                 expected = {
                     "readinessProbe": {"port": port, "service": "readiness"},
                     "livenessProbe": {"port": port, "service": "liveness"},
                 }
+                if "startupProbe" in c:  # a startup probe on the TLS port would never pass either
+                    expected["startupProbe"] = {"port": port, "service": "liveness"}
                 for probe, want in expected.items():
                     if (c.get(probe) or {}).get("grpc") != want:
                         out.append(f"{where}: {probe} is not grpc {want}")
@@ -409,6 +423,115 @@ def worker_probe_violations(objs: list[Obj]) -> list[str]:
             ]
             if not any(heartbeat.startswith(mount) for mount in writable):
                 out.append(f"{where}: heartbeat {heartbeat} is not on a writable emptyDir")
+    return out
+
+
+# --- bearer tokens and TLS ---------------------------------------------------------------------------
+
+# Settings that would carry a token's value: never set in the manifests (an empty one in prod would be no token;
+# a real one would be a secret in git). Tokens are files from Secret pony-auth.
+TOKEN_VALUE_SETTINGS = ("PONY_AUTH_TOKEN", "PONY_AUTH_TOKENS", "PONY_CLIENT_TOKEN")
+AUTH_SECRET, TLS_SECRET = "pony-auth", "pony-tls"
+ROLES = ("admin", "worker", "generate")
+# The role each client's token has: the trainer publishes versions (LoadVersion), the sampler checks its outputs
+# with the safety service, the workers run the curation stages and the generate queue.
+CLIENT_ROLES = {"trainer": "admin", "sampler": "worker", **{f"worker-{q}": "worker" for q in QUEUES}}
+
+
+def _is_secret(volume_secret: str, wanted: str) -> bool:
+    # kustomize's secretGenerator (dev) appends a content hash to the name.
+    return volume_secret == wanted or volume_secret.startswith(f"{wanted}-")
+
+
+def secret_keys_at(spec: Obj, container: Obj, path: str, secret: str) -> set[str] | None:
+    """The keys of Secret `secret` a container reads at `path` (a mounted Secret folder: every key it projects, "*"
+    for all; a file in it: that file's key), or None when `path` is not on a volume of that Secret."""
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    for mount in container.get("volumeMounts", []):
+        root = mount["mountPath"].rstrip("/")
+        if path != root and not path.startswith(root + "/"):
+            continue
+        source = volumes.get(mount["name"], {}).get("secret")
+        if not source or not _is_secret(source.get("secretName", ""), secret):
+            return None
+        items = {i["path"]: i["key"] for i in source.get("items", [])}
+        rel = path[len(root) :].strip("/")
+        if not rel:
+            return set(items.values()) if items else {"*"}
+        if items:
+            return {items[rel]} if rel in items else set()
+        return {rel}
+    return None
+
+
+def _pony_containers(objs: list[Obj]) -> Iterator[tuple[Obj, Obj, Obj]]:
+    for obj, spec in workloads(objs):
+        if pod_labels(obj).get("app.kubernetes.io/component") in ("grpc-service", "worker"):
+            for c in spec["containers"]:
+                yield obj, spec, c
+
+
+def auth_violations(objs: list[Obj]) -> list[str]:
+    """Every gRPC service reads its tokens (PONY_AUTH_TOKENS_FILE) from the whole of Secret pony-auth; each client
+    (the trainer, the sampler, every worker) sends the token of its role from a file of that Secret
+    (PONY_CLIENT_TOKEN_FILE); a worker pod sees no other key; no token value, empty or not, is set in the
+    manifests."""
+    out = []
+    for obj, spec, c in _pony_containers(objs):
+        where = f"{name(obj)} container {c['name']}"
+        for key in TOKEN_VALUE_SETTINGS:
+            value = container_setting(objs, c, key)
+            if value is not None:
+                kind = "an empty token: no auth" if not value.strip() else "a token in the manifests"
+                out.append(f"{where}: {key} is {kind}; tokens are files from Secret {AUTH_SECRET}")
+        workload = obj["metadata"]["name"]
+        if pod_labels(obj).get("app.kubernetes.io/component") == "grpc-service":
+            path = container_setting(objs, c, "PONY_AUTH_TOKENS_FILE")
+            keys = secret_keys_at(spec, c, path, AUTH_SECRET) if path else None
+            if keys is None or not ({"*"} & keys or set(ROLES) <= keys):
+                out.append(f"{where}: PONY_AUTH_TOKENS_FILE={path} is not the mounted Secret {AUTH_SECRET}")
+        role = CLIENT_ROLES.get(workload)
+        if role is not None:
+            path = container_setting(objs, c, "PONY_CLIENT_TOKEN_FILE")
+            keys = secret_keys_at(spec, c, path, AUTH_SECRET) if path else None
+            if keys != {role}:
+                out.append(f"{where}: PONY_CLIENT_TOKEN_FILE={path} is not key {role} of Secret {AUTH_SECRET}")
+        if workload.startswith("worker-"):
+            for volume in spec.get("volumes", []):
+                source = volume.get("secret") or {}
+                if _is_secret(source.get("secretName", ""), AUTH_SECRET):
+                    projected = {i["key"] for i in source.get("items", [])} or {"*"}
+                    if projected != {"worker"}:
+                        out.append(f"{name(obj)}: volume {volume['name']} gives a worker keys {sorted(projected)}")
+    return out
+
+
+def tls_violations(objs: list[Obj]) -> list[str]:
+    """Every gRPC service serves TLS with tls.crt/tls.key of Secret pony-tls (and has a plaintext health port for
+    its probes: see probe_violations); every pony container trusts ca.crt of that Secret (PONY_TLS_CA); workers
+    see no private key."""
+    out = []
+    for obj, spec, c in _pony_containers(objs):
+        where = f"{name(obj)} container {c['name']}"
+        server = pod_labels(obj).get("app.kubernetes.io/component") == "grpc-service"
+        wanted = {
+            "PONY_TLS_CA": "ca.crt",
+            **({"PONY_TLS_CERT": "tls.crt", "PONY_TLS_KEY": "tls.key"} if server else {}),
+        }
+        for key, secret_key in wanted.items():
+            path = container_setting(objs, c, key)
+            keys = secret_keys_at(spec, c, path, TLS_SECRET) if path else None
+            if keys is None or not ({"*", secret_key} & keys):
+                out.append(f"{where}: {key}={path} is not {secret_key} of the mounted Secret {TLS_SECRET}")
+        if server and not (container_setting(objs, c, "PONY_HEALTH_PORT") or "").strip("0"):
+            out.append(f"{where}: no PONY_HEALTH_PORT: its probes would have to speak TLS")
+        if not server:
+            for volume in spec.get("volumes", []):
+                source = volume.get("secret") or {}
+                if _is_secret(source.get("secretName", ""), TLS_SECRET):
+                    projected = {i["key"] for i in source.get("items", [])} or {"*"}
+                    if projected != {"ca.crt"}:
+                        out.append(f"{name(obj)}: volume {volume['name']} gives a worker keys {sorted(projected)}")
     return out
 
 

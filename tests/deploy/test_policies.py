@@ -3,16 +3,19 @@ network paths, disruption budgets, and where secrets and settings come from."""
 
 from __future__ import annotations
 
+import base64
 import copy
 import dataclasses
 import os
 
+import jsonschema
 import pytest
 
 from pony_common.config import Settings
 from services.trainer.render import CHECKPOINT_MOUNT, render_run
 from services.trainer.spec import ResourceSpec, load_spec
 from tests.deploy.manifests import (
+    CERT_MANAGER_CRDS,
     CLUSTER_SCOPED_KINDS,
     DEPLOY,
     GPU,
@@ -22,11 +25,13 @@ from tests.deploy.manifests import (
     POOL_KEY,
     QUEUES,
     REPO,
+    auth_violations,
     find,
     formula_sum_terms,
     gpu_violations,
     image_tag_violations,
     images,
+    keda_schemas,
     labels_of,
     literal_occurrences,
     name,
@@ -38,12 +43,21 @@ from tests.deploy.manifests import (
     render_dir,
     restricted_pss_violations,
     security_violations,
+    strict,
+    tls_violations,
     traffic_allowed,
     worker_probe_violations,
     workloads,
 )
 
-SECRET_SETTINGS = ("PONY_DATABASE_URL", "PONY_BROKER_URL", "PONY_RESULT_BACKEND", "PONY_AUTH_TOKEN")
+SECRET_SETTINGS = (
+    "PONY_DATABASE_URL",
+    "PONY_BROKER_URL",
+    "PONY_RESULT_BACKEND",
+    "PONY_AUTH_TOKEN",
+    "PONY_AUTH_TOKENS",
+    "PONY_CLIENT_TOKEN",
+)
 
 
 # --- GPU placement ---------------------------------------------------------------------------------
@@ -360,7 +374,7 @@ def test_prod_carries_no_secret_values_and_no_in_cluster_infra(rendered, overlay
             assert not [e for e in c.get("env", []) if e["name"] in SECRET_SETTINGS and "value" in e], name(obj)
             if c["name"] != "tritonserver":
                 refs = {s["secretRef"]["name"] for s in c.get("envFrom", []) if "secretRef" in s}
-                assert refs == {"pony-database", "pony-broker", "pony-auth"}, name(obj)
+                assert refs == {"pony-database", "pony-broker"}, name(obj)  # pony-auth is mounted as files
     assert not {"postgres", "rabbitmq", "redis"} & {o["metadata"]["name"] for o in objs}
 
 
@@ -378,14 +392,9 @@ def test_config_names_every_service_address_and_the_cluster_settings(prod):
         assert f"PONY_{service}_MODEL" in data
 
 
-def test_tls_component_mounts_the_certificate_into_every_pony_pod(rendered, tmp_path):
-    overlay = tmp_path / "prod-tls"
-    overlay.mkdir()
-    rel = os.path.relpath(DEPLOY, overlay)
-    (overlay / "kustomization.yaml").write_text(
-        f"resources: [{rel}/overlays/prod]\ncomponents: [{rel}/components/tls]\n"
-    )
-    objs = render_dir(overlay)
+@pytest.mark.parametrize("overlay", ["prod", "prod-redis"])
+def test_tls_component_mounts_the_certificate_into_every_pony_pod(rendered, overlay):
+    objs = rendered[overlay]
     config = next(c for c in of_kind(objs, "ConfigMap") if c["metadata"]["name"].startswith("pony-config"))
     assert config["data"]["PONY_TLS_CERT"] == "/etc/pony/tls/tls.crt"
     assert config["data"]["PONY_TLS_KEY"] == "/etc/pony/tls/tls.key"
@@ -397,6 +406,131 @@ def test_tls_component_mounts_the_certificate_into_every_pony_pod(rendered, tmp_
         mount = next(m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "tls")
         assert mount == {"name": "tls", "mountPath": "/etc/pony/tls", "readOnly": True}
     assert security_violations(objs) == []
+
+
+# --- bearer tokens per role, TLS in prod ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_pony_container_gets_its_tokens_from_the_auth_secret(rendered, overlay):
+    assert auth_violations(rendered[overlay]) == []
+
+
+@pytest.mark.parametrize(
+    ("breakage", "expected"),
+    [
+        (lambda objs: _config(objs)["data"].update(PONY_AUTH_TOKEN=""), "PONY_AUTH_TOKEN is an empty token: no auth"),
+        (lambda objs: _config(objs)["data"].update(PONY_AUTH_TOKENS="admin:x"), "PONY_AUTH_TOKENS is a token in"),
+        (lambda objs: _drop_mount(objs, "scorer", "auth"), "Deployment/scorer container scorer: PONY_AUTH_TOKENS_FILE"),
+        (
+            lambda objs: _env(objs, "sampler", "PONY_CLIENT_TOKEN_FILE", "/etc/pony/auth/admin"),
+            "Deployment/sampler container sampler: PONY_CLIENT_TOKEN_FILE=/etc/pony/auth/admin is not key worker",
+        ),
+        (
+            lambda objs: _volume(objs, "worker-caption", "auth")["secret"].pop("items"),
+            "Deployment/worker-caption: volume auth gives a worker keys ['*']",
+        ),
+    ],
+)
+def test_auth_check_catches_an_empty_token_and_a_misplaced_one(prod, breakage, expected):
+    broken = copy.deepcopy(prod)
+    breakage(broken)
+    found = auth_violations(broken)
+    assert [v for v in found if expected in v], found
+
+
+def test_dev_has_one_dev_token_per_role(dev):
+    (secret,) = [s for s in of_kind(dev, "Secret") if s["metadata"]["name"].startswith("pony-auth-")]
+    tokens = {key: base64.b64decode(value).decode() for key, value in secret["data"].items()}
+    assert set(tokens) == {"admin", "worker", "generate"}
+    assert len(set(tokens.values())) == 3
+    assert all(token.startswith("pony-dev-") for token in tokens.values()), tokens
+
+
+@pytest.mark.parametrize("overlay", ["prod", "prod-redis"])
+def test_prod_serves_tls_with_plaintext_health_ports_and_every_client_trusts_the_ca(rendered, overlay):
+    objs = rendered[overlay]
+    assert tls_violations(objs) == []
+    for service in GRPC_PORTS:
+        container = find(objs, "Deployment", service)["spec"]["template"]["spec"]["containers"][0]
+        assert {"name": "health", "containerPort": 8081} in container["ports"], service
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            assert container[probe]["grpc"]["port"] == 8081, (service, probe)
+
+
+def test_dev_runs_without_tls(dev):
+    assert "PONY_TLS_CERT" not in _config(dev)["data"]
+    infra = tuple(f"Service/{n} " for n in ("postgres", "rabbitmq", "redis"))  # no gRPC there
+    assert [v for v in probe_violations(dev) if not v.startswith(infra)] == []  # probes on the gRPC ports
+
+
+@pytest.mark.parametrize(
+    ("breakage", "check", "expected"),
+    [
+        (lambda objs: _config(objs)["data"].pop("PONY_TLS_CERT"), tls_violations, "PONY_TLS_CERT=None is not tls.crt"),
+        (
+            lambda objs: _volume(objs, "worker-score", "tls")["secret"].pop("items"),
+            tls_violations,
+            "Deployment/worker-score: volume tls gives a worker keys ['*']",
+        ),
+        (
+            lambda objs: _container(objs, "safety")["readinessProbe"]["grpc"].update(port=50054),
+            probe_violations,
+            "Deployment/safety container safety: readinessProbe is not grpc {'port': 8081",
+        ),
+        (
+            lambda objs: _config(objs)["data"].update(PONY_HEALTH_PORT="0"),
+            probe_violations,
+            "serves TLS without a plaintext PONY_HEALTH_PORT",
+        ),
+    ],
+)
+def test_tls_checks_catch_a_server_without_its_certificate_or_probe_port(prod, breakage, check, expected):
+    broken = copy.deepcopy(prod)
+    breakage(broken)
+    found = check(broken)
+    assert [v for v in found if expected in v], found
+
+
+def test_cert_manager_component_issues_pony_tls_for_every_service(tmp_path):
+    overlay = tmp_path / "prod-cert-manager"
+    overlay.mkdir()
+    rel = os.path.relpath(DEPLOY, overlay)
+    (overlay / "kustomization.yaml").write_text(
+        f"resources: [{rel}/overlays/prod]\ncomponents: [{rel}/components/cert-manager]\n"
+    )
+    objs = render_dir(overlay)
+    (certificate,) = of_kind(objs, "Certificate")
+    schema = strict(keda_schemas(CERT_MANAGER_CRDS)[(certificate["apiVersion"], "Certificate")])
+    errors = [e.message for e in jsonschema.Draft7Validator(schema).iter_errors(certificate)]
+    assert errors == []
+    assert certificate["metadata"]["namespace"] == "pony"
+    assert certificate["spec"]["secretName"] == "pony-tls"  # what components/tls mounts
+    assert set(GRPC_PORTS) <= set(certificate["spec"]["dnsNames"])  # clients dial <service>:<port>
+    assert tls_violations(objs) == []
+
+
+def _config(objs) -> dict:
+    return next(c for c in of_kind(objs, "ConfigMap") if c["metadata"]["name"].startswith("pony-config"))
+
+
+def _container(objs, workload: str) -> dict:
+    return find(objs, "Deployment", workload)["spec"]["template"]["spec"]["containers"][0]
+
+
+def _volume(objs, workload: str, volume: str) -> dict:
+    spec = find(objs, "Deployment", workload)["spec"]["template"]["spec"]
+    return next(v for v in spec["volumes"] if v["name"] == volume)
+
+
+def _drop_mount(objs, workload: str, volume: str) -> None:
+    mounts = _container(objs, workload)["volumeMounts"]
+    mounts[:] = [m for m in mounts if m["name"] != volume]
+
+
+def _env(objs, workload: str, key: str, value: str) -> None:
+    entries = _container(objs, workload).setdefault("env", [])
+    entries[:] = [e for e in entries if e["name"] != key] + [{"name": key, "value": value}]
 
 
 # --- the trainer's Jobs against the manifests --------------------------------------------------------

@@ -16,7 +16,7 @@ from pony.v1 import sampler_pb2
 from pony_common.config import Settings
 from pony_common.workers import start_worker, stop_worker
 from services.sampler.client import SamplerClient
-from tests.sampler.conftest import SamplerStack
+from tests.sampler_stack import SamplerStack
 
 pytestmark = pytest.mark.triton
 
@@ -147,7 +147,8 @@ def test_a_job_without_a_seed_gets_one_at_submit_so_a_retry_draws_the_same_image
 def test_cancelling_a_running_job_stops_the_model_and_a_queued_job_never_runs(
     sampler_stack: SamplerStack, client, generate_worker
 ) -> None:
-    running = client.submit_job("a slow owl", seed=1, steps=100, width=256, height=256)
+    # 100 steps at 512 px: long enough on any machine that the cancel lands while it runs.
+    running = client.submit_job("a slow owl", seed=1, steps=100, width=512, height=512)
     queued = client.submit_job("a second owl", seed=2, steps=2)
     job = wait_state(client, running.job_id, {sampler_pb2.JOB_STATE_RUNNING})
     while job.progress_step < 1:

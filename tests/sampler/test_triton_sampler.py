@@ -17,10 +17,11 @@ import torch
 from PIL import Image
 
 from pony.v1 import common_pb2, sampler_pb2, sampler_pb2_grpc
+from pony_common.access import runs_root
 from pony_common.models.auraflow import load_pipeline
 from services.sampler.client import SamplerClient, build_request
 from services.sampler.pnginfo import read_parameters
-from tests.sampler.conftest import SIZE, STEPS, SamplerStack
+from tests.sampler_stack import SIZE, STEPS, SamplerStack
 
 pytestmark = pytest.mark.triton
 
@@ -245,7 +246,7 @@ def test_triton_down_is_unavailable_and_the_sampler_recovers_when_it_returns(sam
     assert len(resp.images) == 1
 
 
-def test_versions_swap_under_load_without_failing_a_request(sampler_stack: SamplerStack, client, tmp_path) -> None:
+def test_versions_swap_under_load_without_failing_a_request(sampler_stack: SamplerStack, client) -> None:
     from diffusers import AuraFlowPipeline
     from sqlalchemy import select
 
@@ -254,7 +255,7 @@ def test_versions_swap_under_load_without_failing_a_request(sampler_stack: Sampl
     from pony_common.models.auraflow import build_auraflow_components
     from services.stack.tiny import auraflow_tokenizer
 
-    checkpoint = tmp_path / "checkpoint"
+    checkpoint = Path(runs_root(sampler_stack.settings)) / "swap" / "final"  # LoadVersion reads the model roots
     AuraFlowPipeline(**build_auraflow_components(auraflow_tokenizer(), seed=11)).save_pretrained(checkpoint)
     before = {v.version for v in client.list_versions()}
     stop = threading.Event()
@@ -319,18 +320,22 @@ def test_the_model_info_metric_names_the_version_that_serves(client) -> None:
     assert info["model"] == "pony_v7" and info["version"] == str(active.version) and info["uri"], info
 
 
-def test_load_version_rejects_what_is_not_a_pipeline(client, tmp_path) -> None:
-    for uri in ("", str(tmp_path)):
+def test_load_version_rejects_what_is_not_a_pipeline(sampler_stack: SamplerStack, client) -> None:
+    not_a_pipeline = Path(runs_root(sampler_stack.settings)) / "not-a-pipeline"
+    not_a_pipeline.mkdir(parents=True, exist_ok=True)
+    for uri in ("", str(not_a_pipeline)):
         with pytest.raises(grpc.RpcError) as err:
             client.load_version(uri)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert err.value.details().startswith("uri:")
 
 
-def test_a_checkpoint_that_fails_to_load_is_refused_and_the_served_version_stays(client, tiny_models, tmp_path) -> None:
+def test_a_checkpoint_that_fails_to_load_is_refused_and_the_served_version_stays(
+    sampler_stack: SamplerStack, client, tiny_models
+) -> None:
     import shutil
 
-    broken = tmp_path / "broken"
+    broken = Path(runs_root(sampler_stack.settings)) / "broken"
     shutil.copytree(tiny_models / "auraflow", broken)
     for weights in (broken / "transformer").glob("*.safetensors"):
         weights.write_bytes(b"not safetensors")

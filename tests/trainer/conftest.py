@@ -10,6 +10,8 @@ import pytest
 import yaml
 from PIL import Image
 
+from pony_common.access import export_root
+from pony_common.config import Settings
 from pony_common.images import image_id
 from services.trainer.training.manifest import ManifestItem, write_manifest
 
@@ -58,8 +60,9 @@ def make_manifest(folder: Path) -> Path:
 
 
 @pytest.fixture
-def manifest(tmp_path: Path) -> Path:
-    return make_manifest(tmp_path / "data")
+def manifest(settings: Settings) -> Path:
+    """Where the trainer may read it: under <state_dir>/export of the test's settings (a training root)."""
+    return make_manifest(Path(export_root(settings)) / "data")
 
 
 def tiny_spec(manifest: Path, **overrides: Any) -> dict[str, Any]:

@@ -13,13 +13,14 @@ from pony_common.catalog import catalog_for
 from pony_common.catalog.models import ModelVersionRow
 from services.sampler.client import SamplerClient
 from services.trainer.local_run import demo_spec, train_locally
-from tests.sampler.conftest import SamplerStack, sampler_stack  # noqa: F401  (the session's sampler stack)
+from tests.sampler_stack import SamplerStack
 
 pytestmark = pytest.mark.triton
 
 
-def test_a_finished_run_becomes_the_samplers_served_version(sampler_stack: SamplerStack, manifest: Path) -> None:  # noqa: F811
-    settings = sampler_stack.settings.replace(trainer_executor="local")  # the stack's catalog, address and token
+def test_a_finished_run_becomes_the_samplers_served_version(sampler_stack: SamplerStack, manifest: Path) -> None:
+    # The stack's catalog, address and token; the manifest lives in this test's own state folder: a trainer root.
+    settings = sampler_stack.settings.replace(trainer_executor="local", trainer_roots=(str(manifest.parent),))
     with SamplerClient(settings, timeout=120) as client:
         before = max(v.version for v in client.list_versions())
         run = train_locally(settings, demo_spec(manifest, steps=2), timeout_s=300)

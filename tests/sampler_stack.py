@@ -1,4 +1,5 @@
-"""One real stack for the sampler tests, started once per session: tritonserver (from the nvidia-pytriton wheel)
+"""The sampler stack every test that needs one shares (one per session, registered for the whole suite by
+tests/conftest.py): tritonserver (from the nvidia-pytriton wheel)
 serving the tiny AuraFlow as `pony_v7`, the safety service, and the sampler with a bearer token."""
 
 from __future__ import annotations
