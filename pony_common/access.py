@@ -9,10 +9,13 @@ tells a caller what lies outside the allowed places.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import re
+import socket
 import stat
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -31,7 +34,7 @@ REDIRECTS = (301, 302, 303, 307, 308)
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 _CONTROL = re.compile(r"[\x00-\x20\x7f\\]")
 # A container image reference as Docker writes it (registry[:port]/path[:tag][@digest]), nothing else.
-_IMAGE_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]{0,254}$")
+_IMAGE_REF = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:-]{0,254}(?:@[A-Za-z0-9_+.-]+:[0-9a-fA-F]{32,})?")
 
 IMAGE_REFUSED = (
     "not an allowed image location: send the bytes or a blob key; a path or URL must be under PONY_IMAGE_ROOTS or "
@@ -119,7 +122,7 @@ class Roots:
         return real if any(_under(real, folder) for folder in self.folders) else None
 
     def url(self, value: str) -> bool:
-        if _CONTROL.search(value):
+        if _CONTROL.search(value) or "::" in value:  # `::` chains fsspec filesystems: `s3://b/x::file:///etc`
             return False
         parts = urlsplit(value)
         if parts.username is not None or parts.password is not None or parts.query or parts.fragment:
@@ -255,6 +258,9 @@ def fetch(url: str, hosts: Hosts, field: str, *, max_bytes: int, timeout_s: floa
             raise InvalidArgument(field, f"not read within {timeout_s:g} s (PONY_IMAGE_FETCH_TIMEOUT_S)")
         return left
 
+    def late() -> InvalidArgument:
+        return InvalidArgument(field, f"not read within {timeout_s:g} s (PONY_IMAGE_FETCH_TIMEOUT_S)")
+
     for _ in range(MAX_REDIRECTS + 1):
         target = hosts.target(url)
         if target is None:
@@ -262,8 +268,16 @@ def fetch(url: str, hosts: Hosts, field: str, *, max_bytes: int, timeout_s: floa
         kind = http.client.HTTPSConnection if target.https else http.client.HTTPConnection
         conn = kind(target.host, target.port, timeout=remaining())
         resp: http.client.HTTPResponse | None = None
+        # A socket timeout bounds each recv, not the read: a host dripping header lines or body bytes would hold
+        # the call past the deadline. At the deadline the watchdog cuts the socket, and what was read is refused.
+        expired = threading.Event()
+        watchdog = threading.Timer(remaining(), _cut, (conn, expired))
+        watchdog.daemon = True
+        watchdog.start()
         try:
             conn.request("GET", target.path, headers={"Accept": "image/*", "Accept-Encoding": "identity"})
+            if expired.is_set():
+                raise late()
             resp = conn.getresponse()
             if resp.status in REDIRECTS:
                 location = resp.getheader("Location", "")
@@ -282,6 +296,8 @@ def fetch(url: str, hosts: Hosts, field: str, *, max_bytes: int, timeout_s: floa
                 if conn.sock is not None:
                     conn.sock.settimeout(remaining())
                 chunk = resp.read(min(CHUNK_BYTES, max_bytes + 1 - size))
+                if expired.is_set():
+                    raise late()
                 if not chunk:
                     return b"".join(chunks)
                 size += len(chunk)
@@ -289,15 +305,27 @@ def fetch(url: str, hosts: Hosts, field: str, *, max_bytes: int, timeout_s: floa
                     raise _too_large(field, max_bytes)
                 chunks.append(chunk)
         except TimeoutError:
-            raise InvalidArgument(field, f"not read within {timeout_s:g} s (PONY_IMAGE_FETCH_TIMEOUT_S)") from None
+            raise late() from None
         except (OSError, http.client.HTTPException, ValueError):
+            if expired.is_set():
+                raise late() from None
             raise InvalidArgument(field, "the image could not be fetched from its host") from None
         finally:
+            watchdog.cancel()
             # The response holds its own reference to the socket: close both, or the host keeps sending into it.
             if resp is not None:
                 resp.close()
             conn.close()
     raise InvalidArgument(field, f"more than {MAX_REDIRECTS} redirects")
+
+
+def _cut(conn: http.client.HTTPConnection, expired: threading.Event) -> None:
+    """The fetch deadline passed: mark it, then shut the connection's socket so a blocked read returns at once."""
+    expired.set()
+    sock = conn.sock
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 def check_blob_key(key: str, field: str) -> str:
@@ -353,7 +381,7 @@ class ImageAccess:
 def _image_name(reference: str) -> str | None:
     """`registry/path` of an image reference, tag and digest dropped, Docker Hub's implied registry written out;
     None when it is not a plain image reference."""
-    if not _IMAGE_REF.match(reference) or "//" in reference or ".." in reference:
+    if not _IMAGE_REF.fullmatch(reference) or "//" in reference or ".." in reference:
         return None
     name = reference.split("@", 1)[0]
     slash, colon = name.rfind("/"), name.rfind(":")

@@ -13,13 +13,15 @@ Only keys are normalised: what callers sent and what is returned to them is neve
 4. confusable folding to Latin: each non-ASCII character whose Unicode confusables prototype (UTS #39
    confusables.txt, as the PyPI package `confusable-homoglyphs` ships it) is ASCII becomes that prototype
    (Cyrillic `а` -> `a`, `ℓ` -> `l`, `ｌ` -> `l`; an uppercase lookalike such as Cyrillic `Т` folds through its own
-   prototype), and combining marks on such a letter are dropped (`lòlì`, `l̶o̶l̶i̶` -> `loli`); marks on other
+   prototype; a Latin letter with a stroke, bar or hook, or a small capital, is its base letter: `ł`, `ʟ` -> `l`),
+   and combining marks on such a letter are dropped (`lòlì`, `l̶o̶l̶i̶` -> `loli`); marks on other
    scripts' letters stay (Japanese `ガ` is not `カ`). ASCII itself is only case folded: `pom` is not `porn` and
    `1girl` stays `1girl` (the skeleton's `m` -> `rn`, `1` -> `l` would make them so);
 5. NFKC again: `fold(fold(x)) == fold(x)` for every code point.
 
 `tag_key` adds the tag spelling rules (`blocked_tag`, `blocked tag`, `blocked-tag`, `Blocked—Tag` are one key);
-`words_key` is the form whole-word search runs on; `split_tags` cuts a prompt at its commas (any comma form).
+`words_key` is the form whole-word search runs on; `split_tags` cuts a prompt at its commas (any comma form);
+`bare_key` drops prompt weights and punctuation from a key (`(loli:1.3)` -> `loli`).
 """
 
 from __future__ import annotations
@@ -55,6 +57,12 @@ _TAG_SEPARATORS = re.compile(r"[\s_\-\u058a\u05be\u1400\u1806\u2010-\u2015\u2e17
                              r"\u301c\u3030\u30a0\ufe31\ufe32\ufe58\ufe63\uff0d\U00010ead]+")  # fmt: skip
 _NOT_WORD = re.compile(r"[^\w']+|_+")
 _COMMAS = re.compile(r"[,\u3001\u060c\ufe50\uff0c\uff64]")  # `,` and the ideographic, Arabic, small, fullwidth ones
+# A Latin letter with an overlay no decomposition removes (stroke, bar, hook, curl: `ł`, `ƚ`, `ɭ`) or a small capital
+# (`ʟ`, `ᴏ`): Unicode names its base letter, which it is compared as.
+_LATIN_VARIANT = re.compile(r"LATIN (?:SMALL |CAPITAL )?LETTER (?:SMALL CAPITAL )?([A-Z])(?: WITH .+)?")
+# Prompt weights (`tag:1.3`) and every character other than a letter, digit or space: what `bare_key` drops.
+_WEIGHT = re.compile(r":\s*[+-]?(?:\d+\.?\d*|\.\d+)")
+_NOT_LETTER = re.compile(r"[^\w\s]|_")
 
 
 def _ascii_target(prototype: str) -> bool:
@@ -104,10 +112,16 @@ def _letter(ch: str) -> str:
     """One (non-mark) character folded: case folded, then to its ASCII prototype. An uppercase lookalike whose
     lower case has none (Cyrillic `Т`, `В`, `Н`) folds through its own prototype (`T` -> `t`)."""
     table = skeleton_table()
-    mapped = "".join(table.get(c, c) for c in ch.casefold())
+    mapped = "".join(table.get(c) or _latin_base(c) for c in ch.casefold())
     if not mapped.isascii() and ch in table:
         mapped = table[ch]
     return mapped.casefold()
+
+
+def _latin_base(ch: str) -> str:
+    """The base letter of a Latin letter with a stroke, bar or hook, or of a small capital; else `ch` itself."""
+    variant = None if ch.isascii() else _LATIN_VARIANT.fullmatch(unicodedata.name(ch, ""))
+    return variant.group(1) if variant else ch
 
 
 def fold(text: str) -> str:
@@ -140,6 +154,13 @@ def words_key(text: str) -> str:
     """`fold` with every run of characters other than letters, digits and apostrophes as one space: the form in
     which names and words are found inside free text (`Twilight's  cutie-mark!` -> `twilight's cutie mark`)."""
     return " ".join(_NOT_WORD.sub(" ", fold(text)).split())
+
+
+def bare_key(key: str) -> str:
+    """A tag key without prompt weights and punctuation: `(loli:1.3)`, `#loli`, `[[loli]]`, `l.o.l.i` -> `loli`. A
+    second key a prompt piece is also compared by, so emphasis syntax and dotted spellings do not hide a tag;
+    spaces stay (`shot a` is not `shota`)."""
+    return " ".join(_NOT_LETTER.sub("", _WEIGHT.sub(" ", key)).split())
 
 
 def split_tags(text: str) -> list[str]:

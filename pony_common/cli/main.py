@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ from pony_common.logs import (
     CLI_LOG_FILE,
     LOG_FOLDER,
     TERMINAL_OFF,
+    quiet_libraries,
     root_logging_restored,
     setup_cli_logging,
     setup_logging,
@@ -69,6 +71,8 @@ def setup_command_logging(args: argparse.Namespace, settings: Settings) -> Path 
         raise ValueError(f"logs={mode!r} is not one of {LOG_MODES}")
     if mode == "stderr":
         setup_logging(settings.log_level, settings.log_json)
+        if settings.log_level.strip().upper() != "DEBUG":
+            quiet_libraries()  # no progress bars or library lines inside the JSON stream
         return None
     path = Path(settings.state_dir) / LOG_FOLDER / CLI_LOG_FILE if mode == "file" else None
     setup_cli_logging(settings.log_level, settings.log_json, args.command, path)
@@ -97,6 +101,10 @@ def _internal_error(args: argparse.Namespace, exc: Exception, log_path: Path | N
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # gRPC's core reads its log level once, when grpc is first imported (by the verbs' modules): unless DEBUG, its
+    # INFO lines ("Got goaway ...") stay off the terminal and out of JSON log streams, here and in child processes.
+    if os.environ.get("PONY_LOG_LEVEL", "").strip().upper() != "DEBUG":
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -15,10 +15,10 @@ from pony_common.config import Settings
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("worker", help="run a Celery worker")
     p.add_argument("--queues", "-Q", default="", help="comma-separated queues (default: all)")
-    p.add_argument("--concurrency", "-c", type=int, default=None)
-    p.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"])
+    p.add_argument("--concurrency", "-c", type=int, default=None, help="processes (default: PONY_WORKER_CONCURRENCY)")
+    p.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"], help="Celery pool")
     p.add_argument("--include", "-I", action="append", default=[], help="extra task module to import")
-    p.add_argument("--hostname", "-n", default=None)
+    p.add_argument("--hostname", "-n", default=None, help="worker node name (default: Celery's)")
     p.add_argument(
         "--probe",
         action="store_true",

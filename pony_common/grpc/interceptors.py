@@ -134,7 +134,14 @@ def _unread(data: bytes) -> None:
 
 
 def _metadata(details: grpc.HandlerCallDetails) -> dict[str, str]:
-    return {k.lower(): v for k, v in (details.invocation_metadata or ()) if isinstance(v, str)}
+    meta: dict[str, str] = {}
+    for key, value in details.invocation_metadata or ():
+        if isinstance(value, str):
+            key = key.lower()
+            # Repeated `authorization` headers are one ambiguous credential (joined as HTTP joins repeats), which no
+            # token matches: never whichever of them happens to come last.
+            meta[key] = f"{meta[key]}, {value}" if key == "authorization" and key in meta else value
+    return meta
 
 
 class ServerInterceptor(aio.ServerInterceptor):

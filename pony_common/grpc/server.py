@@ -94,6 +94,8 @@ class RunningServer:
             # The load runs in a thread that cannot be cancelled: wait for it, so no half-loaded model
             # keeps building in the background after the server is gone.
             await asyncio.wait([self.loading], timeout=600)
+        if self.loading is not None and self.loading.done() and not self.loading.cancelled():
+            self.loading.exception()  # a failed load was logged when it failed: no "never retrieved" at exit
         if self.definition.close is not None:
             self.definition.close()
 

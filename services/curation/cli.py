@@ -32,7 +32,7 @@ def _register_ingest(sub: argparse._SubParsersAction) -> None:
         description="SOURCE is a folder of images with .txt/.json sidecars, a .jsonl/.parquet manifest, "
         "or WebDataset .tar shards (a shard, a folder of shards, or a glob).",
     )
-    p.add_argument("source")
+    p.add_argument("source", help="folder, .jsonl/.parquet manifest, or WebDataset shard(s)")
     p.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True, help="follow the images to the end")
     p.add_argument("--timeout", type=float, default=None, help="stop waiting after this many seconds")
     p.add_argument(
@@ -125,7 +125,7 @@ def _run_select(args: argparse.Namespace, settings: Settings) -> int:
 
 def _register_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write DIR/manifest.parquet (+ DIR/images, DIR/shards) for a selection")
-    p.add_argument("dir")
+    p.add_argument("dir", help="output folder (created if missing)")
     p.add_argument("--name", default="default", help="the selection to export")
     p.add_argument("--webdataset", action="store_true", help="also write WebDataset .tar shards")
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard")
@@ -154,7 +154,7 @@ def _run_export(args: argparse.Namespace, settings: Settings) -> int:
 
 def _register_report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="write DIR/index.html: thumbnails, captions, scores, styles, safety, histograms")
-    p.add_argument("dir")
+    p.add_argument("dir", help="output folder (created if missing)")
     p.add_argument("--name", default="default", help="the selection to show")
     p.add_argument("--limit", type=int, default=1000, help="at most this many image cards")
     p.set_defaults(func=_run_report)

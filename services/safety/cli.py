@@ -23,7 +23,7 @@ def _register_codex(sub: argparse._SubParsersAction) -> None:
     imp.add_argument("--note", default="", help="note stored with the new version")
     imp.set_defaults(func=run_import)
     exp = csub.add_parser("export", help="write the current codex to FILE ('-' = stdout)")
-    exp.add_argument("file")
+    exp.add_argument("file", help="YAML file to write ('-' = stdout)")
     exp.set_defaults(func=run_export)
 
 

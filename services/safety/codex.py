@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from pony_common.textnorm import tag_key, words_key
+from pony_common.textnorm import bare_key, tag_key, words_key
 
 AGE_CLASSES = ("adult", "minor", "ambiguous")
 CHARACTER_KEYS = ("name", "aliases", "franchise", "age_class", "real_person")
@@ -180,8 +180,10 @@ class Codex:
                 self._max_words = max(self._max_words, len(key.split()))
 
     def lookup(self, name: str) -> CodexCharacter | None:
-        """The character `name` names exactly (after normalisation), else None: never a near match."""
-        return self._by_name.get(normalize_name(name)) or self._by_text.get(text_key(name))
+        """The character `name` names exactly (after normalisation, prompt weights and punctuation dropped:
+        `(Apple Bloom:1.2)`), else None: never a near match."""
+        key = normalize_name(name)
+        return self._by_name.get(key) or self._by_text.get(text_key(name)) or self._by_text.get(bare_key(key))
 
     def find_in_text(self, text: str) -> list[CodexCharacter]:
         """Characters whose name or alias occurs in `text` as whole words (longest match first, in order)."""

@@ -3,8 +3,9 @@
 Tags compare by their `pony_common.textnorm` keys (NFKC, case folded, invisible characters removed, confusables
 folded to Latin, `_`/space/`-` as one), so `ｌｏｌｉ`, `lo\u200bli` and Cyrillic `lоlі` are the rule `loli`.
 Blocked tags match an item's tags and the comma-separated pieces (any comma form) of its tags and caption (a prompt
-is a tag list); rating tags also match whole words anywhere in the caption, since raising a rating on free text only
-ever errs on the safe side. A match is reported by the rule's own spelling, never by the caller's.
+is a tag list), each also with prompt weights and punctuation dropped (`(loli:1.2)`, `#loli`); rating tags also
+match whole words anywhere in the caption, since raising a rating on free text only ever errs on the safe side. A
+match is reported by the rule's own spelling, never by the caller's.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from pony_common.config import ConfigError
-from pony_common.textnorm import skeleton_table, split_tags, tag_key, words_key
+from pony_common.textnorm import bare_key, skeleton_table, split_tags, tag_key, words_key
 
 DEFAULT_RULES = "default_tag_rules.yaml"
 
@@ -90,7 +91,8 @@ class TagRules:
         """The blocked, explicit and questionable rule tags found in `tags` and `caption`, in first-seen order,
         each as the rule spells it. Every comparison is between `pony_common.textnorm` keys."""
         pieces = [key for t in tags for key in split_tags(t)]
-        pieces = list(dict.fromkeys(pieces + split_tags(caption)))
+        pieces += split_tags(caption)
+        pieces = list(dict.fromkeys(pieces + [bare_key(p) for p in pieces]))  # `(loli:1.2)`, `#loli` too
         text = f" {words_key(caption)} " if caption else ""
 
         def found(vocabulary: _Vocabulary, in_text: bool) -> tuple[str, ...]:

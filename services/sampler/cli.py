@@ -119,7 +119,12 @@ def _run_generate(args: argparse.Namespace, settings: Settings) -> int:
             code, details = exc.code(), exc.details()  # type: ignore[attr-defined]
             if code == grpc.StatusCode.INVALID_ARGUMENT:
                 raise UsageError(details) from None
-            sys.stderr.write(f"ponyctl generate: sampler at {settings.sampler_addr}: {code.name}: {details}\n")
+            fix = (
+                "; is it running? start it with `ponyctl serve sampler` or point PONY_SAMPLER_ADDR at it"
+                if code == grpc.StatusCode.UNAVAILABLE
+                else ""
+            )
+            sys.stderr.write(f"ponyctl generate: sampler at {settings.sampler_addr}: {code.name}: {details}{fix}\n")
             return 1
     if response.safety != 1:  # SAFETY_STATUS_CHECKED
         sys.stderr.write(f"warning: {response.safety_note or 'images were not safety-checked'}\n")

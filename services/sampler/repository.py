@@ -127,7 +127,7 @@ class ModelRepository:
         self.model_dir.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".v{version}-", dir=self.model_dir))
         try:
-            local = uri[len("file://") :] if uri.startswith("file://") else uri
+            local = uri[len("file://") :] if uri.lower().startswith("file://") else uri  # a scheme has no case
             if "://" in local:
                 served = self._fetch(uri, staging / "pipeline", version)
             else:

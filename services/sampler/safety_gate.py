@@ -21,6 +21,7 @@ import grpc
 
 from pony_common.config import ConfigError, Settings
 from pony_common.errors import DependencyUnavailable
+from pony_common.fields import NAME_MAX
 from pony_common.textnorm import split_tags
 from services.safety.client import SafetyClient
 
@@ -70,7 +71,9 @@ class SafetyGate:
         """One SafetyItem per PNG (or one text-only item when there are none): the prompt and its tag keys."""
         from pony.v1 import common_pb2, safety_pb2
 
-        tags = split_tags(prompt)
+        # A piece longer than a tag may be (a sentence without commas) is not a tag: the safety service would refuse
+        # the item over it. The service still splits the caption (the prompt) itself, so every piece is matched.
+        tags = [tag for tag in split_tags(prompt) if len(tag) <= NAME_MAX]
         if not pngs:
             return [safety_pb2.SafetyItem(caption=prompt, tags=tags, item_id="0")]
         return [

@@ -55,7 +55,7 @@ def _register_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--free-ports", action="store_true", help="bind free ports instead of the DESIGN ports")
     p.add_argument("--per-category", type=int, default=9, help="sample images per content family")
     p.add_argument("--total", type=int, default=40, help="images to select for training")
-    p.add_argument("--train-steps", type=int, default=4)
+    p.add_argument("--train-steps", type=int, default=4, help="training steps of the demo run")
     p.set_defaults(func=_run_demo, logs="terminal")  # the demo writes its own log file (demo.log)
 
 

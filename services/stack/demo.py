@@ -95,9 +95,11 @@ def ensure_sample_pool(settings: Settings, per_category: int) -> Path:
         return root
     pool = write_sample_pool(root, per_category=per_category)
     marker.write_text(json.dumps({"images": len(pool.images), "corrupt": pool.corrupt, "blocked": pool.blocked}))
+    duplicates = len(pool.near_duplicates) + len(pool.exact_duplicates)
     say(
-        f"samples  wrote {len(pool.images)} files to {root}: {len(pool.corrupt)} corrupt, "
-        f"{len(pool.near_duplicates) + len(pool.exact_duplicates)} duplicates, {len(pool.blocked)} to be blocked"
+        f"samples  wrote {len(pool.images) + duplicates + len(pool.corrupt)} files to {root}: "
+        f"{len(pool.images)} images ({len(pool.blocked)} to be blocked), {duplicates} duplicates, "
+        f"{len(pool.corrupt)} corrupt"
     )
     return root
 
@@ -261,7 +263,8 @@ def _run_demo(settings: Settings, opts: DemoOptions, log_path: Path) -> DemoResu
         counts = {k: int(v) for k, v in status.images.items()}
         say(
             f"ingest   {len(summary.ids)} images ({summary.new} new), "
-            f"{len(summary.submitted)} curated in this run; catalog: {counts}"
+            f"{len(summary.submitted)} curated in this run; catalog: "
+            + ", ".join(f"{n} {state_name}" for state_name, n in counts.items())
         )
         for failure in status.failures[:5]:
             say(f"ingest     failed {failure.image_id[:12]} at {failure.stage}: {failure.reason}")

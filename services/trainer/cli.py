@@ -29,13 +29,13 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--wait", action="store_true", help="(gRPC) follow the run until it ends")
     s.set_defaults(func=run_submit)
     g = tsub.add_parser("get", help="show a run")
-    g.add_argument("run_id")
+    g.add_argument("run_id", help="the run's id (ponyctl train list)")
     g.set_defaults(func=run_get)
     ls = tsub.add_parser("list", help="list runs, newest first")
     ls.add_argument("--state", action="append", default=[], help="Pending|Running|Succeeded|Failed|Cancelled")
     ls.set_defaults(func=run_list)
     c = tsub.add_parser("cancel", help="cancel a pending or running run")
-    c.add_argument("run_id")
+    c.add_argument("run_id", help="the run's id (ponyctl train list)")
     c.add_argument("--foreground", action="store_true", help="delete the Job with Foreground propagation")
     c.set_defaults(func=run_cancel)
 
@@ -107,7 +107,10 @@ def _rpc(call, *args, **kwargs):
         if code is grpc.StatusCode.NOT_FOUND:
             raise NotFound(exc.details()) from None  # type: ignore[attr-defined]
         if code is grpc.StatusCode.UNAVAILABLE:
-            raise DependencyUnavailable(f"trainer controller unavailable: {exc.details()}") from None  # type: ignore[attr-defined]
+            raise DependencyUnavailable(
+                f"trainer controller unavailable: {exc.details()}; start it with `ponyctl serve trainer`, "  # type: ignore[attr-defined]
+                "point PONY_TRAINER_ADDR at it, or run a spec here with `ponyctl train submit SPEC --local`"
+            ) from None
         raise PonyError(f"{code.name}: {exc.details()}") from None  # type: ignore[attr-defined]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -205,3 +206,86 @@ def test_libraries_imported_after_the_setup_are_quiet_unless_debug(tmp_path: Pat
     proc = ponyctl(tmp_path, level, code=QUIET_PROBE)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == expected.split()
+
+
+# gRPC's core reads GRPC_VERBOSITY once, when grpc is imported: `main` sets it before the verbs' modules import grpc.
+GRPC_PROBE = """
+import os
+import sys
+
+os.environ.pop("GRPC_VERBOSITY", None)
+import pony_common.cli.main as cli
+
+real_build_parser = cli.build_parser
+
+
+def probed():
+    print(os.environ.get("GRPC_VERBOSITY", "-"), "grpc" in sys.modules, flush=True)
+    return real_build_parser()
+
+
+cli.build_parser = probed
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize(("level", "expected"), [("INFO", "ERROR False"), ("DEBUG", "- False")])
+def test_grpc_core_logs_stay_off_the_terminal_unless_debug(tmp_path: Path, level: str, expected: str) -> None:
+    proc = ponyctl(tmp_path, "models", "--help", env={"PONY_LOG_LEVEL": level}, code=GRPC_PROBE)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == expected
+
+
+def serve_until(tmp_path: Path, models: Path, marker: str, **env: str) -> str:
+    """`ponyctl serve scorer` on loopback until a stderr line holds `marker`, then Ctrl-C: its whole stderr, once
+    it has exited 0 with no traceback."""
+    from tests.conftest import free_port
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PONY_") and k not in QUIET_ENVIRONMENT}
+    base.update(PONY_STATE_DIR=str(tmp_path / "state"), PONY_MODELS_DIR=str(models), PONY_BIND_HOST="127.0.0.1")
+    base.update(env)
+    cmd = [sys.executable, "-m", "pony_common.cli.main", "serve", "scorer", "--port", str(free_port())]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=base, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = []
+        for line in iter(proc.stderr.readline, ""):  # ends when the process exits
+            seen.append(line)
+            if marker in line:
+                break
+        assert any(marker in line for line in seen), "".join(seen)
+        proc.send_signal(signal.SIGINT)
+        _, rest = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    stderr = "".join(seen) + rest
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr and "never retrieved" not in stderr, stderr
+    return stderr
+
+
+def test_serve_stops_cleanly_on_ctrl_c_after_its_model_failed_to_load(tmp_path: Path) -> None:
+    """A server whose load has no try left keeps serving health (liveness NOT_SERVING); Ctrl-C then stops it with
+    exit 0 and JSON lines only: no "Task exception was never retrieved" traceback."""
+    stderr = serve_until(tmp_path, tmp_path / "no-models", "no try left", PONY_MODEL_LOAD_ATTEMPTS="1")
+    assert all(json.loads(line)["level"] for line in stderr.splitlines()), stderr
+
+
+def test_serve_logs_only_json_lines_while_loading_a_model(tmp_path: Path, tiny_models: Path) -> None:
+    """No library progress bar ("Loading weights") inside the JSON stream a log collector reads."""
+    stderr = serve_until(tmp_path, tiny_models, '"ready"')
+    records = [json.loads(line) for line in stderr.splitlines()]
+    assert [r["msg"] for r in records if r["msg"] in ("ready", "shutting down")] == ["ready", "shutting down"]
+
+
+def test_a_service_that_is_not_running_is_one_line_naming_how_to_start_it(tmp_path: Path) -> None:
+    from tests.conftest import free_port
+
+    nobody = f"127.0.0.1:{free_port()}"
+    env = {"PONY_SAMPLER_ADDR": nobody, "PONY_TRAINER_ADDR": nobody, "PONY_RPC_RETRIES": "2"}
+    out = str(tmp_path / "pony.png")
+    proc = ponyctl(tmp_path / "state", "generate", "a pony", "--out", out, "--timeout", "5", env=env)
+    one_line(proc, 1, "ponyctl generate:", "UNAVAILABLE", "`ponyctl serve sampler`", "PONY_SAMPLER_ADDR")
+    proc = ponyctl(tmp_path / "state", "train", "list", env=env)
+    one_line(proc, 1, "ponyctl train:", "`ponyctl serve trainer`", "PONY_TRAINER_ADDR", "--local")

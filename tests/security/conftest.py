@@ -4,7 +4,6 @@ the sampler tests' session stack (its real tritonserver and safety service, the 
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 
 from pony_common.config import Settings
 from services.stack.stack_thread import StackThread
-from tests.conftest import PG_ADMIN_URL, require
+from tests.conftest import fresh_postgres_database
 from tests.sampler_stack import TOKEN as SAMPLER_TOKEN
 from tests.sampler_stack import SamplerStack
 from tests.trainer.conftest import make_manifest
@@ -47,18 +46,8 @@ class Battery:
 @pytest.fixture(scope="session")
 def battery_postgres_url() -> Iterator[str]:
     """A PostgreSQL database of the battery's own for the whole session (NUL bytes break PostgreSQL, not SQLite)."""
-    require("PostgreSQL", "127.0.0.1", 5432)
-    import psycopg
-
-    name = f"pony_battery_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    base = PG_ADMIN_URL.rsplit("/", 1)[0]
-    try:
-        yield f"postgresql+psycopg://{base.split('://', 1)[1]}/{name}"
-    finally:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_postgres_database("pony_battery") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
