@@ -19,6 +19,8 @@ from pony_common.fields import URI_MAX, check_text
 NAME_RE = re.compile(r"^[a-z]([-a-z0-9]{0,28}[a-z0-9])?$")
 QUANTITY_RE = re.compile(r"^[0-9]+(\.[0-9]+)?(m|Ki|Mi|Gi|Ti|k|M|G|T)?$")
 CAPTION_KINDS = ("short", "medium", "long", "style")
+OPTIMIZER_KINDS = ("adamw", "adamw8bit")
+SHARDING_STRATEGIES = ("ddp", "fsdp")
 # AuraFlow: VAE downsamples 8x and the transformer patches 2x2 latents, so sides are multiples of 16.
 SIDE_MULTIPLE = 16
 # The run output's subfolder holding the final diffusers pipeline (what gets published).
@@ -36,6 +38,8 @@ class StageSpec:
     learning_rate: float | None = None  # None = optimizer.learning_rate
     bucket_step: int = 64  # bucket sides are multiples of this (16 for tiny tests)
     max_aspect: float = 2.0
+    # Flow shift of this stage: None = flow.shift; "auto" = resolution-dependent (SimpleTuner's auto shift); a number.
+    shift: float | str | None = None
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,7 @@ class OptimizerSpec:
     eps: float = 1e-8
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
+    kind: str = "adamw"  # adamw | adamw8bit (8-bit optimizer states)
 
 
 @dataclass(frozen=True)
@@ -65,10 +70,44 @@ class CaptionSpec:
 class FlowSpec:
     """Rectified flow as FlowMatchEulerDiscreteScheduler samples it: shift None = the base model's scheduler shift."""
 
-    shift: float | None = None
+    shift: float | str | None = None  # a number, "auto" (resolution-dependent) or None
     weighting: str = "logit_normal"  # uniform | logit_normal
     logit_mean: float = 0.0
     logit_std: float = 1.0
+
+
+@dataclass(frozen=True)
+class ShardingSpec:
+    """How the transformer is spread over the ranks: `ddp` (a full replica each) or `fsdp` (PyTorch FSDP2
+    `fully_shard`: parameters, gradients and optimizer states sharded; bf16 compute with fp32 master state)."""
+
+    strategy: str = "ddp"  # ddp | fsdp
+    reshard_after_forward: bool = True
+    cpu_offload: bool = False  # fsdp only: parameters, gradients and optimizer states live in host memory
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """A LoRA (peft) on the AuraFlow transformer instead of a full fine-tune; saved as diffusers LoRA weights."""
+
+    enabled: bool = False
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+@dataclass(frozen=True)
+class ValidationSpec:
+    """Validation images with fixed prompts and seeds every `every` steps (0 = only at each stage end); none when
+    `prompts` is empty."""
+
+    prompts: tuple[str, ...] = ()
+    seeds: tuple[int, ...] = (0,)
+    every: int = 0
+    steps: int = 20
+    guidance_scale: float = 3.5
+    resolution: int = 0  # 0 = the stage's resolution
 
 
 @dataclass(frozen=True)
@@ -126,6 +165,9 @@ class TrainSpec:
     ema: EmaSpec = field(default_factory=EmaSpec)
     checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
     resources: ResourceSpec = field(default_factory=ResourceSpec)
+    sharding: ShardingSpec = field(default_factory=ShardingSpec)
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    validation: ValidationSpec = field(default_factory=ValidationSpec)
 
     @property
     def total_steps(self) -> int:
@@ -208,8 +250,13 @@ def parse_spec(data: Any) -> TrainSpec:
         ema=_ema(r.section("ema")),
         checkpoint=_checkpoint(r.section("checkpoint")),
         resources=_resources(r.section("resources")),
+        sharding=_sharding(r.section("sharding")),
+        lora=_lora(r.section("lora")),
+        validation=_validation(r.section("validation")),
     )
     r.done()
+    if spec.sharding.cpu_offload and spec.sharding.strategy != "fsdp":
+        raise InvalidArgument("spec.sharding.cpu_offload", "needs strategy 'fsdp'")
     return spec
 
 
@@ -231,9 +278,18 @@ def _stage(item: Any, where: str, index: int) -> StageSpec:
         learning_rate=r.float("learning_rate", default=None, minimum=0.0),
         bucket_step=bucket_step,
         max_aspect=r.float("max_aspect", default=2.0, minimum=1.0, maximum=8.0),
+        shift=_shift(r, "shift"),
     )
     r.done()
     return stage
+
+
+def _shift(r: _Reader, key: str) -> float | str | None:
+    """A flow shift: a number in [0.01, 100], "auto" (resolution-dependent) or absent."""
+    if r.data.get(key) == "auto":
+        r.seen.add(key)
+        return "auto"
+    return r.float(key, default=None, minimum=0.01, maximum=100.0)
 
 
 def _optimizer(r: _Reader) -> OptimizerSpec:
@@ -245,8 +301,11 @@ def _optimizer(r: _Reader) -> OptimizerSpec:
         eps=r.float("eps", default=1e-8, minimum=0.0),
         warmup_steps=r.int("warmup_steps", default=0, minimum=0),
         max_grad_norm=r.float("max_grad_norm", default=1.0, minimum=0.0),
+        kind=r.str("kind", default="adamw"),
     )
     r.done()
+    if spec.kind not in OPTIMIZER_KINDS:
+        raise InvalidArgument(f"{r.where}.kind", f"must be one of {', '.join(OPTIMIZER_KINDS)}")
     return spec
 
 
@@ -272,7 +331,7 @@ def _flow(r: _Reader) -> FlowSpec:
     if weighting not in ("uniform", "logit_normal"):
         raise InvalidArgument(f"{r.where}.weighting", "must be 'uniform' or 'logit_normal'")
     spec = FlowSpec(
-        shift=r.float("shift", default=None, minimum=0.01, maximum=100.0),
+        shift=_shift(r, "shift"),
         weighting=weighting,
         logit_mean=r.float("logit_mean", default=0.0),
         logit_std=r.float("logit_std", default=1.0, minimum=0.01),
@@ -286,6 +345,63 @@ def _ema(r: _Reader) -> EmaSpec:
         enabled=r.bool("enabled", default=False),
         decay=r.float("decay", default=0.999, minimum=0.0, maximum=1.0),
         export=r.bool("export", default=True),
+    )
+    r.done()
+    return spec
+
+
+def _sharding(r: _Reader) -> ShardingSpec:
+    spec = ShardingSpec(
+        strategy=r.str("strategy", default="ddp"),
+        reshard_after_forward=r.bool("reshard_after_forward", default=True),
+        cpu_offload=r.bool("cpu_offload", default=False),
+    )
+    r.done()
+    if spec.strategy not in SHARDING_STRATEGIES:
+        raise InvalidArgument(f"{r.where}.strategy", f"must be one of {', '.join(SHARDING_STRATEGIES)}")
+    return spec
+
+
+def _lora(r: _Reader) -> LoraSpec:
+    targets = r.list("targets", default=list(LoraSpec.targets))
+    for i, target in enumerate(targets):
+        if not isinstance(target, str) or not re.match(r"^[A-Za-z0-9_.]{1,100}$", target):
+            raise InvalidArgument(f"{r.where}.targets[{i}]", "must be a module name such as 'to_q' or 'to_out.0'")
+    if not targets:
+        raise InvalidArgument(f"{r.where}.targets", "needs at least one module name")
+    spec = LoraSpec(
+        enabled=r.bool("enabled", default=False),
+        rank=r.int("rank", default=16, minimum=1, maximum=1024),
+        alpha=r.float("alpha", default=16.0, minimum=0.0),
+        dropout=r.float("dropout", default=0.0, minimum=0.0, maximum=1.0),
+        targets=tuple(targets),
+    )
+    r.done()
+    return spec
+
+
+def _validation(r: _Reader) -> ValidationSpec:
+    prompts = r.list("prompts", default=[])
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise InvalidArgument(f"{r.where}.prompts[{i}]", "must be a string")
+        check_text(prompt, f"{r.where}.prompts[{i}]", URI_MAX, multiline=False)
+    seeds = r.list("seeds", default=[0])
+    for i, seed in enumerate(seeds):
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise InvalidArgument(f"{r.where}.seeds[{i}]", "must be an integer >= 0")
+    if not seeds:
+        raise InvalidArgument(f"{r.where}.seeds", "needs at least one seed")
+    resolution = r.int("resolution", default=0, minimum=0, maximum=4096)
+    if resolution % SIDE_MULTIPLE:
+        raise InvalidArgument(f"{r.where}.resolution", f"must be a multiple of {SIDE_MULTIPLE}")
+    spec = ValidationSpec(
+        prompts=tuple(prompts),
+        seeds=tuple(seeds),
+        every=r.int("every", default=0, minimum=0),
+        steps=r.int("steps", default=20, minimum=1, maximum=200),
+        guidance_scale=r.float("guidance_scale", default=3.5, minimum=0.0, maximum=30.0),
+        resolution=resolution,
     )
     r.done()
     return spec
