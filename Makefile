@@ -1,4 +1,4 @@
-.PHONY: demo test lint protos bootstrap
+.PHONY: demo test lint protos bootstrap images images-test
 
 bootstrap:
 	bash scripts/bootstrap.sh
@@ -14,3 +14,11 @@ lint: bootstrap
 
 protos:
 	bash scripts/gen_protos.sh
+
+# Container images the dev overlay deploys, built here without a registry (scripts/images.sh; README "Container
+# images"); images-test also runs each service's container as its Pod runs it.
+images:
+	bash scripts/images.sh build
+
+images-test: bootstrap
+	bash scripts/images.sh test

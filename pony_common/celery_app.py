@@ -106,7 +106,8 @@ def pony_task(
     """Registers a task with an explicit name on its queue. Idempotent tasks are acks_late and are
     redelivered when their worker dies; only mark a task idempotent when a re-run is harmless. A task that
     `parks` retries a dependency that is down without limit (the curation stages); the others have a budget
-    (`task_max_retries`) and then fail."""
+    (`task_max_retries`) and then fail. Pass `ignore_result=True` for a task whose return value nobody reads (the
+    curation stages): no result, not even STARTED, is written to the result backend."""
     if queue not in QUEUES:
         raise ValueError(f"unknown queue {queue!r}; add it to QUEUES")
     _routes[name] = {"queue": queue}

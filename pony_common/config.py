@@ -62,13 +62,20 @@ class Section:
 class CaptionerSettings(Section):
     PREFIX: typing.ClassVar[str] = "CAPTIONER_"
     model: str = ""  # VLM (Florence-2, InternVL, Qwen2.5-VL, LLaVA) id or path; empty = <models_dir>/vlm
-    batch_size: int = 8
+    batch_size: int = 16  # images per model batch (all their kinds' prompts); concurrent calls are merged up to it
+    batch_delay_ms: float = 5.0  # how long a model batch waits for more calls' images once its first one arrived
     max_new_tokens: int = 320  # cap on new tokens for every kind (each kind has its own budget below it)
     fewshot_path: str = ""  # empty = the default examples shipped in services/captioner/data
     filler_path: str = ""  # empty = the default filler openings shipped in services/captioner/data
     artist_blocklist_path: str = field(default="", metadata=env("PONY_ARTIST_BLOCKLIST_PATH"))  # one artist per line
     fewshot_per_prompt: int = 2  # curated example captions put in each prompt
     max_items: int = 256  # items per Caption/CaptionStream call
+    engine: str = "transformers"  # transformers (the VLM in this process) | openai (an OpenAI-compatible server)
+    openai_base_url: str = ""  # engine openai: the server's API root, e.g. http://vllm:8000/v1 (vLLM, SGLang)
+    openai_model: str = ""  # engine openai: the model name the server serves; empty = the captioner model setting
+    openai_api_key_file: str = ""  # engine openai: file holding the API key (a mounted Secret); empty = no key
+    openai_concurrency: int = 64  # engine openai: requests in flight to the server (it batches them continuously)
+    openai_timeout_s: float = 300.0  # engine openai: one chat-completions request
 
 
 @dataclass(frozen=True)
@@ -76,7 +83,8 @@ class ScorerSettings(Section):
     PREFIX: typing.ClassVar[str] = "SCORER_"
     model: str = ""  # CLIP ViT-L/14 id or path (openai/clip-vit-large-patch14); empty = <models_dir>/clip
     head: str = ""  # aesthetic head: our head folder or a LAION .pth; empty = <models_dir>/heads/aesthetic
-    batch_size: int = 32
+    batch_size: int = 32  # images per CLIP batch; concurrent calls are merged up to it (dynamic batcher)
+    batch_delay_ms: float = 2.0  # how long a CLIP batch waits for more calls' images once its first one arrived
     max_batch: int = 1024  # images or embeddings per call
     head_from_catalog: bool = True  # at start, load the head marked active in aesthetic_heads if any
     elo_k: float = 32.0
@@ -94,6 +102,8 @@ class StyleTaggerSettings(Section):
     max_artist_share: float = 0.5
     index: str = "faiss"  # faiss | pgvector
     max_batch: int = 256  # images per Embed/Tag/Palette call
+    batch_size: int = 32  # images per encoder batch; concurrent calls are merged up to it (dynamic batcher)
+    batch_delay_ms: float = 2.0  # how long an encoder batch waits for more calls' images once its first one arrived
     fit_max_points: int = 200_000  # k-means runs on at most this many embeddings (all are assigned)
     palette_colors: int = 3  # palette tags per image in Tag
     examples: int = 4  # example image ids per cluster in SimilarStyles
@@ -109,6 +119,8 @@ class SafetySettings(Section):
     questionable_threshold: float = 0.5
     ambiguous_explicit: str = "block"  # block | flag: explicit content with an age-ambiguous character
     max_batch: int = 256  # items per Check call
+    batch_size: int = 32  # images per CLIP batch; concurrent calls are merged up to it (dynamic batcher)
+    batch_delay_ms: float = 2.0  # how long a CLIP batch waits for more calls' images once its first one arrived
 
 
 @dataclass(frozen=True)
@@ -127,6 +139,8 @@ class TrainerSettings(Section):
     local_launcher: str = "auto"  # local executor: auto (torchrun when >1 process) | torchrun | python
     roots: tuple[str, ...] = ()  # spec paths may also name these folders/URL prefixes (besides runs, models, export)
     registries: tuple[str, ...] = ()  # registry (or registry/namespace) prefixes for resources.image; empty = image's
+    gpu_memory_gib: float = 80.0  # memory of one training-pool GPU: SubmitRun refuses a GPU spec whose plan exceeds it
+    gpu_memory_headroom: float = 0.1  # fraction of gpu_memory_gib the plan keeps free (allocator cache, fragmentation)
 
 
 @dataclass(frozen=True)
@@ -251,6 +265,7 @@ class Settings:
     task_max_retries: int = 8  # retries of a task whose service is UNAVAILABLE (curation stages wait without limit)
     task_retry_backoff_s: float = 1.0  # first retry delay; doubles per retry
     task_retry_max_backoff_s: float = 60.0  # longest delay between retries (a waiting curation stage tries this often)
+    curation_batch_size: int = 64  # images per curation batch: one Celery task per stage, one gRPC call per service
     ingest_stall_s: float = 120.0  # ingest: stop waiting (exit 1) after this long with no progress and no worker
     ingest_max_member_bytes: int = 64 * 2**20  # ingest: largest source file or shard member read; larger: unreadable
     ingest_max_shard_bytes: int = 4 * 2**30  # ingest: decompressed bytes read per tar shard; members past: unreadable
@@ -289,14 +304,18 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: typing.Any) -> Settings:
-        """Reads `PONY_*` from `environ` (default: os.environ); keyword overrides win over both."""
+        """Reads `PONY_*` from `environ` (default: os.environ); keyword overrides win over both. `PONY_X_FILE`
+        names a file holding PONY_X (a mounted Secret, e.g. PONY_DATABASE_URL_FILE); PONY_X itself wins."""
         env_ = os.environ if environ is None else environ
         values: dict[str, typing.Any] = {}
-        known: set[str] = set()
+        known = {name for name, _, _ in cls.env_names()}
         for name, section, attr in cls.env_names():
-            known.add(name)
-            if name in env_:
-                values[name[len("PONY_") :].lower()] = _parse(name, env_[name], _hint(section, attr))
+            raw = env_.get(name)
+            if raw is None and f"{name}_FILE" in env_ and f"{name}_FILE" not in known:
+                raw = _read_setting_file(f"{name}_FILE", env_[f"{name}_FILE"])
+                known.add(f"{name}_FILE")
+            if raw is not None:
+                values[name[len("PONY_") :].lower()] = _parse(name, raw, _hint(section, attr))
         values.update(overrides)
         check_log_level(str(values.get("log_level", cls.log_level)))
         extra = {k: v for k, v in env_.items() if k.startswith("PONY_") and k not in known}
@@ -379,6 +398,13 @@ _TOP_FIELDS = {f.name for f in dataclasses.fields(Settings)}
 
 def _flat_names() -> dict[str, tuple[str, str]]:
     return {name[len("PONY_") :].lower(): (section, attr) for name, section, attr in Settings.env_names() if section}
+
+
+def _read_setting_file(name: str, path: str) -> str:
+    try:
+        return Path(path).read_text().rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read {path!r} ({exc.strerror or exc})") from None
 
 
 def _hint(section: str | None, attr: str) -> typing.Any:

@@ -1,7 +1,8 @@
 """The training-manifest schema (`manifest.parquet`): written by the curation export, read by the trainer.
 
 One row per image. `TRAINING_COLUMNS` are the columns a training run needs; the others describe the image for
-people and tools (score, style, rating, source, rank).
+people and tools (score, style, rating, source, rank). `image_uri` is relative to the manifest's folder
+(`images/<id>.<ext>`); tags and the prompt follow the export's model family's convention (pony_common.prompts).
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ SCHEMA = pa.schema(
         ("height", pa.int32()),
         ("category", pa.string()),
         ("captions", pa.string()),  # JSON object: kind -> text
-        ("special_tags", pa.list_(pa.string())),  # score, style, source, rating (V7 order)
+        ("special_tags", pa.list_(pa.string())),  # score tag(s), style, source, rating, palette (never dropped)
         ("tags", pa.list_(pa.string())),  # extra content tags (characters first, no artist)
-        ("prompt", pa.string()),  # the assembled V7 prompt
+        ("prompt", pa.string()),  # the assembled prompt, fitted to the family's text-encoder token budget
+        ("prompt_tokens", pa.int32()),  # its length in the family tokenizer's tokens (null: not counted)
         ("score", pa.float32()),
         ("score_tag", pa.string()),
-        ("score_tags_v6", pa.list_(pa.string())),  # V6 cumulative: score_9, score_8_up, ...
+        ("score_tags_v6", pa.list_(pa.string())),  # V6 tags true of the image: score_N, score_K_up for 4 <= K <= N
         ("style_tag", pa.string()),
         ("style_cluster", pa.int32()),
         ("palette_tags", pa.list_(pa.string())),

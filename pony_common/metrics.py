@@ -34,6 +34,21 @@ BATCH_SIZE = Histogram(
     ("service", "stage"),
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
+# Model servers merge concurrent requests into model batches (pony_common/batching.py, like Triton's dynamic batcher).
+MODEL_BATCH_SIZE = Histogram(
+    "pony_model_batch_size",
+    "items per model batch a dynamic batcher ran (merged from concurrent requests)",
+    ("model",),
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+MODEL_REQUESTS_MERGED = Counter(
+    "pony_model_requests_merged",
+    "requests whose items ran in a model batch together with another request's items",
+    ("model",),
+)
+CLIP_FORWARD_IMAGES = Counter(
+    "pony_clip_forward_images", "images that went through a CLIP image tower forward pass", ("model",)
+)
 MODEL_LOAD_SECONDS = Gauge("pony_model_load_seconds", "time the last model load took", ("service", "model"))
 MODEL_INFO = Info("pony_model", "the model and version a service runs", ("service",))
 ITEM_FAILURES = Counter("pony_item_failures", "per-item failures inside a batch call", ("service", "reason"))

@@ -1,9 +1,9 @@
-"""Pony score-tag conventions: the `score_N` bucket of an aesthetic score and the V6 cumulative prompt tags.
+"""Pony score tags: the `score_N` bucket of an aesthetic score and the V6 tags true of an image.
 
 An aesthetic score s in [0, 1] falls in bucket N = floor(10 * s), clamped to 0..9, and is tagged `score_N`.
-The V6 cumulative tags of bucket N read from the top bucket down to N: `score_9` first, then
-`score_K_up` for K = 8, 7, ..., N. So bucket 9 -> "score_9"; bucket 7 -> "score_9, score_8_up, score_7_up";
-bucket 0 -> "score_9, score_8_up, ..., score_0_up". A prompt asking for quality N or better uses the same string.
+The V6 tags of bucket N are pony_common.prompts.v6's: `score_N`, then `score_K_up` for K = min(N, 8) down to 4
+(bucket 9 -> "score_9, score_8_up, score_7_up, score_6_up, score_5_up, score_4_up"; bucket 7 -> "score_7,
+score_7_up, score_6_up, score_5_up, score_4_up"; bucket 3 -> "score_3"): never a tag above the image's bucket.
 """
 
 from __future__ import annotations
@@ -11,8 +11,20 @@ from __future__ import annotations
 import math
 import re
 
-TOP_BUCKET = 9
+from pony_common.prompts.base import TOP_BUCKET
+from pony_common.prompts.v6 import V6
+
 _SCORE_TAG = re.compile(r"^score_(\d)(_up)?$")
+
+__all__ = [
+    "TOP_BUCKET",
+    "cumulative_score_prompt",
+    "cumulative_score_tags",
+    "cumulative_tags_for_score",
+    "parse_score_tag",
+    "score_bucket",
+    "score_tag",
+]
 
 
 def score_bucket(score: float) -> int:
@@ -28,19 +40,17 @@ def score_tag(score: float) -> str:
 
 
 def cumulative_score_tags(bucket: int) -> list[str]:
-    """The V6 cumulative tags from `score_9` down to `bucket`: ["score_9", "score_8_up", ..., "score_<bucket>_up"]."""
-    if not 0 <= bucket <= TOP_BUCKET:
-        raise ValueError(f"score bucket must be in 0..{TOP_BUCKET}, got {bucket}")
-    return [f"score_{TOP_BUCKET}"] + [f"score_{k}_up" for k in range(TOP_BUCKET - 1, bucket - 1, -1)]
+    """The V6 score tags of an image in `bucket` (ValueError outside 0..9)."""
+    return V6.score_tags(bucket)
 
 
 def cumulative_score_prompt(bucket: int) -> str:
-    """`cumulative_score_tags(bucket)` joined with ", " (the prompt prefix V6 was trained with)."""
+    """`cumulative_score_tags(bucket)` joined with ", "."""
     return ", ".join(cumulative_score_tags(bucket))
 
 
 def cumulative_tags_for_score(score: float) -> str:
-    """The cumulative tag string of the bucket `score` falls in."""
+    """The V6 tag string of the bucket `score` falls in."""
     return cumulative_score_prompt(score_bucket(score))
 
 

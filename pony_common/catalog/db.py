@@ -1,5 +1,5 @@
-"""Catalog engine and sessions, Alembic upgrade/downgrade under a database lock, opening errors as one line, and the
-dialect-portable upsert for idempotent writes."""
+"""Catalog engine and sessions, Alembic upgrade/downgrade under a database lock, opening errors as one line, the
+dialect-portable upsert for idempotent (bulk) writes, and a counter of the statements a block of code runs."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, make_url, text
+from sqlalchemy import Connection, Engine, String, any_, bindparam, create_engine, event, make_url, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
@@ -225,6 +225,54 @@ class Catalog:
         self.engine.dispose()
 
 
+def insert_for(session: Session, model: type) -> Any:
+    """The dialect's INSERT of `model` (PostgreSQL or SQLite): it has ON CONFLICT and RETURNING."""
+    dialect = session.get_bind().dialect.name
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(model)
+
+
+def id_in(session: Session, column: Any, ids: Sequence[str]) -> Any:
+    """`column = ANY(:ids)` with one array parameter on PostgreSQL (the statement text is the same whatever the batch
+    size: cached and parsed once), `column IN (...)` elsewhere."""
+    if session.get_bind().dialect.name == "postgresql":
+        return column == any_(bindparam(None, list(ids), type_=postgresql.ARRAY(String)))
+    return column.in_(list(ids))
+
+
+def bulk_upsert(
+    session: Session,
+    model: type,
+    rows: Sequence[dict[str, Any]],
+    keys: Sequence[str],
+    update: Sequence[str] | None = None,
+    *,
+    set_: dict[str, Any] | None = None,
+    where: Any = None,
+    returning: Any = None,
+) -> list[Any]:
+    """INSERT … ON CONFLICT (keys) DO UPDATE SET `set_` (default: `update`, default every other column given, from
+    the row offered) [WHERE `where`]
+    [RETURNING `returning`] of many rows as ONE statement: the Core insert sent as an executemany, which SQLAlchemy's
+    insertmanyvalues renders as a single multi-row VALUES per 1000 rows from a compiled form it caches (no per-row
+    compiling as with `.values(rows)`). Returns the RETURNING values (empty without `returning`)."""
+    if not rows:
+        return []
+    table = model.__table__  # type: ignore[attr-defined]
+    stmt = insert_for(session, table)
+    cols = [c for c in (list(rows[0]) if update is None else list(update)) if c not in keys]
+    if set_ is None:
+        set_ = {c: stmt.excluded[c] for c in cols}
+    if set_:
+        stmt = stmt.on_conflict_do_update(index_elements=list(keys), set_=set_, where=where)
+    else:
+        stmt = stmt.on_conflict_do_nothing(index_elements=list(keys))
+    # RETURNING (the first key when the caller wants nothing back) is what makes SQLAlchemy send the executemany as
+    # one multi-row statement (insertmanyvalues) rather than one execution per row; it needs every bound value to be
+    # in the VALUES rows, so `set_` and `where` should only use `excluded` columns and literals.
+    back = list(session.execute(stmt.returning(table.c[keys[0]] if returning is None else returning), list(rows)))
+    return [] if returning is None else [r[0] for r in back]
+
+
 def upsert(
     session: Session,
     model: type,
@@ -236,9 +284,7 @@ def upsert(
     rows = [values] if isinstance(values, dict) else list(values)
     if not rows:
         return
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt = insert(model).values(rows)
+    stmt = insert_for(session, model).values(rows)
     cols = list(rows[0]) if update is None else list(update)
     cols = [c for c in cols if c not in keys]
     if cols:
@@ -246,6 +292,37 @@ def upsert(
     else:
         stmt = stmt.on_conflict_do_nothing(index_elements=list(keys))
     session.execute(stmt)
+
+
+class StatementCount:
+    """Statements the engine ran inside `count_statements` (an executemany counts once: one round trip)."""
+
+    def __init__(self) -> None:
+        self.statements = 0
+        self.by_verb: dict[str, int] = {}
+
+    def add(self, statement: str) -> None:
+        self.statements += 1
+        verb = statement.lstrip().split(None, 1)[0].upper() if statement.strip() else "?"
+        self.by_verb[verb] = self.by_verb.get(verb, 0) + 1
+
+
+@contextmanager
+def count_statements(engine: Engine, *, this_thread: bool = False) -> Iterator[StatementCount]:
+    """Counts the SQL statements `engine` sends while the block runs (SQLAlchemy `before_cursor_execute`); with
+    `this_thread`, only those this thread sends (not those of services sharing the engine in the process)."""
+    count = StatementCount()
+    mine = threading.get_ident()
+
+    def listener(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if not this_thread or threading.get_ident() == mine:
+            count.add(statement)
+
+    event.listen(engine, "before_cursor_execute", listener)
+    try:
+        yield count
+    finally:
+        event.remove(engine, "before_cursor_execute", listener)
 
 
 _catalogs: dict[str, Catalog] = {}

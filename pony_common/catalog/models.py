@@ -16,6 +16,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -50,6 +51,8 @@ class ImageRow(Base):
     phash: Mapped[str | None] = mapped_column(String(32))
     dup_group: Mapped[str | None] = mapped_column(String(64), index=True)
     is_duplicate: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The pHash has been matched against the near-duplicate index (only unindexed ones are matched on the next run).
+    phash_indexed: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     # ingested -> processing -> done | failed
     status: Mapped[str] = mapped_column(String(16), default="ingested", index=True)
     error: Mapped[str | None] = mapped_column(Text)
@@ -146,4 +149,22 @@ class ModelVersionRow(Base):
     uri: Mapped[str] = mapped_column(Text)
     source_run_id: Mapped[str] = mapped_column(String(64), default="")
     active: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[dt.datetime] = mapped_column(TS, default=utcnow)
+
+
+class AdapterRow(Base):
+    """A published LoRA adapter (diffusers `pytorch_lora_weights.safetensors`) for a base model family, which the
+    sampler can apply per request; one row per training run that produced it."""
+
+    __tablename__ = "adapters"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    family: Mapped[str] = mapped_column(String(32))  # pony_v7
+    base_model_version: Mapped[int | None] = mapped_column(Integer)  # model_versions.version it was trained on
+    base_model_uri: Mapped[str] = mapped_column(Text, default="")
+    uri: Mapped[str] = mapped_column(Text)  # folder holding the weights file
+    sha256: Mapped[str] = mapped_column(String(64))  # of the weights file
+    rank: Mapped[int] = mapped_column(Integer)
+    alpha: Mapped[float] = mapped_column(Float)
+    run_id: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[dt.datetime] = mapped_column(TS, default=utcnow)

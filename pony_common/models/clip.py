@@ -20,6 +20,7 @@ from transformers import (
     CLIPTokenizer,
 )
 
+from pony_common.metrics import CLIP_FORWARD_IMAGES
 from pony_common.models.loading import model_load_lock
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,9 @@ class ClipImageTower:
         self._processor: BaseImageProcessor | None = None
         self._dim = 0
         self._version = ""
+        self._forwards = CLIP_FORWARD_IMAGES.labels(self.model_id)
+        self._forward_lock = threading.Lock()
+        self.forward_images = 0  # images through the vision tower so far (also `pony_clip_forward_images_total`)
 
     @classmethod
     def shared(cls, path: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> ClipImageTower:
@@ -161,7 +165,11 @@ class ClipImageTower:
         with torch.inference_mode():
             pooled = self._vision(pixel_values=pixel_values.to(self.device, self.dtype)).pooler_output
             emb = self._projection(pooled).to(torch.float32)
-            return torch.nn.functional.normalize(emb, dim=-1).cpu()
+            out = torch.nn.functional.normalize(emb, dim=-1).cpu()
+        with self._forward_lock:
+            self.forward_images += len(out)
+        self._forwards.inc(len(out))
+        return out
 
     def embed(self, images: Sequence[Image.Image], batch_size: int = 64) -> torch.Tensor:
         """Images -> (n, dim) float32 L2-normalised embeddings on the CPU, `batch_size` at a time."""

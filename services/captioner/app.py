@@ -12,7 +12,8 @@ from services.captioner.servicer import CaptionerServicer
 
 
 def create_service(settings: Settings) -> ServiceDefinition:
-    """The `pony.v1.Captioner` service; `load()` loads the VLM named by `PONY_CAPTIONER_MODEL` (or models_dir/vlm)."""
+    """The `pony.v1.Captioner` service; `load()` loads the VLM named by `PONY_CAPTIONER_MODEL` (or models_dir/vlm), or
+    opens the client of the OpenAI-compatible server when `PONY_CAPTIONER_ENGINE=openai`."""
     service = CaptionerService.from_settings(settings)
     return service_definition(
         "captioner",
@@ -20,4 +21,5 @@ def create_service(settings: Settings) -> ServiceDefinition:
         captioner_pb2_grpc.add_CaptionerServicer_to_server,
         CaptionerServicer(service, ImageResolver(settings)),
         service.model,
+        close=service.close,
     )

@@ -1,12 +1,13 @@
 """The captioner's VLM: the Auto classes real and tiny weights load through, `CaptionerModel` (load/ready/teardown
-and batched greedy `generate` on the shared `Model` base; knows nothing of gRPC or prompts) and the tiny LLaVA
-builder that `ponyctl models tiny` uses."""
+and batched greedy generation of many prompts per image, each image encoded once, on the shared `Model` base; knows
+nothing of gRPC or prompts) and the tiny LLaVA builder that `ponyctl models tiny` uses."""
 
 from __future__ import annotations
 
+import inspect
 import logging
-import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,10 @@ from transformers import (
     LlavaProcessor,
     PreTrainedModel,
     ProcessorMixin,
+    StoppingCriteria,
+    StoppingCriteriaList,
 )
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from pony_common.config import Settings
@@ -139,10 +143,44 @@ def load_vlm(
     return model, processor
 
 
+@dataclass(frozen=True)
+class PromptRow:
+    """One prompt about one image of a batch: `image` indexes the batch's images; `max_new_tokens` is the row's own
+    budget."""
+
+    image: int
+    prompt: str
+    max_new_tokens: int
+
+
+@dataclass
+class GenerationCounts:
+    """What the model has run since it was built: `generate` calls, prompt rows in them, and images that went through
+    the vision tower (once per image when the architecture takes precomputed image features, else once per row)."""
+
+    generate_calls: int = 0
+    rows: int = 0
+    images_encoded: int = 0
+
+
+class RowBudgets(StoppingCriteria):
+    """Stops each row of a batched `generate` at its own token budget; the batch runs until its largest budget."""
+
+    def __init__(self, budgets: Sequence[int]) -> None:
+        self.budgets = torch.tensor(list(budgets))
+        self.start: int | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        if self.start is None:
+            self.start = input_ids.shape[1] - 1  # first called once the first new token is appended
+        return (input_ids.shape[1] - self.start) >= self.budgets.to(input_ids.device)  # type: ignore[return-value]
+
+
 class CaptionerModel(Model):
     """A transformers VLM loaded through the Auto classes, with batched greedy generation.
 
-    `generate` runs one `model.generate` at a time (a lock: concurrent requests queue for the model).
+    `generate_rows` is one `model.generate` over many (image, prompt) rows. It takes no lock: callers run one batch at a
+    time (the service's dynamic batcher merges concurrent requests into those batches).
     """
 
     def __init__(
@@ -161,7 +199,7 @@ class CaptionerModel(Model):
         self._vlm: Any = None
         self._processor: Any = None
         self._version = ""
-        self._generate_lock = threading.Lock()
+        self.counts = GenerationCounts()
 
     @classmethod
     def from_settings(cls, settings: Settings, *, template_version: str = "") -> CaptionerModel:
@@ -221,22 +259,77 @@ class CaptionerModel(Model):
 
     def generate(self, images: Sequence[Image.Image], prompts: Sequence[str], max_new_tokens: int) -> list[str]:
         """Raw generated text for each (image, prompt), one batched `generate` call, greedy."""
+        rows = [PromptRow(i, prompt, max_new_tokens) for i, prompt in enumerate(prompts)]
+        return self.generate_rows(images, rows)
+
+    def generate_rows(self, images: Sequence[Image.Image], rows: Sequence[PromptRow]) -> list[str]:
+        """Raw generated text of each row: ONE greedy `generate` over all rows, padded left, each row stopped at its own
+        budget. An image that several rows ask about goes through the vision tower once, its features passed to every
+        row, where the architecture takes precomputed image features (`mm_encoder_outputs`: LLaVA and most VLMs of
+        transformers 5); otherwise the tower runs once per row (`counts.images_encoded` tells which)."""
         self.require_ready()
-        texts = [self.chat_prompt(p) for p in prompts]
-        inputs = self._processor(images=list(images), text=texts, return_tensors="pt", padding=True)
+        if not rows:
+            return []
+        texts = [self.chat_prompt(row.prompt) for row in rows]
+        # The processor prepares each row's pixels (CPU); only the tower's forward is shared below.
+        inputs = self._processor(
+            images=[images[row.image] for row in rows], text=texts, return_tensors="pt", padding=True
+        )
         inputs = {
             k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
             for k, v in inputs.items()
             if isinstance(v, torch.Tensor)
         }
+        prompt_ids = inputs.get("input_ids")
+        budgets = [max(1, int(row.max_new_tokens)) for row in rows]
         tokenizer = getattr(self._processor, "tokenizer", None)
         pad = getattr(tokenizer, "pad_token_id", None)
-        with self._generate_lock, torch.inference_mode():
+        with torch.inference_mode():
+            shared = self._shared_image_features(inputs, rows)
+            extra = {} if shared is None else {"mm_encoder_outputs": shared}
             out = self._vlm.generate(
-                **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad
+                **inputs,
+                **extra,
+                max_new_tokens=max(budgets),
+                stopping_criteria=StoppingCriteriaList([RowBudgets(budgets)]),
+                do_sample=False,
+                num_beams=1,
+                pad_token_id=pad,
             )
-        prompt_ids = inputs.get("input_ids")
+        self.counts.generate_calls += 1
+        self.counts.rows += len(rows)
+        self.counts.images_encoded += len({row.image for row in rows}) if shared is not None else len(rows)
         n = 0 if prompt_ids is None else prompt_ids.shape[1]
         if n and out.shape[1] >= n and torch.equal(out[:, :n], prompt_ids):
             out = out[:, n:]  # decoder-only models return the prompt first; encoder-decoders do not
-        return self._processor.batch_decode(out, skip_special_tokens=True)
+        return self._processor.batch_decode(
+            [seq[:budget].tolist() for seq, budget in zip(out, budgets, strict=True)], skip_special_tokens=True
+        )
+
+    def _shared_image_features(self, inputs: dict[str, torch.Tensor], rows: Sequence[PromptRow]) -> dict | None:
+        """`mm_encoder_outputs` for `generate`: each distinct image of `rows` through the vision tower once and its
+        features given to every row about it; the image inputs are then taken out of `inputs`. None (and `inputs`
+        untouched) when the architecture takes no precomputed features or its image inputs are not one entry per row
+        (Qwen2-VL's flattened patches): `generate` then encodes each row's image itself."""
+        vlm = self._vlm
+        encode = getattr(vlm.base_model, "get_image_features", None)
+        takes_features = getattr(vlm, "_supports_mm_encoder_outputs", None)
+        if encode is None or takes_features is None or not takes_features():
+            return None
+        if "image" not in getattr(vlm, "input_modalities", ()):
+            return None
+        names = [name for name in inspect.signature(encode).parameters if name in inputs]
+        if "pixel_values" not in names or any(inputs[name].shape[0] != len(rows) for name in names):
+            return None
+        first: dict[int, int] = {}  # image -> its first row
+        for r, row in enumerate(rows):
+            first.setdefault(row.image, r)
+        pick = torch.tensor(list(first.values()), device=self.device)
+        features = encode(**{name: inputs[name][pick] for name in names}, return_dict=True).pooler_output
+        if len(features) != len(first):
+            logger.warning("image features do not match the images; encoding per row")
+            return None
+        slot = {image: k for k, image in enumerate(first)}
+        for name in names:
+            del inputs[name]
+        return {"image": BaseModelOutputWithPooling(pooler_output=[features[slot[row.image]] for row in rows])}

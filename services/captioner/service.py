@@ -1,22 +1,29 @@
 """The captioner's logic, no gRPC: checks a request against its budgets, builds each kind's prompt from the item's
-tags and characters, generates in batches of one kind, cleans the text and reports per-item errors.
+tags and characters, has an engine generate all kinds of all images (the local VLM in merged model batches, or an
+OpenAI-compatible server), cleans the text and reports per-item errors.
 
-`CaptionerService.from_settings(settings)`, `service.model.load()`, then `service.caption(jobs)`."""
+`CaptionerService.from_settings(settings)`, `service.model.load()`, then `service.caption(jobs)` (in-process) or
+`await service.caption_async(jobs)` (the gRPC servicer: concurrent calls share model batches)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from PIL import Image
 
+from pony_common.batching import BatcherClosed
 from pony_common.budgets import RequestBudget
-from pony_common.config import Settings
-from pony_common.errors import Cancelled, InvalidArgument
-from pony_common.metrics import BATCH_SIZE, ITEM_FAILURES
+from pony_common.config import ConfigError, Settings
+from pony_common.errors import Cancelled, DependencyUnavailable, InvalidArgument
+from pony_common.metrics import ITEM_FAILURES
+from pony_common.models.lifecycle import Model
 from services.captioner.cleanup import CaptionCleaner
+from services.captioner.engines import CaptionEngine, CaptionTask, LocalEngine, TaskResult
 from services.captioner.model import CaptionerModel
+from services.captioner.openai_engine import OpenAIEngine
 from services.captioner.prompts import KIND_SPECS, KINDS, PromptBook, split_artist_tags
 
 logger = logging.getLogger(__name__)
@@ -25,6 +32,7 @@ SERVICE = "captioner"
 MAX_NEW_TOKENS_LIMIT = 4096
 MAX_TEXT = 256  # characters per tag, character or artist name
 MAX_LIST = 512  # tags per item
+ENGINES = ("transformers", "openai")
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,10 @@ class CaptionSpec:
 
     def job(self, image: Image.Image) -> CaptionJob:
         return CaptionJob(image, self.tags, self.characters, self.kinds, self.artists)
+
+
+# An item's names as its prompts and clean-up use them: (tags, characters, artists).
+Prepared = tuple[list[str], list[str], list[str]]
 
 
 @dataclass(frozen=True)
@@ -96,25 +108,29 @@ def _strings(values: Sequence[str], field: str) -> list[str]:
 
 
 class CaptionerService:
-    """Captions images of several kinds with one VLM, a batch of prompts of one kind per `generate` call.
+    """Captions images of several kinds with one VLM: every kind of every image of a batch in one `generate` call
+    (local engine), or one request per (image, kind) to an OpenAI-compatible server (openai engine).
 
     Decoding is greedy (deterministic); each kind's token budget is its own (KIND_SPECS) capped by
-    `max_new_tokens`. A batch that fails is retried item by item so one bad item cannot fail the others.
+    `max_new_tokens`. A batch that fails is retried image by image so one bad item cannot fail the others.
     """
 
     def __init__(
         self,
-        model: CaptionerModel,
+        model: CaptionerModel | CaptionEngine,
         *,
-        batch_size: int = 8,
+        batch_size: int = 16,
+        batch_delay_ms: float = 5.0,
         max_new_tokens: int = 320,
         max_items: int = 256,
         prompts: PromptBook | None = None,
         cleaner: CaptionCleaner | None = None,
         budget: RequestBudget | None = None,
     ) -> None:
-        self.model = model
         self.batch_size = max(1, int(batch_size))
+        if isinstance(model, CaptionerModel):
+            model = LocalEngine(model, batch_size=self.batch_size, batch_delay_s=batch_delay_ms / 1000)
+        self.engine: CaptionEngine = model
         self.max_new_tokens = max(1, int(max_new_tokens))
         self.max_items = max_items
         self.budget = budget or RequestBudget.from_settings(Settings(), max_items, "PONY_CAPTIONER_MAX_ITEMS")
@@ -123,12 +139,22 @@ class CaptionerService:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> CaptionerService:
-        """Model from `PONY_CAPTIONER_MODEL` (or models_dir/vlm); examples, fillers and blocklist from their paths."""
+        """The engine of `PONY_CAPTIONER_ENGINE`: the VLM of `PONY_CAPTIONER_MODEL` (or models_dir/vlm) in this process,
+        or the OpenAI-compatible server at `PONY_CAPTIONER_OPENAI_BASE_URL`; examples, fillers and blocklist from
+        their paths."""
         c = settings.captioner
         prompts = PromptBook.load(c.fewshot_path or None, c.fewshot_per_prompt)
+        engine: CaptionerModel | CaptionEngine
+        if c.engine == "transformers":
+            engine = CaptionerModel.from_settings(settings, template_version=prompts.version)
+        elif c.engine == "openai":
+            engine = OpenAIEngine.from_settings(settings, template_version=prompts.version)
+        else:
+            raise ConfigError(f"PONY_CAPTIONER_ENGINE={c.engine!r} is not an engine; use one of {', '.join(ENGINES)}")
         return cls(
-            CaptionerModel.from_settings(settings, template_version=prompts.version),
+            engine,
             batch_size=c.batch_size,
+            batch_delay_ms=c.batch_delay_ms,
             max_new_tokens=c.max_new_tokens,
             max_items=c.max_items,
             prompts=prompts,
@@ -137,8 +163,18 @@ class CaptionerService:
         )
 
     @property
+    def model(self) -> Model:
+        """The engine's lifecycle: `load()` before captioning; readiness follows it."""
+        return self.engine.model
+
+    @property
     def template_version(self) -> str:
         return self.prompts.version
+
+    def close(self) -> None:
+        """Stops the engine (waiting calls get UNAVAILABLE) and frees the model."""
+        self.engine.close()
+        self.model.teardown()
 
     # --- request checks (before any image is read; the images' bytes and pixels against `budget` before any
     # pixel is decoded: pony_common.budgets.open_images) ---
@@ -170,21 +206,48 @@ class CaptionerService:
 
     # --- captions ---
 
-    def _generate_isolated(
-        self, images: list[Image.Image], prompts: list[str], max_new_tokens: int
-    ) -> list[str | Exception]:
-        """`generate` on the batch; when it fails, item by item so only the failing items fail."""
-        try:
-            return list(self.model.generate(images, prompts, max_new_tokens))
-        except Exception as exc:
-            if len(images) == 1:
-                logger.exception("caption generation failed")
-                return [exc]
-            logger.warning("batch generation failed (%s); retrying item by item", exc)
-        results: list[str | Exception] = []
-        for image, prompt in zip(images, prompts, strict=True):
-            results += self._generate_isolated([image], [prompt], max_new_tokens)
-        return results
+    def _prepare(
+        self, jobs: Sequence[CaptionJob], max_new_tokens: int, should_stop: Callable[[], bool] | None
+    ) -> tuple[list[tuple[str, ...]], list[Prepared], list[CaptionTask]]:
+        """Each job's kinds, its prompt names (tags, characters, artists) and its task: one prompt per kind, each
+        kind's budget capped by `max_new_tokens` (0 = the configured cap)."""
+        check_max_new_tokens(max_new_tokens)
+        cap = max_new_tokens or self.max_new_tokens
+        wanted = [check_kinds(job.kinds, f"jobs[{i}].kinds") for i, job in enumerate(jobs)]
+        self.model.require_ready()
+        prepared: list[Prepared] = []
+        tasks: list[CaptionTask] = []
+        for job, kinds in zip(jobs, wanted, strict=True):
+            tags, tag_artists = split_artist_tags(job.tags)
+            artists = [*job.artists, *tag_artists]
+            tags = [t for t in tags if not self.cleaner.is_blocked_artist(t) and t not in artists]
+            characters = [c for c in job.characters if c.strip()]
+            prepared.append((tags, characters, artists))
+            prompts = tuple(
+                (self.prompts.prompt(kind, tags, characters), min(KIND_SPECS[kind].max_new_tokens, cap))
+                for kind in kinds
+            )
+            tasks.append(CaptionTask(job.image, prompts, should_stop))
+        return wanted, prepared, tasks
+
+    def _outcomes(
+        self, wanted: list[tuple[str, ...]], prepared: list[Prepared], results: Sequence[TaskResult]
+    ) -> list[CaptionOutcome]:
+        """Cleaned captions per job; the engine being down or the request cancelled fails the whole call."""
+        for result in results:
+            if isinstance(result, DependencyUnavailable | Cancelled):
+                raise result
+            if isinstance(result, BatcherClosed):
+                raise DependencyUnavailable("the captioner is shutting down; retry later") from result
+        outcomes = []
+        for i, result in enumerate(results):
+            if isinstance(result, BaseException):
+                failure = f"caption generation failed ({type(result).__name__})"
+                outcomes.append(self._finish(i, wanted[i], prepared[i], {}, failure))
+            else:
+                raw = dict(zip(wanted[i], result, strict=True))
+                outcomes.append(self._finish(i, wanted[i], prepared[i], raw, None))
+        return outcomes
 
     def caption(
         self,
@@ -192,47 +255,32 @@ class CaptionerService:
         max_new_tokens: int = 0,
         should_stop: Callable[[], bool] | None = None,
     ) -> list[CaptionOutcome]:
-        """Captions of every wanted kind for each job; per-job failures are in the job's outcome.
+        """Captions of every wanted kind for each job, in the caller's thread; per-job failures are in the job's
+        outcome.
 
-        `max_new_tokens` (0 = the configured cap) caps every kind's budget; `should_stop` is checked between
-        batches and raises Cancelled when it returns True. UNAVAILABLE while the model is still loading.
+        `max_new_tokens` (0 = the configured cap) caps every kind's budget; `should_stop` is checked before each
+        model batch and raises Cancelled when it returns True. UNAVAILABLE while the model is still loading.
         """
-        check_max_new_tokens(max_new_tokens)
-        cap = max_new_tokens or self.max_new_tokens
-        wanted = [check_kinds(job.kinds, f"jobs[{i}].kinds") for i, job in enumerate(jobs)]
-        self.model.require_ready()
-        prepared = []
-        for job in jobs:
-            tags, tag_artists = split_artist_tags(job.tags)
-            artists = [*job.artists, *tag_artists]
-            tags = [t for t in tags if not self.cleaner.is_blocked_artist(t) and t not in artists]
-            prepared.append((tags, [c for c in job.characters if c.strip()], artists))
-        raw: list[dict[str, str]] = [{} for _ in jobs]
-        failures: dict[int, str] = {}
-        for kind in KINDS:
-            todo = [i for i, kinds in enumerate(wanted) if kind in kinds]
-            spec = KIND_SPECS[kind]
-            for start in range(0, len(todo), self.batch_size):
-                if should_stop is not None and should_stop():
-                    raise Cancelled("caption request cancelled")
-                chunk = [i for i in todo[start : start + self.batch_size] if i not in failures]
-                if not chunk:
-                    continue
-                prompts = [self.prompts.prompt(kind, prepared[i][0], prepared[i][1]) for i in chunk]
-                BATCH_SIZE.labels(SERVICE, kind).observe(len(chunk))
-                texts = self._generate_isolated([jobs[i].image for i in chunk], prompts, min(spec.max_new_tokens, cap))
-                for i, text in zip(chunk, texts, strict=True):
-                    if isinstance(text, Exception):
-                        failures[i] = f"caption generation failed ({type(text).__name__})"
-                    else:
-                        raw[i][kind] = text
-        return [self._finish(i, wanted[i], prepared[i], raw[i], failures.get(i)) for i in range(len(jobs))]
+        wanted, prepared, tasks = self._prepare(jobs, max_new_tokens, should_stop)
+        return self._outcomes(wanted, prepared, self.engine.generate(tasks) if tasks else [])
+
+    async def caption_async(
+        self,
+        jobs: Sequence[CaptionJob],
+        max_new_tokens: int = 0,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[CaptionOutcome]:
+        """`caption`, with the jobs sharing model batches with concurrent calls (the engine's batcher, or the
+        server's continuous batching)."""
+        wanted, prepared, tasks = await asyncio.to_thread(self._prepare, jobs, max_new_tokens, should_stop)
+        results = await self.engine.submit(tasks) if tasks else []
+        return await asyncio.to_thread(self._outcomes, wanted, prepared, results)
 
     def _finish(
         self,
         index: int,
         kinds: Sequence[str],
-        prepared: tuple[list[str], list[str], list[str]],
+        prepared: Prepared,
         raw: dict[str, str],
         failure: str | None,
     ) -> CaptionOutcome:
@@ -240,7 +288,7 @@ class CaptionerService:
             ITEM_FAILURES.labels(SERVICE, "internal").inc()
             return CaptionOutcome(error_reason="internal", error_message=failure)
         _, characters, artists = prepared
-        model_id, model_version = self.model.model_id, self.model.model_version
+        model_id, model_version = self.engine.model_id, self.engine.model_version
         captions = []
         for kind in kinds:
             text = self.cleaner.clean(raw.get(kind, ""), KIND_SPECS[kind], characters, artists)

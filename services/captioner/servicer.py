@@ -78,17 +78,14 @@ class CaptionerServicer(captioner_pb2_grpc.CaptionerServicer):
         refs = [(f"items[{i}].image", item.image) for i, item in enumerate(items)]
         return open_images(self.resolver, refs, self.service.budget, "items", group)
 
-    def _run(
+    def _decode(
         self,
         items: Sequence[captioner_pb2.CaptionItem],
         specs: list[CaptionSpec],
-        offset: int,
-        max_new_tokens: int,
-        context: aio.ServicerContext,
         opened: Sequence[OpenedImage | InvalidArgument],
-    ) -> list[captioner_pb2.CaptionResult]:
-        """Decodes the opened images (bad ones become item errors) and captions the rest in one service call; stops
-        between generation batches once the caller's deadline has passed or the call was cancelled."""
+    ) -> tuple[list[captioner_pb2.CaptionResult], list[CaptionJob], list[int]]:
+        """One result per item, the opened images decoded (bad ones become item errors): the results, the jobs of
+        the good images and their positions."""
         results: list[captioner_pb2.CaptionResult] = []
         jobs: list[CaptionJob] = []
         positions: list[int] = []
@@ -103,12 +100,27 @@ class CaptionerServicer(captioner_pb2_grpc.CaptionerServicer):
                 jobs.append(spec.job(loaded.image))
                 positions.append(k)
             results.append(result)
+        return results, jobs, positions
+
+    async def _run(
+        self,
+        items: Sequence[captioner_pb2.CaptionItem],
+        specs: list[CaptionSpec],
+        offset: int,
+        max_new_tokens: int,
+        context: aio.ServicerContext,
+        opened: Sequence[OpenedImage | InvalidArgument],
+    ) -> list[captioner_pb2.CaptionResult]:
+        """Decodes the opened images in a thread and captions the good ones in one service call, whose model batches
+        are shared with concurrent calls; work not yet started is skipped once the caller's deadline has passed or
+        the call was cancelled."""
+        results, jobs, positions = await asyncio.to_thread(self._decode, items, specs, opened)
 
         def should_stop() -> bool:
             remaining = context.time_remaining()
             return context.cancelled() or (remaining is not None and remaining <= 0)
 
-        outcomes = self.service.caption(jobs, max_new_tokens, should_stop) if jobs else []
+        outcomes = await self.service.caption_async(jobs, max_new_tokens, should_stop) if jobs else []
         for k, outcome in zip(positions, outcomes, strict=True):
             self._fill(results[k], outcome, f"items[{offset + k}]")
         return results
@@ -136,16 +148,14 @@ class CaptionerServicer(captioner_pb2_grpc.CaptionerServicer):
         items = list(request.items)
         specs = self._validate(items, request.max_new_tokens)
 
-        def work() -> list[captioner_pb2.CaptionResult]:
-            return self._run(items, specs, 0, request.max_new_tokens, context, self._open(items))
-
-        results = await asyncio.to_thread(work)
+        opened = await asyncio.to_thread(self._open, items)
+        results = await self._run(items, specs, 0, request.max_new_tokens, context, opened)
         return captioner_pb2.CaptionResponse(results=results)
 
     async def CaptionStream(
         self, request: captioner_pb2.CaptionStreamRequest, context: aio.ServicerContext
     ) -> AsyncIterator[captioner_pb2.CaptionStreamResponse]:
-        """Captions `captioner_batch_size` items at a time and sends each result as its batch finishes."""
+        """Captions `captioner_batch_size` items at a time and sends each result as its chunk finishes."""
         items = list(request.items)
         specs = self._validate(items, request.max_new_tokens)
         step = self.service.batch_size
@@ -153,14 +163,8 @@ class CaptionerServicer(captioner_pb2_grpc.CaptionerServicer):
         done = 0
         for start in range(0, len(items), step):
             chunk = items[start : start + step]
-            results = await asyncio.to_thread(
-                self._run,
-                chunk,
-                specs[start : start + step],
-                start,
-                request.max_new_tokens,
-                context,
-                opened[start : start + step],
+            results = await self._run(
+                chunk, specs[start : start + step], start, request.max_new_tokens, context, opened[start : start + step]
             )
             for result in results:
                 done += 1

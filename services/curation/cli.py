@@ -1,4 +1,4 @@
-"""The curation tier's ponyctl verbs: ingest, status, select, export, report."""
+"""The curation tier's ponyctl verbs: ingest, status, select, export, report, dedup."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _register_select(sub)
     _register_export(sub)
     _register_report(sub)
+    _register_dedup(sub)
 
 
 def _register_ingest(sub: argparse._SubParsersAction) -> None:
@@ -124,31 +125,67 @@ def _run_select(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _register_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="write DIR/manifest.parquet (+ DIR/images, DIR/shards) for a selection")
+    p = sub.add_parser(
+        "export",
+        help="write DIR/manifest.parquet, DIR/images (+ .txt captions, metadata.jsonl), trainer configs (+ shards)",
+        description="Prompts follow the model family's convention and fit its text encoder's token budget; the "
+        "token-length distribution is printed after the JSON summary.",
+    )
     p.add_argument("dir", help="output folder (created if missing)")
     p.add_argument("--name", default="default", help="the selection to export")
-    p.add_argument("--webdataset", action="store_true", help="also write WebDataset .tar shards")
+    p.add_argument("--family", default="v7", choices=("v7", "v6"), help="model family of the prompt convention")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the family's from PONY_MODELS_DIR)")
+    p.add_argument("--webdataset", action="store_true", help="also write WebDataset .tar shards (shuffled)")
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard")
+    p.add_argument("--shard-format", default="png", choices=("png", "jpg"), help="the one image key of the shards")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shards' shuffled order")
+    p.add_argument("--resolution", type=int, default=1024, help="training resolution in the dataloader configs")
     p.set_defaults(func=_run_export)
 
 
 def _run_export(args: argparse.Namespace, settings: Settings) -> int:
+    from pony_common.prompts.budget import format_token_stats
     from services.curation.export import export_selection
 
     if args.shard_size < 1:
         raise UsageError("--shard-size must be at least 1")
+    if args.resolution < 64:
+        raise UsageError("--resolution must be at least 64")
     try:
         summary = export_selection(
-            settings, args.dir, name=args.name, webdataset=args.webdataset, shard_size=args.shard_size
+            settings,
+            args.dir,
+            name=args.name,
+            webdataset=args.webdataset,
+            shard_size=args.shard_size,
+            family=args.family,
+            tokenizer=args.tokenizer,
+            seed=args.seed,
+            shard_format=args.shard_format,
+            resolution=args.resolution,
         )
     except InvalidArgument as exc:
-        raise UsageError(f"{exc.message}: run `ponyctl select --name {args.name}` first") from None
-    out = {"manifest": str(summary.manifest), "rows": summary.rows, "shards": [str(p) for p in summary.shards]}
+        if exc.field == "name":
+            raise UsageError(f"{exc.message}: run `ponyctl select --name {args.name}` first") from None
+        raise _usage(
+            exc, {"tokenizer": "--tokenizer", "family": "--family", "shard_format": "--shard-format"}
+        ) from None
+    out = {
+        "manifest": str(summary.manifest),
+        "rows": summary.rows,
+        "family": summary.family,
+        "tokens": summary.tokens,
+        "shards": [str(p) for p in summary.shards],
+    }
     if summary.missing_style:
         out["missing_style_tags"] = summary.missing_style
     if summary.skipped:
         out["skipped"] = summary.skipped
     sys.stdout.write(json.dumps(out) + "\n")
+    if summary.tokens is not None:
+        sys.stdout.write(f"{summary.family} {format_token_stats(summary.tokens)}\n")
+    else:
+        sys.stdout.write(f"prompt tokens: {summary.tokenizer_note}\n")
     return 0
 
 
@@ -170,4 +207,45 @@ def _run_report(args: argparse.Namespace, settings: Settings) -> int:
     except InvalidArgument as exc:
         raise _usage(exc, {}) from None
     sys.stdout.write(f"{path}\n")
+    return 0
+
+
+def _register_dedup(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "dedup",
+        help="group near-duplicates: new pHashes matched against the indexed ones (optionally by CLIP embedding too)",
+        description="Matches the pHashes not yet indexed against each other and the indexed ones (groups only merge; "
+        "--full recomputes every group, e.g. after changing --dup-distance). In each group the best-scored image stays "
+        "eligible for selection.",
+    )
+    p.add_argument("--dup-distance", type=int, default=None, help="pHash bits within which images are near-duplicates")
+    p.add_argument("--full", action="store_true", help="recompute every group from the stored pHashes")
+    p.add_argument("--semantic", action="store_true", help="also group images whose stored CLIP embeddings are close")
+    p.add_argument(
+        "--threshold", type=float, default=None, help="cosine distance for --semantic, in (0, 1] (default 0.05)"
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_run_dedup)
+
+
+def _run_dedup(args: argparse.Namespace, settings: Settings) -> int:
+    from services.curation.duplicates import DEFAULT_MAX_DISTANCE, dedup_catalog
+
+    distance = DEFAULT_MAX_DISTANCE if args.dup_distance is None else args.dup_distance
+    if args.threshold is not None and not args.semantic:
+        raise UsageError("--threshold needs --semantic")
+    if args.threshold is not None and not 0.0 < args.threshold <= 1.0:
+        raise UsageError("--threshold must be in (0, 1]")
+    try:
+        summary = dedup_catalog(
+            settings, max_distance=distance, full=args.full, semantic=args.semantic, threshold=args.threshold
+        )
+    except InvalidArgument as exc:
+        raise _usage(exc, {"max_distance": "--dup-distance", "threshold": "--threshold"}) from None
+    if args.json:
+        sys.stdout.write(json.dumps(summary.as_dict()) + "\n")
+    else:
+        sys.stdout.write(
+            " ".join(f"{k.replace('_', ' ')} {v}," for k, v in summary.as_dict().items()).rstrip(",") + "\n"
+        )
     return 0

@@ -1,7 +1,8 @@
 """Sending images through the curation workflow and following them to the end (with a progress bar).
 
-An image is `processing` only while its workflow is published: a chunk is marked and published together, and
-what could not be published gets its previous status back, so a broker that is down leaves nothing in flight that
+The unit of work is a batch of `curation_batch_size` images: one workflow (one task per stage) per batch. An image
+is `processing` only while its batch's workflow is published: a batch is marked and published together, and a batch
+that could not be published gets its previous status back, so a broker that is down leaves nothing in flight that
 is not. An image cut off between the two (the process killed) is resent by the next `ponyctl ingest` of its
 source, which sends every image that has not finished. Following the images, a wait with no progress at all while
 some curation queue has no worker ends with a NoWorker error instead of waiting forever.
@@ -16,9 +17,9 @@ from typing import Any
 
 from sqlalchemy import func, select, update
 
-from pony_common.catalog.db import Catalog, catalog_for
+from pony_common.catalog.db import Catalog, catalog_for, id_in
 from pony_common.catalog.models import ImageRow
-from pony_common.config import Settings
+from pony_common.config import ConfigError, Settings
 from pony_common.errors import DependencyUnavailable, PonyError
 from pony_common.workers import CURATION_QUEUES
 from services.curation.store import StageRow
@@ -26,9 +27,9 @@ from services.curation.store import StageRow
 log = logging.getLogger(__name__)
 
 FINAL = ("done", "failed")
+# Largest batch: the services' default per-call caps (captioner max_items, style tagger and safety max_batch).
+MAX_BATCH = 256
 _CHUNK = 500
-# Images marked `processing` and published together; on a publishing error the rest of the chunk is put back.
-SEND_CHUNK = 100
 
 
 class BrokerUnavailable(DependencyUnavailable):
@@ -78,61 +79,77 @@ def check_broker(settings: Settings) -> None:
 def _mark_in_flight(catalog: Catalog, ids: Sequence[str]) -> dict[str, tuple[str, str | None]]:
     """Marks `ids` processing and reopens their failed workflow stages (a stale persist then waits for them);
     returns each image's previous (status, error)."""
+    images, stages = ImageRow.__table__.c, StageRow.__table__.c
     with catalog.session() as s:
         before = {
             r.id: (r.status, r.error)
-            for r in s.execute(select(ImageRow.id, ImageRow.status, ImageRow.error).where(ImageRow.id.in_(ids)))
+            for r in s.execute(select(images.id, images.status, images.error).where(id_in(s, images.id, ids)))
         }
-        s.execute(update(ImageRow).where(ImageRow.id.in_(ids)).values(status="processing", error=None))
+        s.execute(update(ImageRow.__table__).where(id_in(s, images.id, ids)).values(status="processing", error=None))
         s.execute(
-            update(StageRow)
-            .where(StageRow.image_id.in_(ids), StageRow.status == "failed", StageRow.stage != "decode")
+            update(StageRow.__table__)
+            .where(id_in(s, stages.image_id, ids), stages.status == "failed", stages.stage != "decode")
             .values(status="pending", error=None)
         )
     return before
 
 
 def _put_back(catalog: Catalog, before: dict[str, tuple[str, str | None]], ids: Sequence[str]) -> None:
-    """Gives images that were marked but not published their previous status back."""
+    """Gives images that were marked but not published their previous status back (one statement per distinct
+    previous status)."""
+    previous: dict[tuple[str, str | None], list[str]] = {}
+    for image_id in ids:
+        previous.setdefault(before.get(image_id, ("ingested", None)), []).append(image_id)
     with catalog.session() as s:
-        for image_id in ids:
-            status, error = before.get(image_id, ("ingested", None))
+        for (status, error), same in previous.items():
             s.execute(
                 update(ImageRow)
-                .where(ImageRow.id == image_id, ImageRow.status == "processing")
+                .where(ImageRow.id.in_(same), ImageRow.status == "processing")
                 .values(status=status, error=error)
             )
 
 
+def batch_size(settings: Settings) -> int:
+    """`curation_batch_size`, checked (ConfigError naming PONY_CURATION_BATCH_SIZE when it is not 1..256: every
+    service takes at most 256 images per call by default)."""
+    size = settings.curation_batch_size
+    if not 1 <= size <= MAX_BATCH:
+        raise ConfigError(f"PONY_CURATION_BATCH_SIZE: must be in 1..{MAX_BATCH}, got {size}")
+    return size
+
+
+def batches(image_ids: Sequence[str], size: int) -> list[list[str]]:
+    """The distinct ids in order, cut into batches of `size` (the last one shorter)."""
+    ids = list(dict.fromkeys(image_ids))
+    return [ids[i : i + size] for i in range(0, len(ids), size)]
+
+
 def submit_images(settings: Settings, image_ids: Sequence[str]) -> list[str]:
-    """Marks the images `processing` and publishes one workflow per image, a chunk at a time; returns the ids sent.
+    """Marks the images `processing` and publishes one workflow per batch of `curation_batch_size`; returns the ids
+    sent.
 
     Raises BrokerUnavailable (naming PONY_BROKER_URL) when the broker cannot be reached; images not published keep
     their previous status."""
     from services.curation.tasks import workflow
 
-    ids = list(dict.fromkeys(image_ids))
-    if not ids:
+    todo = batches(image_ids, batch_size(settings))
+    if not todo:
         return []
+    total = sum(len(b) for b in todo)
     check_broker(settings)
     catalog = catalog_for(settings.database_url)
     sent: list[str] = []
-    for i in range(0, len(ids), SEND_CHUNK):
-        chunk = ids[i : i + SEND_CHUNK]
-        before = _mark_in_flight(catalog, chunk)
-        published: list[str] = []
+    for batch in todo:
+        before = _mark_in_flight(catalog, batch)
         try:
-            for image_id in chunk:
-                workflow(image_id).apply_async()
-                published.append(image_id)
+            workflow(batch).apply_async()
         except Exception as exc:
-            _put_back(catalog, before, chunk[len(published) :])
-            sent += published
+            _put_back(catalog, before, batch)
             if _is_broker_error(exc):
-                raise _broker_error(settings, exc, len(sent), len(ids)) from None
+                raise _broker_error(settings, exc, len(sent), total) from None
             raise
-        sent += published
-    log.info("submitted images", extra={"count": len(sent)})
+        sent += batch
+    log.info("submitted images", extra={"count": len(sent), "batches": len(todo)})
     return sent
 
 

@@ -1,5 +1,6 @@
 """Ingest: store a source's images by content hash (blob store + images table), group near-duplicates,
-send each unfinished image through the curation workflow and, optionally, wait for it with a progress bar.
+send the unfinished images through the curation workflow in batches and, optionally, wait for them with a progress
+bar.
 
 Running it again on the same source finishes what an earlier run left: images never sent and images sent but
 not finished (whatever stage they stopped in) are sent again; the stage ledger makes the resend harmless."""
@@ -21,7 +22,7 @@ from pony_common.config import Settings
 from pony_common.errors import InvalidArgument
 from pony_common.images import decode_image, image_id
 from services.curation.categories import category_of
-from services.curation.duplicates import DEFAULT_MAX_DISTANCE, regroup, resolve_duplicates
+from services.curation.duplicates import DEFAULT_MAX_DISTANCE, dedup_new, resolve_duplicates
 from services.curation.phash import phash
 from services.curation.sources import SourceItem, iter_source
 from services.curation.store import fail_stage
@@ -174,7 +175,7 @@ def ingest_source(
 
     catalog = catalog_for(settings.database_url)
     summary = store_items(settings, iter_source(source, settings), progress=progress)
-    regroup(catalog, max_distance)
+    dedup_new(catalog, max_distance)
     todo = pending_ids(catalog, summary.ids, resume=resume)
     summary.submitted = submit_images(settings, todo)
     if wait and todo:

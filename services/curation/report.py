@@ -9,17 +9,21 @@ import io
 import json
 import logging
 from collections import defaultdict
+from collections.abc import Sequence
 from html import escape
 from pathlib import Path
 
 from PIL import Image
+from sqlalchemy import select
 
 from pony_common.blobs import BlobStore
-from pony_common.catalog.db import catalog_for
+from pony_common.catalog.db import Catalog, catalog_for
+from pony_common.catalog.models import ImageRow
 from pony_common.config import Settings
 from pony_common.errors import InvalidArgument
 from services.curation.categories import CATEGORIES
 from services.curation.charts import bar_chart, histogram
+from services.curation.duplicates import binary_collation
 from services.curation.records import ImageRecord, load_records
 from services.curation.selection import load_selection
 from services.curation.status import curation_status
@@ -201,6 +205,19 @@ def render_report(
     )
 
 
+def report_ids(catalog: Catalog, selected: Sequence[str], limit: int) -> list[str]:
+    """The `limit` images a report shows: the selection's first, then the others, each part in id order. Only these
+    are read from the catalog (a report of a 1M-image catalog reads `limit` records, not 1M)."""
+    chosen = set(selected)
+    ids = sorted(chosen)[:limit]
+    if len(ids) < limit:
+        with catalog.session() as s:
+            order = ImageRow.id.collate(binary_collation(s.get_bind().dialect.name))
+            more = s.scalars(select(ImageRow.id).order_by(order).limit(limit + len(chosen)))
+            ids += [i for i in more if i not in chosen][: limit - len(ids)]
+    return ids
+
+
 def write_report(settings: Settings, out_dir: str | Path, *, selection: str = "default", limit: int = 1000) -> Path:
     """Writes `out_dir/index.html` for the catalog (at most `limit` image cards: the selection first)."""
     from services.curation.status import format_status
@@ -212,10 +229,7 @@ def write_report(settings: Settings, out_dir: str | Path, *, selection: str = "d
         )
     catalog = catalog_for(settings.database_url)
     selected = load_selection(catalog, selection)
-    records = load_records(catalog)
-    chosen = set(selected)
-    records.sort(key=lambda r: (r.image_id not in chosen, r.image_id))
-    records = records[:limit]
+    records = load_records(catalog, report_ids(catalog, selected, limit))
     blobs = BlobStore(settings.blob_url)
     thumbs: dict[str, str | None] = {}
     for r in records:

@@ -12,15 +12,16 @@ import logging
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
-from sqlalchemy import delete, select
+from sqlalchemy import Select, String, case, delete, false, func, insert, literal, select, text
+from sqlalchemy.orm import Session
 
 from pony_common.blobs import BlobStore
 from pony_common.catalog.db import Catalog, catalog_for
-from pony_common.catalog.models import AestheticScoreRow, ImageRow, SafetyDecisionRow
+from pony_common.catalog.models import TS, AestheticScoreRow, ImageRow, SafetyDecisionRow, utcnow
 from pony_common.config import Settings
 from pony_common.errors import InvalidArgument
 from services.curation.categories import CATEGORIES, DEFAULT_MIX, normalize_category
-from services.curation.duplicates import resolve_duplicates
+from services.curation.duplicates import binary_collation, resolve_duplicates
 from services.curation.store import SelectionRow
 
 log = logging.getLogger(__name__)
@@ -150,21 +151,10 @@ class Candidate:
 
 
 def eligible_pool(catalog: Catalog, min_score: float | None = None) -> list[Candidate]:
-    """Processed images allowed by safety, not near-duplicates, scored at least `min_score`."""
-    query = (
-        select(ImageRow.id, ImageRow.category, AestheticScoreRow.score)
-        .join(AestheticScoreRow, AestheticScoreRow.image_id == ImageRow.id)
-        .join(SafetyDecisionRow, SafetyDecisionRow.image_id == ImageRow.id)
-        .where(
-            ImageRow.status == "done",
-            ImageRow.is_duplicate.is_(False),
-            SafetyDecisionRow.decision == "allow",
-        )
-    )
-    if min_score is not None:
-        query = query.where(AestheticScoreRow.score >= min_score)
+    """Processed images allowed by safety, not near-duplicates, scored at least `min_score` (into Python: for small
+    pools and tests; `select_images` ranks the pool in the database)."""
     with catalog.session() as s:
-        return [Candidate(r.id, r.category or "other", float(r.score)) for r in s.execute(query)]
+        return [Candidate(r.id, r.category, float(r.score)) for r in s.execute(_eligible(min_score))]
 
 
 def choose(
@@ -181,6 +171,53 @@ def choose(
     return chosen, quotas, _apportion(total, mix)
 
 
+def _eligible(min_score: float | None) -> Select:
+    """id, category and score of the eligible pool (the query `eligible_pool` reads)."""
+    query = (
+        select(ImageRow.id, func.coalesce(ImageRow.category, "other").label("category"), AestheticScoreRow.score)
+        .join(AestheticScoreRow, AestheticScoreRow.image_id == ImageRow.id)
+        .join(SafetyDecisionRow, SafetyDecisionRow.image_id == ImageRow.id)
+        .where(
+            ImageRow.status == "done",
+            ImageRow.is_duplicate == false(),
+            SafetyDecisionRow.decision == "allow",
+        )
+    )
+    if min_score is not None:
+        query = query.where(AestheticScoreRow.score >= min_score)
+    return query
+
+
+def _write_selection(s: Session, name: str, min_score: float | None, quotas: Mapping[str, int]) -> None:
+    """Replaces selection `name` with the best `quotas[category]` of each category, ranked by score (ties: smaller
+    id), in one INSERT ... SELECT: no row of the pool travels to Python."""
+    ids = ImageRow.id.collate(binary_collation(s.get_bind().dialect.name))
+    pool = _eligible(min_score).add_columns(
+        func.row_number()
+        .over(
+            partition_by=func.coalesce(ImageRow.category, "other"),
+            order_by=(AestheticScoreRow.score.desc(), ids),
+        )
+        .label("place"),
+        ids.label("sort_id"),
+    )
+    pool = pool.subquery()
+    wanted = {c: n for c, n in quotas.items() if n > 0}
+    quota = case(wanted, value=pool.c.category, else_=0) if wanted else literal(0)
+    rank = func.row_number().over(order_by=(pool.c.score.desc(), pool.c.sort_id)) - 1
+    chosen = select(
+        literal(name, String).label("name"),
+        pool.c.id,
+        rank.label("rank"),
+        pool.c.category,
+        literal(utcnow(), TS).label("created_at"),
+    ).where(pool.c.place <= quota)
+    if s.get_bind().dialect.name == "postgresql":
+        s.execute(text("SET LOCAL work_mem = '256MB'"))  # rank the pool in memory, not in temporary files
+    s.execute(delete(SelectionRow).where(SelectionRow.name == name))
+    s.execute(insert(SelectionRow).from_select(["name", "image_id", "rank", "category", "created_at"], chosen))
+
+
 def select_images(
     settings: Settings,
     total: int,
@@ -189,7 +226,8 @@ def select_images(
     min_score: float | None = None,
     name: str = "default",
 ) -> SelectionReport:
-    """`ponyctl select`: writes selection `name` (replacing it) and returns target vs achieved mix."""
+    """`ponyctl select`: writes selection `name` (replacing it) and returns target vs achieved mix. The pool is
+    counted and ranked in the database (a 10% selection of a 1M-image catalog stays interactive)."""
     if total < 1:
         raise InvalidArgument("total", "must be at least 1")
     if min_score is not None and not 0.0 <= min_score <= 1.0:
@@ -197,19 +235,16 @@ def select_images(
     mix = dict(mix or DEFAULT_MIX)
     catalog = catalog_for(settings.database_url)
     resolve_duplicates(catalog)
-    pool = eligible_pool(catalog, min_score)
-    chosen, quotas, targets = choose(pool, total, mix)
-    available: dict[str, int] = {}
-    for c in pool:
-        available[c.category] = available.get(c.category, 0) + 1
     with catalog.session() as s:
-        s.execute(delete(SelectionRow).where(SelectionRow.name == name))
-        s.add_all(
-            SelectionRow(name=name, image_id=c.image_id, rank=i, category=c.category) for i, c in enumerate(chosen)
+        pool = _eligible(min_score).subquery()
+        available = {c: n for c, n in s.execute(select(pool.c.category, func.count()).group_by(pool.c.category))}
+        quotas = plan_quotas(total, mix, available)
+        targets = _apportion(total, mix)
+        _write_selection(s, name, min_score, quotas)
+        chosen = list(
+            s.scalars(select(SelectionRow.image_id).where(SelectionRow.name == name).order_by(SelectionRow.rank))
         )
-    report = SelectionReport(
-        name=name, total=total, selected=len(chosen), min_score=min_score, image_ids=[c.image_id for c in chosen]
-    )
+    report = SelectionReport(name=name, total=total, selected=len(chosen), min_score=min_score, image_ids=chosen)
     for cat in sorted(mix, key=_rank):
         got = quotas.get(cat, 0)
         report.categories.append(

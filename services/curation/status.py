@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import asdict, dataclass, field
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, func, or_, select, true
 
 from pony_common.catalog.db import Catalog, catalog_for
 from pony_common.catalog.models import ImageRow
@@ -73,32 +73,34 @@ def curation_status(catalog: Catalog, *, failures: int = 20) -> CurationStatus:
     out = CurationStatus()
     with catalog.session() as s:
         out.images = dict(s.execute(select(ImageRow.status, func.count()).group_by(ImageRow.status)).all())
-        out.duplicates = s.scalar(select(func.count()).where(ImageRow.is_duplicate.is_(True))) or 0
+        out.duplicates = s.scalar(select(func.count()).where(ImageRow.is_duplicate == true())) or 0
+        # One pass over the ledger: counts, and the first start / last finish of each (stage, status).
         counts: dict[str, dict[str, int]] = {}
-        for stage, status, n in s.execute(
-            select(StageRow.stage, StageRow.status, func.count()).group_by(StageRow.stage, StageRow.status)
+        spans: dict[str, tuple[int, dt.datetime | None, dt.datetime | None]] = {}
+        first = last = None
+        for stage, status, n, started, finished in s.execute(
+            select(
+                StageRow.stage,
+                StageRow.status,
+                func.count(),
+                func.min(StageRow.started_at),
+                func.max(StageRow.finished_at),
+            ).group_by(StageRow.stage, StageRow.status)
         ):
             counts.setdefault(stage, {})[status] = n
-        spans = {
-            r.stage: r
-            for r in s.execute(
-                select(
-                    StageRow.stage,
-                    func.count().label("n"),
-                    func.min(StageRow.started_at).label("first"),
-                    func.max(StageRow.finished_at).label("last"),
-                )
-                .where(StageRow.status == "done")
-                .group_by(StageRow.stage)
-            )
-        }
+            if status == "done":
+                spans[stage] = (n, started, finished)
+            if stage == "caption" and started is not None:
+                first = started if first is None else min(first, started)
+            if stage == "persist" and finished is not None:
+                last = finished if last is None else max(last, finished)
         for stage in [*STAGES, *sorted(set(counts) - set(STAGES))]:
             if stage not in counts:
                 continue
             row = StageStatus(stage, **{k: counts[stage].get(k, 0) for k in LEDGER_STATES})
             span = spans.get(stage)
             if span is not None:
-                row.per_second = _rate(span.n, span.first, span.last)
+                row.per_second = _rate(*span)
             out.stages.append(row)
         failed = s.execute(
             select(StageRow.image_id, StageRow.stage, StageRow.error, ImageRow.source_uri)
@@ -112,8 +114,6 @@ def curation_status(catalog: Catalog, *, failures: int = 20) -> CurationStatus:
         waiting = s.execute(select(StageRow.image_id, StageRow.stage, StageRow.error).where(parked).limit(failures))
         out.retrying = [Failure(r.image_id, r.stage, r.error or "") for r in waiting]
         out.waiting_images = s.scalar(select(func.count(func.distinct(StageRow.image_id))).where(parked)) or 0
-        first = s.scalar(select(func.min(StageRow.started_at)).where(StageRow.stage == "caption"))
-        last = s.scalar(select(func.max(StageRow.finished_at)).where(StageRow.stage == "persist"))
         persisted = counts.get("persist", {}).get("done", 0)
         out.images_per_second = _rate(persisted, first, last)
     return out

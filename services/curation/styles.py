@@ -1,5 +1,7 @@
-"""Style clusters for the pool: fit a cluster set when there is none (the first ingest), then tag every processed
-image that has no tag under the active set. The per-image workflow tags new images once a set exists."""
+"""Style clusters for the pool: fit a cluster set when there is none (the first ingest) and tag the STORED CLIP
+embeddings with it in the same call (no image tower, no second pass over the pool; palette tags the workflow stored
+are carried over), then tag whatever processed image is still untagged (one without a stored embedding). The
+batch workflow tags new images once a set exists."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from pony_common.catalog.models import EmbeddingRow, ImageRow, StyleAssignmentRo
 from pony_common.config import Settings
 from services.curation.records import active_style_version
 from services.curation.rpc import ItemFailed, call
-from services.curation.tasks import image_ref, save_style_embedding, save_style_tags
+from services.curation.tasks import CLIP_KIND, STYLE_KIND, image_ref, save_style_embedding, save_style_tags
 from services.style_tagger.client import StyleTaggerClient
 
 log = logging.getLogger(__name__)
@@ -57,14 +59,25 @@ def assign_styles(
     out = StyleAssignment(cluster_set_version=active_style_version(catalog))
     if out.cluster_set_version is None or refit:
         with catalog.session() as s:
-            n = s.scalar(select(func.count()).select_from(EmbeddingRow).where(EmbeddingRow.kind == "style")) or 0
+            n = (
+                s.scalar(
+                    select(func.count()).select_from(EmbeddingRow).where(EmbeddingRow.kind.in_((CLIP_KIND, STYLE_KIND)))
+                )
+                or 0
+            )
         if n < 2:
             log.info("too few style embeddings to cluster", extra={"embeddings": n})
             return out
         k = min(settings.style_tagger.k, max(2, n // 6))
-        resp = call(client.fit_clusters, style_tagger_pb2.FitClustersRequest(k=k, seed=seed, activate=True))
+        resp = call(
+            client.fit_clusters, style_tagger_pb2.FitClustersRequest(k=k, seed=seed, activate=True, assign=True)
+        )
         out.cluster_set_version, out.fitted, out.clusters = resp.cluster_set_version, True, resp.clusters
-        log.info("fitted style clusters", extra={"version": resp.cluster_set_version, "clusters": resp.clusters})
+        out.tagged += resp.assigned
+        log.info(
+            "fitted style clusters",
+            extra={"version": resp.cluster_set_version, "clusters": resp.clusters, "assigned": resp.assigned},
+        )
     todo = _untagged(catalog, out.cluster_set_version, image_ids)
     by_id: dict[str, ImageRow] = {}
     with catalog.session() as s:

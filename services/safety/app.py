@@ -22,4 +22,5 @@ def create_service(settings: Settings, service: SafetyService | None = None) -> 
         safety_pb2_grpc.add_SafetyServicer_to_server,
         SafetyServicer(service, ImageResolver(settings)),
         service.model,
+        close=service.close,
     )

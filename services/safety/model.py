@@ -94,6 +94,15 @@ class SafetyModel(Model):
         return self.tower.version
 
     @property
+    def dim(self) -> int:
+        """Width of the CLIP embeddings the NSFW head takes."""
+        return self.tower.dim
+
+    def embed(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """(n, dim) CLIP embeddings of `images` (one tower forward per `batch_size` images)."""
+        return self.tower.embed(list(images), batch_size=max(1, self.settings.safety.batch_size))
+
+    @property
     def head_version(self) -> str:
         return self._info.version if self._info else ""
 
@@ -110,4 +119,4 @@ class SafetyModel(Model):
         """(n, 3) probabilities of safe, questionable, explicit."""
         if not images:
             return np.zeros((0, len(NSFW_LABELS)), dtype=np.float32)
-        return self.predict_embeddings(self.tower.embed(list(images)))
+        return self.predict_embeddings(self.embed(images))

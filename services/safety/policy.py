@@ -40,10 +40,12 @@ class SafetyInput:
     tags: tuple[str, ...] = ()
     characters: tuple[str, ...] = ()
     image: Any = None  # PIL.Image.Image or None
+    embedding: Any = None  # the image's CLIP embedding (np.ndarray) when the caller computed it; then no image
 
     @property
     def empty(self) -> bool:
-        return self.image is None and not self.caption.strip() and not self.tags and not self.characters
+        no_image = self.image is None and self.embedding is None
+        return no_image and not self.caption.strip() and not self.tags and not self.characters
 
 
 @dataclass(frozen=True)

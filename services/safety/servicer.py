@@ -11,7 +11,7 @@ from grpc import aio
 from pony.v1 import common_pb2, safety_pb2, safety_pb2_grpc
 from pony_common.budgets import load_images
 from pony_common.errors import InvalidArgument
-from pony_common.fields import check_id, check_names, check_text
+from pony_common.fields import check_id, check_image_ref, check_names, check_text
 from pony_common.grpc.auth import Role
 from pony_common.imagerefs import ImageResolver
 from pony_common.metrics import ITEM_FAILURES
@@ -48,16 +48,19 @@ class SafetyServicer(safety_pb2_grpc.SafetyServicer):
         self.service = service
         self.resolver = resolver
 
-    def _input(self, item: safety_pb2.SafetyItem, i: int) -> SafetyInput:
+    def _input(self, item: safety_pb2.SafetyItem, i: int, embedding: object = None) -> SafetyInput:
         field = f"items[{i}]"
         _check_fields(item, field)
-        has_image = item.HasField("image")
+        has_image = item.HasField("image") or embedding is not None
+        if item.HasField("image") and embedding is not None:
+            check_image_ref(item.image, f"{field}.image")  # not read, but its id is echoed
         result = SafetyInput(
             item_id=item.item_id,
-            image_id=item.image.image_id if has_image else "",
+            image_id=item.image.image_id if item.HasField("image") else "",
             caption=item.caption,
             tags=tuple(item.tags),
             characters=tuple(item.characters),
+            embedding=embedding,
         )
         self.service.check_item(field, result, has_image)
         return result
@@ -70,7 +73,7 @@ class SafetyServicer(safety_pb2_grpc.SafetyServicer):
     ) -> list[tuple[int, SafetyInput]]:
         """The checked inputs with their images: read and sized under the request's budget (over it, the request is
         refused before any pixel is decoded), then decoded; an image that does not decode is its item's error."""
-        wanted = [i for i, _ in inputs if items[i].HasField("image")]
+        wanted = [i for i, checked in inputs if items[i].HasField("image") and checked.embedding is None]
         refs = [(f"items[{i}].image", items[i].image) for i in wanted]
         images = dict(zip(wanted, load_images(self.resolver, refs, self.service.budget, "items"), strict=True))
         out = []
@@ -83,14 +86,22 @@ class SafetyServicer(safety_pb2_grpc.SafetyServicer):
         return out
 
     async def Check(self, request: safety_pb2.CheckRequest, context: aio.ServicerContext) -> safety_pb2.CheckResponse:
+        """An item with an `embedding` is classified from it: its image is not read or decoded. An embedding of
+        the wrong width fails the call (INVALID_ARGUMENT naming `items[i].embedding`): the caller's model is not
+        this one."""
         self.service.check_request(len(request.items))
+        embeddings = {
+            i: self.service.check_embedding(item.embedding.values, f"items[{i}].embedding")
+            for i, item in enumerate(request.items)
+            if item.HasField("embedding")
+        }
 
-        def work() -> safety_pb2.CheckResponse:
+        def prepare() -> tuple[list[tuple[int, SafetyInput]], dict[int, common_pb2.ItemError]]:
             inputs: list[tuple[int, SafetyInput]] = []
             errors: dict[int, common_pb2.ItemError] = {}
             for i, item in enumerate(request.items):
                 try:
-                    inputs.append((i, self._input(item, i)))
+                    inputs.append((i, self._input(item, i, embeddings.get(i))))
                 except InvalidArgument as exc:
                     reason = (
                         "invalid_image"
@@ -98,21 +109,19 @@ class SafetyServicer(safety_pb2_grpc.SafetyServicer):
                         else "invalid_argument"
                     )
                     errors[i] = _item_error(reason, exc)
-            inputs = self._with_images(request.items, inputs, errors)
-            verdicts = self.service.check([x for _, x in inputs]) if inputs else []
-            by_index = dict(zip((i for i, _ in inputs), verdicts, strict=True))
-            provenance = provenance_proto(self.service.provenance())
-            results = []
-            for i, item in enumerate(request.items):
-                if i in errors:
-                    results.append(
-                        safety_pb2.SafetyResult(item_id=item.item_id, error=errors[i], provenance=provenance)
-                    )
-                else:
-                    results.append(result_proto(by_index[i], provenance))
-            return safety_pb2.CheckResponse(results=results)
+            return self._with_images(request.items, inputs, errors), errors
 
-        return await asyncio.to_thread(work)
+        inputs, errors = await asyncio.to_thread(prepare)
+        verdicts = await self.service.check_async([x for _, x in inputs]) if inputs else []
+        by_index = dict(zip((i for i, _ in inputs), verdicts, strict=True))
+        provenance = provenance_proto(self.service.provenance())
+        results = []
+        for i, item in enumerate(request.items):
+            if i in errors:
+                results.append(safety_pb2.SafetyResult(item_id=item.item_id, error=errors[i], provenance=provenance))
+            else:
+                results.append(result_proto(by_index[i], provenance))
+        return safety_pb2.CheckResponse(results=results)
 
 
 def provenance_proto(p: Provenance) -> common_pb2.Provenance:

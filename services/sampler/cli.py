@@ -36,6 +36,8 @@ def _register_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--style", type=int, action="append", default=[], help="style cluster id (repeatable)")
     p.add_argument("--source", choices=SOURCES, default=None)
     p.add_argument("--rating", choices=RATINGS, default=None)
+    p.add_argument("--palette", action="append", default=[], help="palette colour, e.g. red, sky_blue (repeatable)")
+    p.add_argument("--style-family", default=None, help="the {family} of a family-prefixed style tag format")
     p.add_argument("--raw", action="store_true", help="send the prompt as written (no special tags)")
     p.add_argument("--read", metavar="PNG", help="print the parameters stored in a generated PNG and exit")
     p.add_argument("--json", action="store_true", help="with --read: print the JSON parameters")
@@ -110,6 +112,8 @@ def _run_generate(args: argparse.Namespace, settings: Settings) -> int:
         "style_clusters": args.style,
         "source": args.source,
         "rating": args.rating,
+        "palette": args.palette,
+        "style_family": args.style_family,
         "raw_prompt": args.raw or None,
     }
     with SamplerClient(settings, timeout=args.timeout or settings.sampler.job_timeout_s) as client:

@@ -27,13 +27,16 @@ RATINGS = {"safe": 1, "questionable": 2, "explicit": 3}
 
 def build_request(prompt: str = "", **options: Any) -> Any:
     """A GenerateRequest from keyword options: negative_prompt, width, height, steps, guidance, seed, num_images,
-    raw_prompt, preview, and the tags score, style_clusters, source, rating ("safe" | "questionable" | "explicit")."""
+    raw_prompt, preview, and the tags score, style_clusters, source, rating ("safe" | "questionable" | "explicit"),
+    palette (colour names) and style_family."""
     tags = sampler_pb2.PromptTags()
     if options.get("score") is not None:
         tags.score = int(options.pop("score"))
     options.pop("score", None)
     tags.style_clusters.extend(int(c) for c in options.pop("style_clusters", None) or ())
     tags.source = options.pop("source", None) or ""
+    tags.palette.extend(options.pop("palette", None) or ())
+    tags.style_family = options.pop("style_family", None) or ""
     rating = options.pop("rating", None)
     if rating:
         if rating not in RATINGS:

@@ -64,6 +64,7 @@ class GenerationSpec:
                 "style_clusters": list(self.tags.style_clusters),
                 "source": self.tags.source,
                 "rating": self.tags.rating,
+                "palette": list(self.tags.palette),
             },
         }
 

@@ -1,21 +1,35 @@
-"""Prompt assembly of a generation request in the V7 order of pony_common.prompts: score tags, style cluster tags,
-source tag, rating tag, then the caller's text.
+"""Prompt assembly of a generation request in its model family's convention (pony_common.prompts): score tags,
+style cluster tags, source tag, rating tag, palette tags, then the caller's text.
 
-What is the sampler's own: a request names a score (its cumulative tags) and any number of style clusters (kept
-as given, repeats included), and its text is sent as written (stripped only), where the export takes one style
-tag, drops repeated tags and collapses whitespace."""
+A request's score N asks for "score N or better": the family's `score_query` (V7: `score_9, ..., score_N`; V6:
+the `_up` tags every image of bucket >= N carries). Style clusters are formatted with the configured style tag
+format; a family-prefixed format (`{family}_{n}`) takes the request's `style_family` (the cluster's family, as the
+style tagger lists it), else falls back to the global family token the tagger writes for a set not fitted per
+family (`style_{n}`): never a guess from the source, since a cluster's family is the set's, not the request's. The
+caller's text is sent as written (stripped only); repeated style clusters are kept as given."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from pony_common.errors import InvalidArgument
-from pony_common.prompts import RATINGS, SOURCE_TAGS, join_v7
-from pony_common.prompts import special_tags as v7_special_tags
-from pony_common.tags import TOP_BUCKET, cumulative_score_tags
+from pony_common.prompts import (
+    DEFAULT_STYLE_TAG_FORMAT,
+    PALETTE_COLORS,
+    RATINGS,
+    SOURCE_TAGS,
+    V7,
+    ImageTags,
+    PromptConvention,
+    join_v7,
+    palette_tag,
+    style_tag,
+)
+from pony_common.prompts.base import TOP_BUCKET
 
 # The source a request names is its tag without the prefix: pony, furry, cartoon, anime, realism.
 SOURCES = tuple(tag.removeprefix("source_") for tag in SOURCE_TAGS.values())
+FAMILY_MAX = 64
 
 
 @dataclass(frozen=True)
@@ -26,6 +40,8 @@ class PromptTags:
     style_clusters: tuple[int, ...] = ()
     source: str = ""
     rating: str = ""
+    palette: tuple[str, ...] = ()  # colour names (`sky_blue`) or tags (`palette_sky_blue`)
+    style_family: str = ""  # the `{family}` of a family-prefixed style tag format
 
     def validate(self) -> None:
         if self.score is not None and not 0 <= self.score <= TOP_BUCKET:
@@ -37,22 +53,47 @@ class PromptTags:
             raise InvalidArgument("tags.source", f"must be one of {', '.join(SOURCES)}, got {self.source!r}")
         if self.rating and self.rating not in RATINGS:
             raise InvalidArgument("tags.rating", f"must be one of {', '.join(RATINGS)}, got {self.rating!r}")
+        if len(self.palette) > len(PALETTE_COLORS):
+            raise InvalidArgument("tags.palette", f"{len(self.palette)} given; at most {len(PALETTE_COLORS)}")
+        for i, colour in enumerate(self.palette):
+            try:
+                palette_tag(colour)
+            except ValueError:
+                raise InvalidArgument(
+                    f"tags.palette[{i}]", f"unknown colour {colour[:40]!r}; known: {', '.join(PALETTE_COLORS)}"
+                ) from None
+        if len(self.style_family) > FAMILY_MAX:
+            raise InvalidArgument("tags.style_family", f"is longer than {FAMILY_MAX} characters")
 
 
-def special_tags(tags: PromptTags, style_format: str = "style_cluster_{n}") -> list[str]:
-    """The tags in V7 order. A score N asks for quality N or better (`score_9, score_8_up, …, score_N_up`)."""
-    return v7_special_tags(
-        cumulative_score_tags(tags.score) if tags.score is not None else None,
-        [style_format.format(n=n) for n in tags.style_clusters],
-        f"source_{tags.source}" if tags.source else None,
-        f"rating_{tags.rating}" if tags.rating else None,
-        unique=False,
+def special_tags(
+    tags: PromptTags, style_format: str = DEFAULT_STYLE_TAG_FORMAT, convention: PromptConvention = V7
+) -> list[str]:
+    """The tags in the family's order (repeats kept as asked)."""
+    try:
+        styles = tuple(style_tag(style_format, n, tags.style_family) for n in tags.style_clusters)
+    except ValueError as exc:  # a bad PONY_STYLE_TAG_FORMAT is the server's configuration, not the request
+        raise RuntimeError(str(exc)) from None
+    asked = ImageTags(
+        bucket=tags.score,
+        styles=styles,
+        source=f"source_{tags.source}" if tags.source else None,
+        rating=f"rating_{tags.rating}" if tags.rating else None,
+        palette=tuple(palette_tag(c) for c in tags.palette),
     )
+    return convention.query_special_tags(asked, unique=False)
 
 
-def assemble_prompt(text: str, tags: PromptTags, *, style_format: str = "style_cluster_{n}", raw: bool = False) -> str:
+def assemble_prompt(
+    text: str,
+    tags: PromptTags,
+    *,
+    style_format: str = DEFAULT_STYLE_TAG_FORMAT,
+    raw: bool = False,
+    convention: PromptConvention = V7,
+) -> str:
     """`raw` sends the text as written; otherwise the special tags go first, joined with ", "."""
     text = text.strip()
     if raw:
         return text
-    return join_v7(special_tags(tags, style_format), [text])
+    return join_v7(special_tags(tags, style_format, convention), [text])

@@ -48,6 +48,7 @@ def input_from_proto(req: sampler_pb2.GenerateRequest) -> GenerationInput:
     check_text(req.prompt, "prompt")  # its length is the validator's prompt budget
     check_text(req.negative_prompt, "negative_prompt")
     check_text(req.tags.source, "tags.source", NAME_MAX, multiline=False)
+    check_text(req.tags.style_family, "tags.style_family", NAME_MAX, multiline=False)
     if req.tags.rating and req.tags.rating not in RATING_NAMES:
         raise InvalidArgument("tags.rating", f"unknown rating {req.tags.rating}")
     tags = PromptTags(
@@ -55,6 +56,8 @@ def input_from_proto(req: sampler_pb2.GenerateRequest) -> GenerationInput:
         style_clusters=tuple(req.tags.style_clusters),
         source=req.tags.source.strip().lower(),
         rating=RATING_NAMES.get(req.tags.rating, ""),
+        palette=tuple(c.strip().lower() for c in req.tags.palette),
+        style_family=req.tags.style_family.strip(),
     )
     return GenerationInput(
         prompt=req.prompt,

@@ -13,11 +13,12 @@ from typing import Any
 
 from pony_common.config import Settings
 from pony_common.errors import InvalidArgument
+from pony_common.prompts import V7
 from services.sampler.generation import GenerationInput, GenerationSpec
 from services.sampler.prompts import assemble_prompt
 
-# The pipeline encodes at most this many text tokens (AuraFlow's max_sequence_length).
-PIPELINE_MAX_TOKENS = 256
+# The pipeline encodes at most this many text tokens (AuraFlow's max_sequence_length, the V7 convention's budget).
+PIPELINE_MAX_TOKENS = V7.max_tokens
 MAX_SEED = 2**63 - 1
 SIZE_MULTIPLE = 16
 # Every style tag is at least one token, so more clusters than the pipeline's tokens can never fit a prompt.

@@ -1,10 +1,13 @@
 """The scorer's logic, no gRPC: scores, embeddings and rescoring of stored embeddings in batches with per-image
 errors, Elo preference collection, and head fits that are published to the catalog and hot-swapped in.
 
-`service = ScorerService(settings)`, `service.model.load()`, then `service.score(refs)`, `service.fit_head(...)`."""
+`service = ScorerService(settings)`, `service.model.load()`, then `service.score(refs)`, `service.fit_head(...)`.
+The gRPC servicer calls `score_async`/`embed_async`: their CLIP forwards go through one dynamic batcher, so
+concurrent calls share model batches (`PONY_SCORER_BATCH_SIZE`, `PONY_SCORER_BATCH_DELAY_MS`)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
@@ -15,13 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+from PIL import Image
 
+from pony_common.batching import DynamicBatcher
 from pony_common.blobs import BlobStore
 from pony_common.budgets import RequestBudget, load_images
 from pony_common.catalog.db import Catalog
 from pony_common.config import Settings
+from pony_common.embeddings import check_embeddings
 from pony_common.errors import InvalidArgument, Overloaded
 from pony_common.imagerefs import ImageResolver, LoadedImage
 from pony_common.metrics import BATCH_SIZE, ITEM_FAILURES
@@ -102,17 +107,7 @@ class FitOutcome:
 
 
 def _embeddings_tensor(vectors: Sequence[Sequence[float]], width: int) -> torch.Tensor:
-    rows = np.zeros((len(vectors), width), dtype=np.float32)
-    for i, values in enumerate(vectors):
-        if len(values) != width:
-            raise InvalidArgument(f"embeddings[{i}]", f"has {len(values)} values; the head takes {width}")
-        row = np.asarray(values, dtype=np.float32)
-        if not np.isfinite(row).all():
-            raise InvalidArgument(f"embeddings[{i}]", "has non-finite values")
-        if not np.any(row):
-            raise InvalidArgument(f"embeddings[{i}]", "is all zeros")
-        rows[i] = row
-    return torch.from_numpy(rows)
+    return torch.from_numpy(check_embeddings(vectors, width, "embeddings"))
 
 
 class ScorerService:
@@ -132,6 +127,12 @@ class ScorerService:
         self.resolver = ImageResolver(settings)
         self.budget = RequestBudget.from_settings(settings, self.config.max_batch, "PONY_SCORER_MAX_BATCH")
         self._decoder = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="decode")
+        self.batcher: DynamicBatcher[Image.Image, torch.Tensor] = DynamicBatcher(
+            self._embed_batch,
+            max_batch=max(1, self.config.batch_size),
+            max_delay_s=max(0.0, self.config.batch_delay_ms) / 1000,
+            name=SERVICE,
+        )
         self._catalog: Catalog | None = None
         self._catalog_lock = threading.Lock()
         self._preferences: Preferences | None = None
@@ -173,6 +174,7 @@ class ScorerService:
         return None if stored is None else stored.local_dir
 
     def close(self) -> None:
+        self.batcher.close()
         self._decoder.shutdown(wait=False, cancel_futures=True)
         self.model.teardown()
 
@@ -204,16 +206,26 @@ class ScorerService:
         provenance = self._provenance(scored.head_version)
         return [ImageScore(image_id, v, provenance) for image_id, v in zip(ids, scored.values, strict=True)]
 
+    def _embed_batch(self, images: list[Image.Image]) -> list[torch.Tensor]:
+        """The batcher's model step: one CLIP forward over images merged from concurrent calls."""
+        return list(self.model.embed(images))
+
+    async def _embed_merged(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """(n, dim) embeddings computed through the dynamic batcher; a failed model batch raises its error."""
+        if not images:
+            return torch.empty(0, self.model.dim, dtype=torch.float32)
+        rows = await self.batcher.submit(list(images))
+        for row in rows:
+            if isinstance(row, BaseException):
+                raise row
+        return torch.stack(rows)  # type: ignore[arg-type]
+
     # --- scoring ---
 
-    def score(self, refs: Sequence[object], include_embeddings: bool = False) -> list[ImageScore | ItemFailure]:
-        """Scores images (`pony.v1.ImageRef`s or objects with the same fields), one result per ref in order."""
-        self._check_batch(refs, "images")
-        loaded = self._load_images(refs)
+    def _scored(
+        self, loaded: list[LoadedImage | ItemFailure], embeddings: torch.Tensor, head: Any, include_embeddings: bool
+    ) -> list[ImageScore | ItemFailure]:
         good = [x for x in loaded if isinstance(x, LoadedImage)]
-        BATCH_SIZE.labels(SERVICE, "score").observe(len(good))
-        head = self.model.active_head
-        embeddings = self.model.embed([x.image for x in good])
         scores = self._scores(self.model.score_embeddings(embeddings, head), [x.image_id for x in good])
         if include_embeddings:
             scores = [
@@ -223,17 +235,51 @@ class ScorerService:
         by_position = iter(scores)
         return [item if isinstance(item, ItemFailure) else next(by_position) for item in loaded]
 
-    def embed(self, refs: Sequence[object]) -> Embeddings:
-        """The L2-normalised CLIP embeddings of images, one result per ref in order."""
-        self._check_batch(refs, "images")
-        loaded = self._load_images(refs)
-        good = [x for x in loaded if isinstance(x, LoadedImage)]
-        BATCH_SIZE.labels(SERVICE, "embed").observe(len(good))
-        vectors = iter(self.model.embed([x.image for x in good]).tolist()) if good else iter(())
+    def _embedded(self, loaded: list[LoadedImage | ItemFailure], embeddings: torch.Tensor) -> Embeddings:
+        vectors = iter(embeddings.tolist())
         items: list[ImageEmbedding | ItemFailure] = [
             item if isinstance(item, ItemFailure) else ImageEmbedding(item.image_id, next(vectors)) for item in loaded
         ]
         return Embeddings(items, self._provenance(""), self.model.dim)
+
+    @staticmethod
+    def _good(loaded: list[LoadedImage | ItemFailure], stage: str) -> list[Image.Image]:
+        images = [x.image for x in loaded if isinstance(x, LoadedImage)]
+        BATCH_SIZE.labels(SERVICE, stage).observe(len(images))
+        return images
+
+    def score(self, refs: Sequence[object], include_embeddings: bool = False) -> list[ImageScore | ItemFailure]:
+        """Scores images (`pony.v1.ImageRef`s or objects with the same fields), one result per ref in order."""
+        self._check_batch(refs, "images")
+        loaded = self._load_images(refs)
+        head = self.model.active_head
+        embeddings = self.model.embed(self._good(loaded, "score"))
+        return self._scored(loaded, embeddings, head, include_embeddings)
+
+    async def score_async(
+        self, refs: Sequence[object], include_embeddings: bool = False
+    ) -> list[ImageScore | ItemFailure]:
+        """`score`, with the CLIP forward merged with concurrent calls' (decode and head in worker threads)."""
+        self._check_batch(refs, "images")
+        head = self.model.active_head  # UNAVAILABLE while loading, before anything is read
+        loaded = await asyncio.to_thread(self._load_images, refs)
+        embeddings = await self._embed_merged(self._good(loaded, "score"))
+        return await asyncio.to_thread(self._scored, loaded, embeddings, head, include_embeddings)
+
+    def embed(self, refs: Sequence[object]) -> Embeddings:
+        """The L2-normalised CLIP embeddings of images, one result per ref in order."""
+        self._check_batch(refs, "images")
+        loaded = self._load_images(refs)
+        images = self._good(loaded, "embed")
+        embeddings = self.model.embed(images) if images else torch.empty(0, self.model.dim)
+        return self._embedded(loaded, embeddings)
+
+    async def embed_async(self, refs: Sequence[object]) -> Embeddings:
+        """`embed`, with the CLIP forward merged with concurrent calls'."""
+        self._check_batch(refs, "images")
+        self.model.require_ready()  # UNAVAILABLE while loading, before anything is read
+        loaded = await asyncio.to_thread(self._load_images, refs)
+        return self._embedded(loaded, await self._embed_merged(self._good(loaded, "embed")))
 
     def score_embeddings(self, vectors: Sequence[Sequence[float]], image_ids: Sequence[str] = ()) -> list[ImageScore]:
         """Scores stored embeddings with the head alone; `image_ids` (optional) are echoed."""

@@ -52,11 +52,11 @@ class ScorerServicer(scorer_pb2_grpc.ScorerServicer):
         self.service = service
 
     async def Score(self, request: scorer_pb2.ScoreRequest, context: aio.ServicerContext) -> scorer_pb2.ScoreResponse:
-        items = await asyncio.to_thread(self.service.score, list(request.images), request.include_embeddings)
+        items = await self.service.score_async(list(request.images), request.include_embeddings)
         return scorer_pb2.ScoreResponse(results=[_score_result(item) for item in items])
 
     async def Embed(self, request: scorer_pb2.EmbedRequest, context: aio.ServicerContext) -> scorer_pb2.EmbedResponse:
-        embedded = await asyncio.to_thread(self.service.embed, list(request.images))
+        embedded = await self.service.embed_async(list(request.images))
         results = [
             scorer_pb2.EmbedResult(image_id=item.image_id, error=_error(item))
             if isinstance(item, ItemFailure)

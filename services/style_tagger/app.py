@@ -22,6 +22,6 @@ def create_service(settings: Settings, service: StyleTaggerService | None = None
         style_tagger_pb2_grpc.add_StyleTaggerServicer_to_server,
         StyleTaggerServicer(settings, service),
         service.model,
-        close=None if owned else (lambda: None),
+        close=service.close if owned else (lambda: None),
         model_id=settings.model_path(SERVICE),
     )

@@ -1,10 +1,13 @@
 """The style tagger's logic, no gRPC: checks requests against their budgets, fits cluster sets from the catalog's
 style embeddings, tags images with the active set, finds similar styles and names palettes.
 
-`StyleTaggerService(settings)`, `service.model.load()`, then `service.tag(images, image_ids)`."""
+`StyleTaggerService(settings)`, `service.model.load()`, then `service.tag(images, image_ids)`. The gRPC servicer
+calls the `*_async` methods: their encoder forwards go through one dynamic batcher shared by concurrent calls, and
+`tag_async` takes CLIP embeddings computed elsewhere (the scorer's) instead of running the encoder again."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Sequence
@@ -13,11 +16,14 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from pony_common.batching import DynamicBatcher
 from pony_common.budgets import RequestBudget
 from pony_common.config import Settings
+from pony_common.embeddings import check_embeddings, unit_rows
 from pony_common.errors import FailedPrecondition, InvalidArgument
 from pony_common.metrics import BATCH_SIZE
-from services.style_tagger.clusters import STORED_EXAMPLES, ClusterSet, StyleCluster, fit_cluster_set
+from pony_common.models.clip import ClipImageTower
+from services.style_tagger.clusters import STORED_EXAMPLES, ClusterSet, EmbeddingTable, StyleCluster, fit_cluster_set
 from services.style_tagger.index import StyleIndex, create_index
 from services.style_tagger.model import SERVICE, StyleTaggerModel
 from services.style_tagger.palette import MAX_COLORS, PaletteColor, palette
@@ -38,6 +44,7 @@ class FitParams:
     max_artist_share: float = 0.0
     seed: int = 0
     activate: bool = True
+    assign: bool = False  # also tag every stored embedding the set was fitted on (bulk style_assignments)
 
 
 @dataclass
@@ -84,6 +91,17 @@ class StyleTaggerService:
         self.budget = RequestBudget.from_settings(settings, limit, "PONY_STYLE_MAX_BATCH")
         self._lock = threading.Lock()
         self._active: ActiveSet | None = None
+        config = settings.style_tagger
+        self.batcher: DynamicBatcher[Image.Image, np.ndarray] = DynamicBatcher(
+            self._embed_batch,
+            max_batch=max(1, config.batch_size),
+            max_delay_s=max(0.0, config.batch_delay_ms) / 1000,
+            name=SERVICE,
+        )
+
+    def close(self) -> None:
+        self.batcher.close()
+        self.model.teardown()
 
     @property
     def store(self) -> StyleStore:
@@ -116,9 +134,50 @@ class StyleTaggerService:
         BATCH_SIZE.labels(SERVICE, "embed").observe(len(images))
         return self.model.embed(images)
 
+    def _embed_batch(self, images: list[Image.Image]) -> list[np.ndarray]:
+        """The batcher's model step: one encoder forward over images merged from concurrent calls."""
+        return list(self.model.embed(images))
+
+    async def embed_async(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """`embed` through the dynamic batcher; a failed model batch raises its error."""
+        self.model.require_ready()
+        BATCH_SIZE.labels(SERVICE, "embed").observe(len(images))
+        if not images:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        rows = await self.batcher.submit(list(images))
+        for row in rows:
+            if isinstance(row, BaseException):
+                raise row
+        return np.stack(rows)  # type: ignore[arg-type]
+
+    def given_embeddings(self, vectors: Sequence[Sequence[float]], count: int, field: str = "embeddings") -> np.ndarray:
+        """Embeddings a caller computed with the same CLIP tower (one per image, in order), unit rows; refused
+        (INVALID_ARGUMENT naming `field` or `field[i]`) when this encoder is not a CLIP tower, when there are not
+        `count`, or for a wrong width."""
+        self.model.require_ready()
+        if not isinstance(self.model.encoder, ClipImageTower):
+            message = f"this style tagger's encoder {self.model_id} is not a CLIP tower: send images without them"
+            raise InvalidArgument(field, message)
+        if len(vectors) != count:
+            raise InvalidArgument(field, f"{len(vectors)} embeddings for {count} images: give one per image, in order")
+        return unit_rows(check_embeddings(vectors, self.dim, field))
+
     # --- clusters ---
+    def _embedding_table(self) -> EmbeddingTable:
+        """The stored embeddings of this encoder version: kind `style`, and with the CLIP tower as encoder also the
+        scorer's kind `clip` rows (the same vectors: one CLIP pass serves both)."""
+        kinds = ("style", "clip") if isinstance(self.model.encoder, ClipImageTower) else ("style",)
+        return self.store.load_embeddings(model_version=self.model_version, dim=self.dim, kinds=kinds)
+
     def fit_clusters(self, params: FitParams = FitParams()) -> ClusterSet:
-        """Clusters the catalog's style embeddings of this encoder version and stores the new cluster set."""
+        """Clusters the catalog's style embeddings of this encoder version and stores the new cluster set (with
+        `params.assign`, also tags every embedding it was fitted on: see `fit_and_assign`)."""
+        return self.fit_and_assign(params)[0]
+
+    def fit_and_assign(self, params: FitParams = FitParams()) -> tuple[ClusterSet, int]:
+        """`fit_clusters`, and with `params.assign` the style assignment of every stored embedding under the new set
+        written in bulk, without the image encoder (the images' earlier palette tags are kept). Returns the set and
+        the number of assignments written."""
         self.model.require_ready()
         s = self.settings
         if params.k < 0:
@@ -129,7 +188,7 @@ class StyleTaggerService:
             )
         if params.seed < 0:
             raise InvalidArgument("seed", f"must be >= 0, got {params.seed}")
-        table = self.store.load_embeddings(model_version=self.model_version, dim=self.dim)
+        table = self._embedding_table()
         if len(table) < 2:
             raise FailedPrecondition(
                 f"need at least 2 style embeddings of encoder version {self.model_version} in the catalog, "
@@ -158,7 +217,33 @@ class StyleTaggerService:
                 "activated": params.activate,
             },
         )
-        return cluster_set
+        assigned = self.assign_stored(cluster_set, table) if params.assign else 0
+        return cluster_set, assigned
+
+    def assign_stored(self, cluster_set: ClusterSet, table: EmbeddingTable | None = None, chunk: int = 8192) -> int:
+        """Writes the style assignment under `cluster_set` of every stored embedding of this encoder version (or of
+        `table`) in bulk, `chunk` rows per write, keeping each image's latest palette tags. Idempotent (upserts).
+        Returns the count."""
+        self.model.require_ready()
+        if table is None:
+            table = self._embedding_table()
+        index = create_index(self.settings.style_tagger.index, cluster_set.centroids)
+        written = 0
+        for start in range(0, len(table), chunk):
+            ids = table.image_ids[start : start + chunk]
+            distances, rows = index.search(np.ascontiguousarray(table.vectors[start : start + chunk]), 1)
+            palettes = self.store.latest_palette_tags(ids)
+            assignments = []
+            for image_id, dist, row in zip(ids, distances[:, 0], rows[:, 0], strict=True):
+                cluster = cluster_set.clusters[int(row)]
+                assignments.append(
+                    StyleAssignment(
+                        image_id, cluster_set.version, cluster.id, cluster.tag, float(dist), palettes.get(image_id, ())
+                    )
+                )
+            written += self.store.save_assignments(assignments)
+        logger.info("assigned stored embeddings", extra={"version": cluster_set.version, "assigned": written})
+        return written
 
     def active(self) -> ActiveSet:
         """The active cluster set and its indexes (rebuilt when another fit activates a new set)."""
@@ -213,17 +298,40 @@ class StyleTaggerService:
             )
         return results
 
+    def _with_palettes(self, results: list[TagResult], images: Sequence[Image.Image | None]) -> list[TagResult]:
+        colors = self.settings.style_tagger.palette_colors
+        for result, image in zip(results, images, strict=True):
+            if image is not None:
+                result.palette_tags = [c.tag for c in palette(image, colors)]
+        return results
+
     def tag(self, images: Sequence[Image.Image], image_ids: Sequence[str]) -> list[TagResult]:
         """Style cluster (tag, distance, set version) and palette tags per image."""
         self.model.require_ready()
         if len(images) != len(image_ids):
             raise ValueError("images and image_ids differ in length")
         self._usable()  # fail before the encoder runs
-        results = self.tag_vectors(self.embed(images), image_ids)
-        colors = self.settings.style_tagger.palette_colors
-        for result, image in zip(results, images, strict=True):
-            result.palette_tags = [c.tag for c in palette(image, colors)]
-        return results
+        return self._with_palettes(self.tag_vectors(self.embed(images), image_ids), images)
+
+    async def tag_async(
+        self,
+        images: Sequence[Image.Image | None],
+        image_ids: Sequence[str],
+        vectors: np.ndarray | None = None,
+        with_palette: bool = True,
+    ) -> list[TagResult]:
+        """`tag` with the encoder forward merged with concurrent calls', or none at all when `vectors` (checked by
+        `given_embeddings`) are given: the images are then only needed for the palette (None = no palette)."""
+        self.model.require_ready()
+        if len(images) != len(image_ids):
+            raise ValueError("images and image_ids differ in length")
+        await asyncio.to_thread(self._usable)  # fail before the encoder runs
+        if vectors is None:
+            vectors = await self.embed_async([image for image in images if image is not None])
+        results = await asyncio.to_thread(self.tag_vectors, vectors, image_ids)
+        if not with_palette:
+            return results
+        return await asyncio.to_thread(self._with_palettes, results, images)
 
     # --- discovery ---
     def similar_styles(

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from sqlalchemy import select, update
+from sqlalchemy import case, select, update
 
 from pony_common.catalog.db import Catalog, upsert
 from pony_common.catalog.models import EmbeddingRow, ImageRow, StyleAssignmentRow, StyleClusterSetRow
@@ -62,13 +62,16 @@ class StyleStore:
             upsert(s, EmbeddingRow, rows, keys=["image_id", "kind"])
         return len(rows)
 
-    def load_embeddings(self, model_version: str | None = None, dim: int | None = None) -> EmbeddingTable:
-        """Style embeddings (of `model_version` and `dim` when given) with each image's artist and category."""
+    def load_embeddings(
+        self, model_version: str | None = None, dim: int | None = None, kinds: Sequence[str] = (EMBEDDING_KIND,)
+    ) -> EmbeddingTable:
+        """Style embeddings (of `model_version` and `dim` when given) with each image's artist and category; with
+        several `kinds`, one row per image (the first kind listed that it has)."""
         stmt = (
             select(EmbeddingRow.image_id, EmbeddingRow.dim, EmbeddingRow.vector, ImageRow.artist, ImageRow.category)
             .join(ImageRow, ImageRow.id == EmbeddingRow.image_id)
-            .where(EmbeddingRow.kind == EMBEDDING_KIND)
-            .order_by(EmbeddingRow.image_id)
+            .where(EmbeddingRow.kind.in_(list(kinds)))
+            .order_by(EmbeddingRow.image_id, case({k: i for i, k in enumerate(kinds)}, value=EmbeddingRow.kind))
         )
         if model_version is not None:
             stmt = stmt.where(EmbeddingRow.model_version == model_version)
@@ -80,6 +83,8 @@ class StyleStore:
         families: list[str] = []
         with self.catalog.session() as s:
             for image_id, row_dim, data, artist, category in s.execute(stmt).yield_per(4096):
+                if ids and ids[-1] == image_id:
+                    continue  # the same image under a later kind
                 ids.append(image_id)
                 vectors.append(vector_from_bytes(data, row_dim))
                 artists.append(artist)
@@ -155,3 +160,18 @@ class StyleStore:
         with self.catalog.session() as s:
             upsert(s, StyleAssignmentRow, rows, keys=["image_id", "cluster_set_version"])
         return len(rows)
+
+    def latest_palette_tags(self, image_ids: Sequence[str], chunk: int = 900) -> dict[str, tuple[str, ...]]:
+        """Each image's palette tags from its latest style assignment that has any (images without: absent)."""
+        out: dict[str, tuple[str, ...]] = {}
+        newest: dict[str, object] = {}
+        with self.catalog.session() as s:
+            for start in range(0, len(image_ids), chunk):
+                stmt = select(
+                    StyleAssignmentRow.image_id, StyleAssignmentRow.palette_tags, StyleAssignmentRow.created_at
+                ).where(StyleAssignmentRow.image_id.in_(list(image_ids[start : start + chunk])))
+                for image_id, tags, created in s.execute(stmt):
+                    if tags and (image_id not in newest or created > newest[image_id]):
+                        newest[image_id] = created
+                        out[image_id] = tuple(tags)
+        return out

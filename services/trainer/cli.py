@@ -1,4 +1,4 @@
-"""The trainer's ponyctl verbs: train submit|get|list|cancel."""
+"""The trainer's ponyctl verbs: train submit|plan|get|list|cancel."""
 
 from __future__ import annotations
 
@@ -28,6 +28,21 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument("--wait", action="store_true", help="(gRPC) follow the run until it ends")
     s.set_defaults(func=run_submit)
+    pl = tsub.add_parser("plan", help="the per-GPU memory plan of a spec, and whether it fits the pool's GPUs")
+    pl.add_argument("spec", help="training spec file (YAML or JSON)")
+    pl.add_argument("--gpus", type=_positive_int, default=0, help="world size (default: nodes x processes_per_node)")
+    pl.add_argument(
+        "--gpu-memory-gib",
+        type=_positive_float,
+        default=0.0,
+        help="memory of one GPU in GiB (default: PONY_TRAINER_GPU_MEMORY_GIB)",
+    )
+    pl.add_argument(
+        "--base-model",
+        default="",
+        help="folder whose transformer/config.json to plan for (default: the spec's base_model, else built-in V7)",
+    )
+    pl.set_defaults(func=run_plan)
     g = tsub.add_parser("get", help="show a run")
     g.add_argument("run_id", help="the run's id (ponyctl train list)")
     g.set_defaults(func=run_get)
@@ -38,6 +53,26 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
     c.add_argument("run_id", help="the run's id (ponyctl train list)")
     c.add_argument("--foreground", action="store_true", help="delete the Job with Foreground propagation")
     c.set_defaults(func=run_cancel)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < 1e6:
+        raise argparse.ArgumentTypeError(f"{value:g} must be more than 0")
+    return value
 
 
 def _out(line: str) -> None:
@@ -70,6 +105,31 @@ def run_submit(args: argparse.Namespace, settings: Settings) -> int:
     if args.local:
         return _submit_local(text, args.run_id, settings)
     return _submit_grpc(text, args, settings)
+
+
+def run_plan(args: argparse.Namespace, settings: Settings) -> int:
+    """Prints the per-rank memory table; exit 0 when it fits one GPU (less the headroom), 1 when it does not."""
+    from services.trainer.plan import plan_memory, refusal
+    from services.trainer.spec import parse_spec_text
+
+    text = _read_spec(args.spec)
+    spec = parse_spec_text(text)
+    if args.base_model and not (Path(args.base_model) / "transformer" / "config.json").is_file():
+        raise UsageError(f"--base-model {args.base_model}: no transformer/config.json there")
+    try:
+        plan = plan_memory(spec, args.gpus or None, args.base_model)
+    except InvalidArgument as exc:
+        raise UsageError(f"invalid spec {args.spec}: {exc}") from None
+    gib = args.gpu_memory_gib or settings.trainer.gpu_memory_gib
+    headroom = settings.trainer.gpu_memory_headroom
+    _out(plan.table())
+    refused = refusal(plan, spec, gib, headroom)
+    if refused is not None:
+        _out(str(refused))
+        return 1
+    usable = gib * (1.0 - headroom)
+    _out(f"fits: {plan.gpu_bytes / 2**30:.1f} GiB of {usable:.1f} GiB usable per GPU ({gib:g} GiB less {headroom:.0%})")
+    return 0
 
 
 def _submit_local(text: str, run_id: str, settings: Settings) -> int:

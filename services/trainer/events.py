@@ -1,6 +1,7 @@
 """Progress events of the training entrypoint: one JSON object per stdout line, parsed back by the executors.
 
-Kinds: `start`, `stage`, `step` (with `loss`), `checkpoint`, `done`. Other stdout lines are not events.
+Kinds: `start`, `stage`, `step` (with `loss`), `validation` (image paths), `checkpoint`, `done`. Other stdout
+lines are not events.
 """
 
 from __future__ import annotations

@@ -1,14 +1,21 @@
-"""Publishing a finished run: the sampler's LoadVersion RPC when the sampler is reachable, else a catalog row."""
+"""Publishing a finished run: the sampler's LoadVersion RPC when the sampler is reachable, else a catalog row; a
+LoRA run becomes a row of the shared `adapters` table instead (the sampler applies adapters per request)."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 
+from pony_common.catalog.models import AdapterRow, ModelVersionRow
 from pony_common.config import Settings
 from services.sampler.client import SamplerClient
+from services.trainer.spec import LORA_WEIGHTS
 from services.trainer.store import RunStore
 
 log = logging.getLogger(__name__)
@@ -47,6 +54,8 @@ def publish_run(settings: Settings, store: RunStore, run_id: str, uri: str) -> P
     linked (or added, when the sampler keeps another catalog). Without one, the row is written here and the
     sampler finds it in model_versions when it starts.
     """
+    if (Path(uri) / LORA_WEIGHTS).is_file():
+        return publish_adapter(settings, store, run_id, uri)
     name = settings.trainer.publish_model
     run = store.get(run_id)
     if run.model_version is not None:
@@ -71,3 +80,56 @@ def publish_run(settings: Settings, store: RunStore, run_id: str, uri: str) -> P
     version = store.publish(run_id, name, uri)
     store.log(run_id, note or f"sampler at {settings.sampler_addr} not reachable: recorded in the catalog only")
     return Published(name, version, uri, False, note)
+
+
+ADAPTER_FAMILY = "pony_v7"  # LoRAs train on the AuraFlow (V7) transformer
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def publish_adapter(settings: Settings, store: RunStore, run_id: str, uri: str) -> Published:
+    """Records a LoRA run's weights as the next version of adapter `<spec name>` (once per run: a second call
+    returns the first row). The base model version is the published `publish_model` version whose uri is the run's
+    base model, when there is one."""
+    run = store.get(run_id)
+    lora = run.spec.get("lora") or {}
+    base_uri = run.spec.get("base_model") or settings.model_path("trainer")
+    name = str(run.spec.get("name") or run.name)
+    sha256 = _sha256(Path(uri) / LORA_WEIGHTS)
+    for _ in range(5):
+        try:
+            with store.catalog.session() as s:
+                existing = s.scalar(select(AdapterRow).where(AdapterRow.run_id == run_id))
+                if existing is not None:
+                    return Published(existing.name, existing.version, existing.uri, False, "already published")
+                latest = s.scalar(select(func.max(AdapterRow.version)).where(AdapterRow.name == name))
+                base_version = s.scalar(
+                    select(func.max(ModelVersionRow.version)).where(
+                        ModelVersionRow.name == settings.trainer.publish_model, ModelVersionRow.uri == base_uri
+                    )
+                )
+                row = AdapterRow(
+                    name=name,
+                    version=(latest or 0) + 1,
+                    family=ADAPTER_FAMILY,
+                    base_model_version=base_version,
+                    base_model_uri=base_uri,
+                    uri=uri,
+                    sha256=sha256,
+                    rank=int(lora.get("rank", 0)),
+                    alpha=float(lora.get("alpha", 0.0)),
+                    run_id=run_id,
+                )
+                s.add(row)
+        except IntegrityError:
+            continue  # another publisher took that version (or this run): look again
+        store.set_checkpoint(run_id, uri)
+        store.log(run_id, f"published adapter {name} version {row.version}")
+        return Published(name, row.version, uri, False, "adapter")
+    raise RuntimeError(f"could not allocate a version of adapter {name}")

@@ -16,7 +16,7 @@ from pony_common.errors import FailedPrecondition, InvalidArgument
 from pony_common.models.lifecycle import Model
 from services.trainer.executors import Executor
 from services.trainer.publish import Published, publish_run
-from services.trainer.render import CHECKPOINT_MOUNT
+from services.trainer.render import CHECKPOINT_MOUNT, gpus_per_node
 from services.trainer.spec import TrainSpec, confine_spec, parse_spec, parse_spec_text
 from services.trainer.store import ACTIVE, CANCELLED, FAILED, STATES, Run, RunEvent, RunStore
 
@@ -93,6 +93,8 @@ class TrainerService(Model):
         run_id = run_id or f"{parsed.name}-{uuid.uuid4().hex[:8]}"
         if self.executor.name == "local":
             self._check_local_paths(parsed)
+        if self._gpus_per_node(parsed) > 0:
+            self._check_memory_plan(parsed)
         job_name = f"train-{run_id}" if self.executor.name == "kubernetes" else ""
         namespace = self.settings.trainer.namespace if self.executor.name == "kubernetes" else ""
         run = self.store.create(run_id, parsed.name, parsed.to_dict(), self.executor.name, namespace, job_name)
@@ -103,6 +105,29 @@ class TrainerService(Model):
             raise
         log.info("submitted run", extra={"run_id": run_id, "executor": self.executor.name})
         return self.store.get(run_id)
+
+    def _gpus_per_node(self, spec: TrainSpec) -> int:
+        """The GPUs a run's processes get: a Kubernetes Job has none without a pool label to pin it (render.py)."""
+        if self.executor.name == "kubernetes":
+            return gpus_per_node(spec, self.settings)
+        return spec.resources.gpus_per_node
+
+    def _check_memory_plan(self, spec: TrainSpec) -> None:
+        """A GPU run whose memory plan (services/trainer/plan.py) exceeds one pool GPU is refused, naming the field
+        to change and the figures; the plan reads the base model's config here when it can, else the built-in V7."""
+        from pony_common.config import ConfigError
+        from services.trainer.plan import plan_memory, refusal
+
+        plan = plan_memory(spec, base_model=spec.base_model or self.settings.model_path("trainer"))
+        try:
+            refused = refusal(
+                plan, spec, self.settings.trainer.gpu_memory_gib, self.settings.trainer.gpu_memory_headroom
+            )
+        except ConfigError as exc:
+            raise FailedPrecondition(str(exc)) from None
+        if refused is not None:
+            log.info("refused run by memory plan", extra={"spec": spec.name, "needs_gib": plan.gpu_bytes / 2**30})
+            raise refused
 
     def _check_local_paths(self, spec: TrainSpec) -> None:
         if "://" not in spec.manifest and not Path(spec.manifest).exists():

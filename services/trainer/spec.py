@@ -25,6 +25,8 @@ SHARDING_STRATEGIES = ("ddp", "fsdp")
 SIDE_MULTIPLE = 16
 # The run output's subfolder holding the final diffusers pipeline (what gets published).
 FINAL_DIR = "final"
+# The LoRA weights file a LoRA run writes into FINAL_DIR (diffusers' name, what `load_lora_weights` looks for).
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
 @dataclass(frozen=True)
@@ -255,9 +257,24 @@ def parse_spec(data: Any) -> TrainSpec:
         validation=_validation(r.section("validation")),
     )
     r.done()
-    if spec.sharding.cpu_offload and spec.sharding.strategy != "fsdp":
-        raise InvalidArgument("spec.sharding.cpu_offload", "needs strategy 'fsdp'")
+    _check_combinations(spec)
     return spec
+
+
+def _check_combinations(spec: TrainSpec) -> None:
+    """Refuses combinations the training engine does not run, naming the field to change."""
+    fsdp = spec.sharding.strategy == "fsdp"
+    if spec.sharding.cpu_offload and not fsdp:
+        raise InvalidArgument("spec.sharding.cpu_offload", "needs strategy 'fsdp'")
+    if spec.lora.enabled and fsdp:
+        raise InvalidArgument(
+            "spec.lora.enabled",
+            "a LoRA trains with strategy 'ddp' (its weights are small): set spec.sharding.strategy to 'ddp'",
+        )
+    if spec.optimizer.kind == "adamw8bit" and fsdp:
+        # bitsandbytes' 8-bit kernels take plain tensors, not FSDP2's DTensor shards; FSDP already splits the fp32
+        # optimizer states over the ranks (8 bytes per parameter / world size).
+        raise InvalidArgument("spec.optimizer.kind", "adamw8bit does not step FSDP2's sharded parameters: use adamw")
 
 
 def _stage(item: Any, where: str, index: int) -> StageSpec:
@@ -392,6 +409,8 @@ def _validation(r: _Reader) -> ValidationSpec:
             raise InvalidArgument(f"{r.where}.seeds[{i}]", "must be an integer >= 0")
     if not seeds:
         raise InvalidArgument(f"{r.where}.seeds", "needs at least one seed")
+    if len(set(seeds)) != len(seeds):
+        raise InvalidArgument(f"{r.where}.seeds", "seeds must be unique (one image per prompt and seed)")
     resolution = r.int("resolution", default=0, minimum=0, maximum=4096)
     if resolution % SIDE_MULTIPLE:
         raise InvalidArgument(f"{r.where}.resolution", f"must be a multiple of {SIDE_MULTIPLE}")

@@ -60,18 +60,20 @@ def test_prompt_parts_and_order() -> None:
 
 def test_manifest_row_has_the_trainer_columns_in_v7_order() -> None:
     row = manifest_row(_record(), "/out/images/x.png", 0)
-    assert row["special_tags"] == ["score_8", "style_cluster_3", "source_anime", "rating_safe"]
+    # Palette tags are special tags, after the rating (pony_common.prompts.base).
+    assert row["special_tags"] == ["score_8", "style_cluster_3", "source_anime", "rating_safe", "palette_pink"]
     assert row["tags"] == ["aoi hoshino", "long hair", "smile"]  # no artist, characters first
     assert row["prompt"] == (
-        "score_8, style_cluster_3, source_anime, rating_safe, A girl with long hair smiles., Soft cel shading., "
-        "aoi hoshino, long hair, smile"
+        "score_8, style_cluster_3, source_anime, rating_safe, palette_pink, A girl with long hair smiles., "
+        "Soft cel shading., aoi hoshino, long hair, smile"
     )
     assert json.loads(row["captions"])["style"] == "Soft cel shading."
-    assert row["score_tags_v6"] == ["score_9", "score_8_up"]
+    # V6 tags true of a bucket-8 image: never score_9 (the old form claimed every image was a 9).
+    assert row["score_tags_v6"] == ["score_8", "score_8_up", "score_7_up", "score_6_up", "score_5_up", "score_4_up"]
     assert (row["image_uri"], row["width"], row["height"], row["source"]) == ("/out/images/x.png", 64, 48, "danbooru")
 
 
 def test_a_character_named_like_the_artist_keeps_its_tag() -> None:
     row = manifest_row(_record(characters=["kiraboshi"], style_tag=None, rating=None, score_tag=None), "u", 0)
     assert row["tags"][0] == "kiraboshi"
-    assert row["special_tags"] == ["source_anime"]
+    assert row["special_tags"] == ["source_anime", "palette_pink"]

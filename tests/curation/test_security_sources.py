@@ -323,6 +323,6 @@ def test_an_export_skips_a_hostile_catalog_id_and_writes_nothing_outside_its_fol
     assert not (tmp_path / "deep" / "x.png").exists() and not (tmp_path / "planted.parquet").exists()
     assert victim.read_text() == "keep" and not (out / "images" / f"{good}.png").is_symlink()
     names = sorted(p.name for p in (out / "images").iterdir())
-    assert names == [f"{good}.png"]
+    assert names == sorted([f"{good}.png", f"{good}.txt", "metadata.jsonl"])  # the image, its caption, imagefolder
     with tarfile.open(result.shards[0]) as tar:
         assert sorted(tar.getnames()) == sorted(f"{good}.{ext}" for ext in ("png", "json", "txt"))

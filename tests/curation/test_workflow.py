@@ -1,6 +1,6 @@
-"""The curation workflow end to end on the real services, the real Redis broker and a `ponyctl worker` subprocess:
-every image processed exactly once, corrupt files fail with their reason while the rest go on, a re-ingest adds
-nothing, and selection, export and report work on what the workflow produced."""
+"""The curation workflow (by batches) end to end on the real services, the real Redis broker and a `ponyctl worker`
+subprocess: every image processed exactly once, corrupt files fail with their reason while the rest go on, a
+re-ingest adds nothing, and selection, export and report work on what the workflow produced."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from services.curation.samples import write_sample_pool
 from services.curation.selection import select_images
 from services.curation.status import curation_status
 from services.curation.styles import assign_styles
-from tests.curation.ledger_checks import assert_processed_exactly_once, count, stages
+from tests.curation.ledger_checks import assert_processed_exactly_once, stages
 
 
 def test_ingest_curates_each_image_once_fails_corrupt_files_and_reingest_adds_nothing(
@@ -46,7 +46,13 @@ def test_ingest_curates_each_image_once_fails_corrupt_files_and_reingest_adds_no
     done = [r.id for r in rows.values() if r.status == "done"]
     assert len(done) == 7
     assert_processed_exactly_once(settings, done)
-    assert count(settings, EmbeddingRow, done) == 7  # style embeddings for clustering
+    # One CLIP embedding per image (the scorer's pass, shared by style, safety and clustering): before the first
+    # cluster set the style stage keeps only the palette, and the fit tags the stored embeddings.
+    with catalog.session() as s:
+        kinds = s.execute(
+            select(EmbeddingRow.kind, func.count()).where(EmbeddingRow.image_id.in_(done)).group_by(EmbeddingRow.kind)
+        ).all()
+    assert dict(kinds) == {"clip": 7}
 
     # Corrupt files: failed with their reason, never sent through the workflow.
     for rel in pool.corrupt[:2]:
@@ -91,11 +97,14 @@ def test_ingest_curates_each_image_once_fails_corrupt_files_and_reingest_adds_no
     table = pq.read_table(out.manifest).to_pylist()
     assert [r["image_id"] for r in table] == report.image_ids
     for row in table:
-        assert Path(row["image_uri"]).is_file() and Path(row["image_uri"]).parent == tmp_path / "export" / "images"
+        image = tmp_path / "export" / row["image_uri"]  # relative to the export folder
+        assert image.is_file() and image.parent == tmp_path / "export" / "images"
         captions = json.loads(row["captions"])
         assert set(captions) == {"short", "medium", "long", "style"}
-        assert row["special_tags"][0].startswith("score_") and row["special_tags"][-1].startswith("rating_")
+        assert row["special_tags"][0].startswith("score_") and any(t.startswith("rating_") for t in row["special_tags"])
         assert row["prompt"].startswith(", ".join(row["special_tags"]))
+        # The palette the first batch stored before any cluster set existed came through the fit.
+        assert any(t.startswith("palette_") for t in row["special_tags"]), row["special_tags"]
     assert len(out.shards) == 1
     # The trainer reads it as written.
     from services.trainer.training.manifest import read_manifest

@@ -22,3 +22,7 @@ def prod(rendered: dict[str, list[Obj]]) -> list[Obj]:
 @pytest.fixture(scope="session")
 def dev(rendered: dict[str, list[Obj]]) -> list[Obj]:
     return rendered["dev"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "containers: runs the built images in docker (`make images-test`)")

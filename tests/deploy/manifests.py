@@ -557,9 +557,12 @@ def formula_sum_terms(formula: str) -> list[str]:
 
 
 def image_tag_violations(found: dict[str, str]) -> list[str]:
+    """Images neither pinned by digest nor tagged (or tagged latest)."""
     out = []
     for ref, where in sorted(found.items()):
         tag = image_tag(ref)
+        if "@sha256:" in ref and tag != "latest":
+            continue
         if tag is None:
             out.append(f"{where}: image {ref} has no tag")
         elif tag == "latest":

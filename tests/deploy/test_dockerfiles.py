@@ -83,3 +83,27 @@ def test_build_context_lets_through_exactly_what_is_copied(flavour):
     assert copied <= allowed, copied - allowed
     for src in copied - {"README.md"}:
         assert (REPO / src).exists(), src
+
+
+def test_cpu_triton_image_is_the_cpu_image_laid_out_like_ngc():
+    # deploy/docker/triton-cpu.Dockerfile: pony-platform/triton without NGC (tritonserver from nvidia-pytriton).
+    path = REPO / "deploy/docker/triton-cpu.Dockerfile"
+    steps = _instructions(path)
+    assert _base_images(path) == ["pony-platform/cpu:0.1.0"]
+    assert [rest for word, rest in steps if word == "USER"][-1] == "10001:10001"
+    run = " ".join(rest for word, rest in steps if word == "RUN")
+    assert "/opt/tritonserver/backends" in run and "ldconfig" in run and "not found" in run
+    assert not [rest for word, rest in steps if word == "COPY"]
+    ignore = (path.parent / f"{path.name}.dockerignore").read_text().splitlines()
+    assert [line for line in ignore if line and not line.startswith("#")] == ["*"]
+
+
+def test_cpu_image_takes_its_base_and_torch_source_as_build_arguments_and_pip_secrets_as_mounts():
+    steps = _instructions(DOCKERFILES["cpu"])
+    args = {rest.split("=", 1)[0] for word, rest in steps if word == "ARG"}
+    assert {"PYTHON_IMAGE", "TORCH_PIP_ARGS"} <= args
+    pip_runs = [rest for word, rest in steps if word == "RUN" and "pip install" in rest]
+    for rest in pip_runs:
+        assert "--mount=type=secret,id=ca,target=/etc/ssl/certs/ca-certificates.crt" in rest
+        assert "--mount=type=secret,id=pipconf,target=/etc/pip.conf" in rest
+    assert not [rest for word, rest in steps if word in ("COPY", "ADD") and ("pip.conf" in rest or ".crt" in rest)]

@@ -7,6 +7,7 @@ import base64
 import copy
 import dataclasses
 import os
+import re
 
 import jsonschema
 import pytest
@@ -203,12 +204,20 @@ def test_pony_pods_are_annotated_for_prometheus(rendered, overlay):
 def test_every_image_has_a_tag_and_none_is_latest(rendered, overlay):
     found = images(rendered[overlay])
     assert image_tag_violations(found) == []
-    assert "pony-platform/triton:0.1.0" in found
+    assert any(ref.split("@")[0] in ("pony-platform/triton:0.1.0", "pony-platform/triton") for ref in found)
+
+
+def test_prod_pins_every_platform_image_by_digest(prod):
+    refs = [ref for ref in images(prod) if ref.startswith("pony-platform/")]  # containers and PONY_TRAINER_IMAGE
+    assert {ref.split("@")[0] for ref in refs} == {"pony-platform/cpu", "pony-platform/cuda", "pony-platform/triton"}
+    assert all(re.fullmatch(r"[^@]+@sha256:[0-9a-f]{64}", ref) for ref in refs), refs
 
 
 def test_image_check_catches_latest_and_untagged():
     found = {"redis:latest": "a", "postgres": "b", "registry:5000/x/y:1.2": "c", "r:5000/z@sha256:ab": "d"}
-    assert len(image_tag_violations(found)) == 3
+    # Pinned by digest (d) passes: kustomize's `digest:` drops the tag, and the digest is the stronger pin.
+    assert len(image_tag_violations(found)) == 2
+    assert len(image_tag_violations({"r:5000/z:latest@sha256:ab": "e"})) == 1
 
 
 # --- RBAC -------------------------------------------------------------------------------------------
@@ -372,9 +381,14 @@ def test_prod_carries_no_secret_values_and_no_in_cluster_infra(rendered, overlay
     for obj, spec in workloads(objs):
         for c in spec["containers"]:
             assert not [e for e in c.get("env", []) if e["name"] in SECRET_SETTINGS and "value" in e], name(obj)
+            # No Secret through the environment (checkov CKV_K8S_35): pony-database and pony-broker are files.
+            assert not [s for s in c.get("envFrom", []) if "secretRef" in s], name(obj)
+            assert not [e for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})], name(obj)
             if c["name"] != "tritonserver":
-                refs = {s["secretRef"]["name"] for s in c.get("envFrom", []) if "secretRef" in s}
-                assert refs == {"pony-database", "pony-broker"}, name(obj)  # pony-auth is mounted as files
+                volumes = {v["name"]: v for v in spec.get("volumes", [])}
+                (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == "/etc/pony/secrets"]
+                sources = volumes[mount["name"]]["projected"]["sources"]
+                assert {src["secret"]["name"] for src in sources} == {"pony-database", "pony-broker"}, name(obj)
     assert not {"postgres", "rabbitmq", "redis"} & {o["metadata"]["name"] for o in objs}
 
 
@@ -387,7 +401,7 @@ def test_config_names_every_service_address_and_the_cluster_settings(prod):
     assert data["PONY_TRITON_URL"] == "triton:8001"
     assert data["PONY_METRICS_PORT"] == "9090"
     assert data["PONY_MODELS_DIR"] == "/models"
-    assert data["PONY_TRAINER_IMAGE"] == "pony-platform/cuda:0.1.0"
+    assert data["PONY_TRAINER_IMAGE"].startswith("pony-platform/cuda@sha256:")  # pinned like the containers
     for service in ("CAPTIONER", "SCORER", "STYLE_TAGGER", "SAFETY", "SAMPLER"):
         assert f"PONY_{service}_MODEL" in data
 

@@ -73,7 +73,7 @@ def test_every_image_is_built_by_skaffold_or_a_pinned_upstream(skaffold, rendere
     profile = next(p for p in skaffold["profiles"] if p["name"] == overlay)
     artifacts = {a["image"] for a in profile.get("build", skaffold["build"])["artifacts"]}
     for ref, where in images(rendered[overlay]).items():
-        repo = ref.rsplit(":", 1)[0]
+        repo = ref.split("@", 1)[0].rsplit(":", 1)[0]
         assert repo in artifacts or (overlay == "dev" and ref.startswith(THIRD_PARTY)), where
     # The trainer's Job image lives in a ConfigMap: skaffold must rewrite it like a container image.
     allowed = skaffold["resourceSelector"]["allow"]

@@ -108,7 +108,7 @@ STAGES = ("caption", "score", "style", "safety", "persist")
 RPC_OF_STAGE = {
     "caption": {"pony.v1.Captioner/Caption"},
     "score": {"pony.v1.Scorer/Score"},
-    "style": {"pony.v1.StyleTagger/Tag", "pony.v1.StyleTagger/Embed"},
+    "style": {"pony.v1.StyleTagger/Tag", "pony.v1.StyleTagger/Palette"},
     "safety": {"pony.v1.Safety/Check"},
 }
 
@@ -194,11 +194,13 @@ def test_one_image_through_the_curation_workflow_is_one_linked_trace(
         assert producer is not None and producer.kind == SpanKind.PRODUCER
         assert producer.name == f"publish pony.curation.{stage}"
         assert run.attributes["messaging.destination.name"] == stage
-    # caption publishes the chord's score/style/safety; one of those (the last to finish) publishes persist.
+    # The batch's chain: caption publishes score, score publishes style and safety, each of those a persist.
     assert parent(parent(runs["caption"])) is not None and parent(parent(runs["caption"])).name == "curate one image"
-    for stage in ("score", "style", "safety"):
-        assert parent(parent(runs[stage])) is runs["caption"], stage
-    assert parent(parent(runs["persist"])) in [runs["score"], runs["style"], runs["safety"]]
+    assert parent(parent(runs["score"])) is runs["caption"]
+    for stage in ("style", "safety"):
+        assert parent(parent(runs[stage])) is runs["score"], stage
+    persists = [s for s in ours if s.kind == SpanKind.CONSUMER and s.name == "run pony.curation.persist"]
+    assert persists and all(parent(parent(p)) in (runs["style"], runs["safety"]) for p in persists)
 
     # Each stage's gRPC call: a CLIENT span in the task's span, and the service's SERVER span as its child.
     servers = [s for s in ours if s.kind == SpanKind.SERVER]

@@ -96,7 +96,7 @@ def test_a_job_runs_on_the_generate_queue_and_its_images_equal_a_direct_generate
     assert image.uri and Path(image.uri).read_bytes() == image.png
     direct = client.generate("a pony in a meadow", seed=21, steps=3, score=8)
     assert image.png == direct.images[0].png
-    assert done.result.prompt == "score_9, score_8_up, a pony in a meadow"
+    assert done.result.prompt == "score_9, score_8, a pony in a meadow"  # V7: score 8 or better
     assert not client.get_job(job.job_id, omit_images=True).result.images[0].png
 
 

@@ -37,8 +37,8 @@ PARAMS = {
 def test_special_tags_come_first_in_v7_order() -> None:
     tags = PromptTags(score=7, style_clusters=(3, 12), source="anime", rating="safe")
     assert assemble_prompt("  a fox in the snow ", tags) == (
-        "score_9, score_8_up, score_7_up, style_cluster_3, style_cluster_12, source_anime, rating_safe, "
-        "a fox in the snow"
+        "score_9, score_8, score_7, style_cluster_3, style_cluster_12, source_anime, rating_safe, "
+        "a fox in the snow"  # V7: score 7 or better = the score tags of buckets 9..7 (pony_common.prompts.v7)
     )
     assert assemble_prompt("a fox", PromptTags(style_clusters=(42,)), style_format="anime_{n}") == "anime_42, a fox"
     assert assemble_prompt("a fox", tags, raw=True) == "a fox"
@@ -53,6 +53,7 @@ def test_special_tags_come_first_in_v7_order() -> None:
         (PromptTags(style_clusters=(1, -2)), "tags.style_clusters[1]"),
         (PromptTags(source="photo"), "tags.source"),
         (PromptTags(rating="spicy"), "tags.rating"),
+        (PromptTags(palette=("red", "mauve")), "tags.palette[1]"),
     ],
 )
 def test_bad_tags_name_their_field(tags: PromptTags, field: str) -> None:

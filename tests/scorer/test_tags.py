@@ -1,4 +1,4 @@
-"""Score-tag conventions: buckets, score_N and the V6 cumulative tag string."""
+"""Score-tag conventions: buckets, score_N and the V6 tags true of an image."""
 
 from __future__ import annotations
 
@@ -29,12 +29,15 @@ def test_nan_score_is_bucket_zero() -> None:
     assert score_bucket(math.nan) == 0
 
 
-def test_cumulative_tags_run_from_score_9_down_to_the_bucket() -> None:
-    assert cumulative_score_tags(9) == ["score_9"]
-    assert cumulative_score_tags(8) == ["score_9", "score_8_up"]
-    assert cumulative_score_prompt(7) == "score_9, score_8_up, score_7_up"
-    assert cumulative_score_tags(0) == ["score_9"] + [f"score_{k}_up" for k in range(8, -1, -1)]
-    assert cumulative_tags_for_score(0.42) == "score_9, score_8_up, score_7_up, score_6_up, score_5_up, score_4_up"
+def test_v6_tags_are_true_of_the_image_never_above_its_bucket() -> None:
+    assert cumulative_score_tags(9) == ["score_9", "score_8_up", "score_7_up", "score_6_up", "score_5_up", "score_4_up"]
+    assert cumulative_score_tags(8) == ["score_8", "score_8_up", "score_7_up", "score_6_up", "score_5_up", "score_4_up"]
+    assert cumulative_score_prompt(7) == "score_7, score_7_up, score_6_up, score_5_up, score_4_up"
+    assert cumulative_score_tags(4) == ["score_4", "score_4_up"]
+    assert cumulative_score_tags(3) == ["score_3"] and cumulative_score_tags(0) == ["score_0"]
+    assert cumulative_tags_for_score(0.42) == "score_4, score_4_up"
+    for bucket in range(10):
+        assert all(parse_score_tag(t) <= bucket for t in cumulative_score_tags(bucket))
 
 
 @pytest.mark.parametrize("bucket", [-1, 10])

@@ -30,8 +30,9 @@ pytestmark = pytest.mark.asyncio
 
 
 @pytest.fixture
-def kube_settings(settings: Settings, kmock) -> Settings:
-    return settings.replace(
+def kube_settings(model_settings: Settings, kmock) -> Settings:
+    # tiny models readable here: SubmitRun's memory plan (8 GPUs per node) is made for the tiny transformer
+    return model_settings.replace(
         trainer_executor="kubernetes",
         trainer_kube_url=str(kmock.url).rstrip("/"),
         trainer_namespace=NS,

@@ -126,7 +126,14 @@ class LocalExecutor:
             self.store.log(
                 run_id,
                 f"stage {event['stage']} at {event['resolution']} px: buckets {event['buckets']}, "
-                f"latents encoded {event['latents_encoded']}, reused {event['latents_reused']}",
+                f"latents encoded {event['latents_encoded']}, reused {event['latents_reused']}"
+                + (f", shift {event['shift']:.3g}" if isinstance(event.get("shift"), (int, float)) else ""),
+            )
+        elif kind == "validation":
+            self.store.log(
+                run_id,
+                f"validation images of stage {event.get('stage')}: {', '.join(event.get('images') or [])}",
+                step=int(event["step"]),
             )
         elif kind == "start":
             how = f"resumed at step {event['step']}" if event.get("step") else "started"

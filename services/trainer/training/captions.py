@@ -1,21 +1,27 @@
-"""The training prompt of an image at one step: a sampled caption, special tags first, tags shuffled/dropped."""
+"""The training prompt of an image at one step: a sampled caption, special tags first, tags shuffled/dropped, in the
+family's prompt convention (pony_common.prompts) and, given a token budget, within the text encoder's tokens."""
 
 from __future__ import annotations
 
 import random
 
 from pony_common.prompts import join_v7
+from pony_common.prompts.budget import TokenBudget
 from services.trainer.spec import CaptionSpec
 from services.trainer.training.manifest import ManifestItem
 
 
-def training_prompt(item: ManifestItem, spec: CaptionSpec, rng: random.Random) -> str:
-    """V7 order: special tags (score/style/source/rating, never dropped), one caption, then extra content tags.
+def training_prompt(
+    item: ManifestItem, spec: CaptionSpec, rng: random.Random, budget: TokenBudget | None = None
+) -> str:
+    """Special tags (score/style/source/rating/palette, as the export wrote them: never dropped unless
+    `keep_special_tags` is off), one caption, then extra content tags.
 
-    With `spec.prompt_probability` the manifest's assembled prompt is used as written; with
-    `spec.empty_probability` the prompt is empty (the unconditional branch of classifier-free guidance).
-    The order is pony_common.prompts' `join_v7`; unlike the export's `assemble_prompt`, the manifest's text is
-    trained as written (no whitespace collapsing, no tag de-duplication).
+    With `spec.prompt_probability` the manifest's assembled prompt is used as written (the export fitted it to the
+    family's token budget); with `spec.empty_probability` the prompt is empty (the unconditional branch of
+    classifier-free guidance). With `budget`, a prompt over the text encoder's tokens loses extra tags from the end
+    first, then caption words, never special tags (pony_common.prompts.budget). With shuffling and dropout off the
+    prompt is the export's `special tags, caption, tags` string: what the sampler sends for the same tags.
     """
     draw = rng.random()
     if draw < spec.empty_probability:
@@ -35,4 +41,6 @@ def training_prompt(item: ManifestItem, spec: CaptionSpec, rng: random.Random) -
             rng.shuffle(special)
         if spec.tag_dropout > 0:
             special = [t for t in special if rng.random() >= spec.tag_dropout]
+    if budget is not None:
+        return budget.fit(special, [caption.strip()], tags).text
     return join_v7(special, [caption.strip()], tags)

@@ -1,4 +1,5 @@
-"""Training checkpoints (transformer safetensors, EMA, optimizer, step, RNG state) with atomic writes and resume."""
+"""Training checkpoints (transformer safetensors, EMA, optimizer, step, RNG state) with atomic writes and resume;
+sharded FSDP2 checkpoints through torch.distributed.checkpoint (DCP) in the same folder layout."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from services.trainer.spec import FINAL_DIR
 
@@ -117,3 +121,83 @@ def load_checkpoint(path: Path) -> LoadedCheckpoint:
         rng=torch.load(path / "rng.pt", map_location="cpu", weights_only=False),
         extra=state,
     )
+
+
+# --- sharded (FSDP2) checkpoints: torch.distributed.checkpoint, one folder written by every rank ---
+
+SHARDED_FORMAT = "dcp"
+
+
+def _rng_file(rank: int) -> str:
+    return f"rng-rank{rank:05d}.pt"
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def save_sharded_checkpoint(
+    output: Path,
+    step: int,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema_state: dict[str, torch.Tensor] | None,
+    extra: dict[str, Any],
+    keep: int,
+    rank: int,
+) -> Path:
+    """Every rank writes its shards of the model, optimizer and EMA (DCP) and its RNG state into a temporary folder
+    shared by all ranks; rank 0 then writes state.json and renames it (collective: every rank calls this)."""
+    target = checkpoint_dir(output, step)
+    tmp = target.parent / f".tmp-{target.name}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state: dict[str, Any] = {"model": model_state, "optim": optim_state}
+    if ema_state is not None:
+        state["ema"] = ema_state
+    dcp.save(state, checkpoint_id=str(tmp))
+    torch.save(rng_state(), tmp / _rng_file(rank))
+    _barrier()
+    if rank == 0:
+        (tmp / "state.json").write_text(json.dumps({"step": step, "format": SHARDED_FORMAT, **extra}, sort_keys=True))
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+        for old in list_checkpoints(output)[:-keep]:
+            shutil.rmtree(old.path, ignore_errors=True)
+    _barrier()
+    return target
+
+
+def is_sharded(path: Path) -> bool:
+    return json.loads((path / "state.json").read_text()).get("format") == SHARDED_FORMAT
+
+
+def load_sharded_checkpoint(
+    path: Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ema_state: dict[str, torch.Tensor] | None,
+    rank: int,
+) -> int:
+    """Loads a sharded checkpoint in place (model, optimizer, EMA shadows, this rank's RNG); returns its step.
+    Collective: every rank calls it. DCP reshards, so the world size may differ from the saving run's (the RNG
+    state is then the saved rank 0's for new ranks)."""
+    meta = json.loads((path / "state.json").read_text())
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state: dict[str, Any] = {"model": model_state, "optim": optim_state}
+    if ema_state is not None:
+        state["ema"] = ema_state
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rng = path / _rng_file(rank)
+    if not rng.exists():
+        rng = path / _rng_file(0)
+    set_rng_state(torch.load(rng, map_location="cpu", weights_only=False))  # our own file (numpy state)
+    return int(meta["step"])

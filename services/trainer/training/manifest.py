@@ -57,6 +57,7 @@ def read_manifest(path: str | Path) -> list[ManifestItem]:
     if missing:
         raise InvalidArgument("spec.manifest", f"manifest {p} lacks columns {missing}")
     items = []
+    remote_relative: bool | None = None
     for i, row in enumerate(table.select(list(TRAINING_COLUMNS)).to_pylist()):
         where = f"manifest[{i}]"
         if not row["image_id"] or not row["image_uri"]:
@@ -64,6 +65,14 @@ def read_manifest(path: str | Path) -> list[ManifestItem]:
         uri = row["image_uri"]
         if local and "://" not in uri and not Path(uri).is_absolute() and (p.parent / uri).exists():
             uri = str(p.parent / uri)
+        elif not local and "://" not in uri and not uri.startswith("/"):
+            # A manifest in a bucket: its relative paths (the export's `images/...`) name files beside it, when
+            # the first of them is there (else they are blob keys); one existence check, not one per row.
+            if remote_relative is None:
+                fs, root = fsspec.core.url_to_fs(str(path).rsplit("/", 1)[0])
+                remote_relative = fs.exists(f"{root}/{uri}")
+            if remote_relative:
+                uri = f"{str(path).rsplit('/', 1)[0]}/{uri}"
         items.append(
             ManifestItem(
                 image_id=row["image_id"],

@@ -77,7 +77,13 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 
     info = dist_from_env(env)
     if "WORLD_SIZE" in env and not dist.is_initialized():
-        backend = "nccl" if settings.device.startswith("cuda") else "gloo"
+        backend = "gloo"
+        if settings.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.set_device(info.local_rank)  # FSDP2's device mesh and NCCL use the current device
+            # CPU tensors (FSDP2 CPU offload, DCP planning) go over gloo, CUDA tensors over NCCL.
+            backend = "cpu:gloo,cuda:nccl"
         dist.init_process_group(backend, timeout=timedelta(minutes=30))
     try:
         run_training(spec, settings, run_id=args.run_id or spec.name, dist_info=info, stop_after=args.stop_after)
