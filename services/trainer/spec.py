@@ -303,9 +303,15 @@ def _stage(item: Any, where: str, index: int) -> StageSpec:
 
 def _shift(r: _Reader, key: str) -> float | str | None:
     """A flow shift: a number in [0.01, 100], "auto" (resolution-dependent) or absent."""
-    if r.data.get(key) == "auto":
+    value = r.data.get(key)
+    if value == "auto":
         r.seen.add(key)
         return "auto"
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            raise InvalidArgument(f"{r.where}.{key}", "must be a number or 'auto'") from None
     return r.float(key, default=None, minimum=0.01, maximum=100.0)
 
 

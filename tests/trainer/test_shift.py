@@ -41,3 +41,20 @@ def test_the_training_scheduler_takes_the_resolved_shift() -> None:
     assert resolved.config.shift == pytest.approx(math.exp(1.15))
     # a larger shift moves the σ table towards noise
     assert resolved.sigmas.mean() > training_scheduler(base, FlowSpec()).sigmas.mean()
+
+
+@pytest.mark.parametrize(
+    ("where", "doc"),
+    [
+        ("spec.stages[0].shift", {"stages": [{"resolution": 256, "steps": 1, "shift": "banana"}]}),
+        ("spec.flow.shift", {"stages": [{"resolution": 256, "steps": 1}], "flow": {"shift": "fast"}}),
+    ],
+)
+def test_a_shift_that_is_neither_a_number_nor_auto_is_refused_by_name(where: str, doc: dict) -> None:
+    from pony_common.errors import InvalidArgument
+    from services.trainer.spec import parse_spec
+
+    with pytest.raises(InvalidArgument) as err:
+        parse_spec({"name": "x", "manifest": "m", **doc})
+    assert err.value.field == where and "'auto'" in str(err.value)
+    assert parse_spec({"name": "x", "manifest": "m", "stages": [{"resolution": 256, "steps": 1, "shift": "3"}]})
