@@ -239,15 +239,7 @@ def dedup_new(catalog: Catalog, max_distance: int = DEFAULT_MAX_DISTANCE) -> Ded
         components: dict[object, list[str]] = defaultdict(list)
         for node, images in members.items():
             components[uf.find(node)].extend(images)
-        changes: dict[str, str | None] = {}
-        final_groups: set[str] = set()
-        for images in components.values():
-            if len(images) < 2:
-                continue
-            group = min(images)
-            final_groups.add(group)
-            summary.grouped_images += len(images)
-            changes.update({m: group for m in images if current.get(m) != group})
+        changes, final_groups = _group_changes(components.values(), current, summary)
         _write_groups(s, changes)
         summary.groups_changed = len(final_groups)
         _mark_indexed(s, new_ids)
@@ -255,6 +247,23 @@ def dedup_new(catalog: Catalog, max_distance: int = DEFAULT_MAX_DISTANCE) -> Ded
         summary.duplicates = resolve_duplicates(catalog, groups=final_groups)
     log.info("dedup", extra=summary.as_dict())
     return summary
+
+
+def _group_changes(
+    components: Iterable[list[str]], current: Mapping[str, str | None], summary: DedupSummary
+) -> tuple[dict[str, str | None], set[str]]:
+    """Each component of two or more images is one group named by its smallest member id: the rows whose group
+    changes, and the groups that exist afterwards (counted into `summary.grouped_images`)."""
+    changes: dict[str, str | None] = {}
+    final_groups: set[str] = set()
+    for images in components:
+        if len(images) < 2:
+            continue
+        group = min(images)
+        final_groups.add(group)
+        summary.grouped_images += len(images)
+        changes.update({m: group for m in images if current.get(m) != group})
+    return changes, final_groups
 
 
 def merge_pairs(catalog: Catalog, pairs: Iterable[tuple[str, str]]) -> DedupSummary:
@@ -288,15 +297,7 @@ def merge_pairs(catalog: Catalog, pairs: Iterable[tuple[str, str]]) -> DedupSumm
         components: dict[object, list[str]] = defaultdict(list)
         for image_id in current:
             components[uf.find(image_id)].append(image_id)
-        changes: dict[str, str | None] = {}
-        final_groups: set[str] = set()
-        for images in components.values():
-            if len(images) < 2:
-                continue
-            group = min(images)
-            final_groups.add(group)
-            summary.grouped_images += len(images)
-            changes.update({m: group for m in images if current[m] != group})
+        changes, final_groups = _group_changes(components.values(), current, summary)
         _write_groups(s, changes)
         summary.groups_changed = len(final_groups)
     if final_groups:

@@ -495,7 +495,7 @@ def score(self: Task, image_ids: list[str]) -> dict:
 
 @pony_task(TASK_NAMES["style"], queue="style", parks=True, ignore_result=True)
 def style(self: Task, image_ids: list[str]) -> dict:
-    """Style cluster tags and palette tags of a batch (or the style embeddings before a cluster set exists)."""
+    """Style cluster tags and palette tags of a batch (only the palette before a cluster set exists)."""
     return run_batch(self, image_ids, "style", style_batch)
 
 
