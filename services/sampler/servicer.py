@@ -170,7 +170,10 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
         "WatchJob": Role.GENERATE,
         "CancelJob": Role.GENERATE,
         "ListVersions": Role.GENERATE,
+        "ListModels": Role.GENERATE,
         "LoadVersion": Role.ADMIN,
+        "RegisterAdapter": Role.ADMIN,
+        "RemoveAdapter": Role.ADMIN,
     }
 
     def __init__(self, service: SamplerService) -> None:
