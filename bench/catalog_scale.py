@@ -1,20 +1,25 @@
 """The catalog at 1M+ images (issue 14): `status`, `select`, `export` and dedup on a synthetic catalog, each next to
-its baseline in the same run.
+the path it replaces in the same run.
 
-Builds a fresh PostgreSQL database (default pony_bench_1m, dropped afterwards unless --keep) without running models:
-the rows are generated server-side (INSERT ... SELECT over generate_series): images with pHashes (10% near copies,
-1% exact), scores, safety decisions, a caption, a style assignment and the six stage-ledger rows per image. Then:
+Builds a fresh PostgreSQL database (default pony_bench_1m, dropped afterwards unless --keep) without running models,
+as it was before migration 0006 (revision 0005): the rows are generated server-side (INSERT ... SELECT over
+generate_series): images with pHashes (10% near copies, 1% exact) and their near-duplicate groups (written as the
+pHash index finds them; --regroup runs the full regroup instead), scores, safety decisions, a caption, a style
+assignment and the six stage-ledger rows per image. Then migration 0006 is timed on it (backfill of the copies on
+images, every group resolved once, stage counts, indexes, triggers), and:
 
-- dedup: the full regroup that indexes the 1M pHashes, then 10k new images (10% near copies of indexed ones) matched
-  incrementally (`dedup_new`) vs a full regroup of all 1.01M (today's path re-ran a full quadratic grouping after
-  every ingest: 102k hashes took 28.8 s, 408k did not finish in 470 s; see bench/dedup_scale.py);
-- status: `curation_status` (aggregates in the database) vs the previous per-stage queries;
-- select: `select_images` with a 10% selection by the default mix (ranked in SQL, written by INSERT ... SELECT) vs
-  the previous path (every eligible row into Python, sorted, ORM inserts), and a check that both choose the same;
-- export: `export_selection` (owned by the export module; timed through its public function) of a --export-total
-  selection, blobs written first (one tiny PNG per image), without tokenizer or style tagger.
+- dedup: 10k new images (10% near copies of indexed ones, written with the triggers on, as the workflow writes)
+  matched incrementally (`dedup_new`);
+- status: `curation_status` (ledger counts kept by triggers, spans and failures through indexes) vs the previous
+  one (aggregates over the whole ledger);
+- select: `select_images` with a 10% selection by the default mix (stale groups only, the pool one partial index,
+  per category its first rows) vs the previous path (every group resolved, the pool joined over three tables and
+  ranked with a window over all of it), and a check that both choose the same images in the same order;
+- export: `export_selection` of a --export-total selection, blobs written first (one tiny PNG per image), without
+  tokenizer or style tagger.
 
-    .venv/bin/python bench/catalog_scale.py                   # 1M images
+    .venv/bin/python bench/catalog_scale.py --keep            # 1M images (builds in minutes), kept
+    .venv/bin/python bench/catalog_scale.py --reuse --keep    # measure again on the kept database
     .venv/bin/python bench/catalog_scale.py --images 200000   # smaller
 """
 
@@ -37,7 +42,7 @@ from sqlalchemy import delete, text
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pony_common.blobs import BlobStore
-from pony_common.catalog.db import Catalog
+from pony_common.catalog.db import Catalog, upgrade
 from pony_common.config import Settings
 from services.curation.categories import DEFAULT_MIX
 from services.curation.duplicates import dedup_new, regroup
@@ -133,6 +138,50 @@ def row(label: str, new_s: float, base_s: float | None, base_label: str, note: s
     print(f"{label:<34} {new_s:>8.2f} {base:} {ratio}  {base_label:<34} {note}", flush=True)
 
 
+def sql_groups(n: int) -> str:
+    """The near-duplicate groups the pHash index finds in the generated images (image g, g % 10 == 0, with image
+    g - 1: checked equal to `regroup` on 20k images), written directly so a build needs no full regroup."""
+    pair = IMAGE_ID.format(i="g"), IMAGE_ID.format(i="(g - 1)")
+    return f"""UPDATE images SET dup_group = least(p.a, p.b)
+        FROM (SELECT {pair[0]} AS a, {pair[1]} AS b FROM generate_series(10, {n}, 10) AS g) AS p
+        WHERE images.id IN (p.a, p.b)"""
+
+
+def build(url: str, n: int, *, stages: bool, regroup_all: bool) -> Catalog:
+    """The synthetic catalog as it was before migration 0006 (revision 0005), then that migration timed on it."""
+    upgrade(url, "0005")
+    old = Catalog(url, migrate=False)
+    start = time.perf_counter()
+    with old.engine.begin() as conn:
+        # A bulk load: foreign-key triggers off for this session (the generated rows are consistent by design).
+        conn.execute(text("SET LOCAL session_replication_role = replica"))
+        conn.execute(text(style_set_sql()))
+        for chunk in range(1, n + 1, 250_000):
+            for stmt in build_sql(chunk, min(n, chunk + 249_999), stages=stages):
+                conn.execute(text(stmt))
+        if not regroup_all:
+            conn.execute(text(sql_groups(n)))
+            conn.execute(text("UPDATE images SET phash_indexed = true"))
+    vacuum(old)
+    old.dispose()
+    print(f"built in {time.perf_counter() - start:.1f} s (revision 0005)", flush=True)
+    if regroup_all:
+        catalog = Catalog(url, migrate=False)
+        full_s, grouped = timed(lambda: regroup(catalog))
+        print(f"full regroup of {n:,} pHashes: {full_s:.1f} s, {grouped:,} grouped", flush=True)
+        catalog.dispose()
+    upgrade_s, _ = timed(lambda: upgrade(url))
+    print(f"migration 0006 on {n:,} images (backfill, group resolve, indexes, triggers): {upgrade_s:.1f} s", flush=True)
+    catalog = Catalog(url)
+    vacuum(catalog)
+    return catalog
+
+
+def vacuum(catalog: Catalog) -> None:
+    with catalog.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text("VACUUM ANALYZE"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=1_000_000)
@@ -140,68 +189,60 @@ def main() -> None:
     parser.add_argument("--export-total", type=int, default=10_000, help="images in the exported selection")
     parser.add_argument("--db", default="pony_bench_1m")
     parser.add_argument("--keep", action="store_true", help="keep the database afterwards")
+    parser.add_argument("--reuse", action="store_true", help="measure on the kept database --db (no build)")
+    parser.add_argument("--regroup", action="store_true", help="group the pHashes with a full regroup (minutes)")
     parser.add_argument("--no-stages", action="store_true", help="no stage-ledger rows (6 per image)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the previous select/status paths")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    from bench.catalog_scale_baseline import legacy_select_ids, legacy_status
+    from bench.catalog_scale_baseline import previous_select_ids, previous_status
 
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{args.db}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{args.db}"')
     url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{args.db}"
+    if not args.reuse:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{args.db}" WITH (FORCE)')
+            conn.execute(f'CREATE DATABASE "{args.db}"')
     work = Path(tempfile.mkdtemp(prefix="catalog-scale-"))
     settings = Settings.from_env({}, state_dir=str(work / "state"), log_level="WARNING").replace(database_url=url)
-    catalog = Catalog(url)
+    catalog = None
     try:
-        n = args.images
-        print(f"synthetic catalog: {n:,} images in PostgreSQL database {args.db}", flush=True)
-        start = time.perf_counter()
-        with catalog.engine.begin() as conn:
-            # A bulk load: foreign-key triggers off for this session (the generated rows are consistent by design).
-            conn.execute(text("SET LOCAL session_replication_role = replica"))
-            conn.execute(text(style_set_sql()))
-            for chunk in range(1, n + 1, 250_000):
-                for stmt in build_sql(chunk, min(n, chunk + 249_999), stages=not args.no_stages):
-                    conn.execute(text(stmt))
-        with catalog.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.execute(text("VACUUM ANALYZE"))
-        print(f"built in {time.perf_counter() - start:.1f} s", flush=True)
+        if args.reuse:
+            catalog = Catalog(url)
+        else:
+            print(f"synthetic catalog: {args.images:,} images in PostgreSQL database {args.db}", flush=True)
+            catalog = build(url, args.images, stages=not args.no_stages, regroup_all=args.regroup)
+        with catalog.session() as s:
+            n = s.scalar(text("SELECT count(*) FROM images"))
         print()
         print(f"{'operation':<34} {'new s':>8} {'base s':>9} {'ratio':>8}  {'baseline':<34} note")
-        full_s, grouped = timed(lambda: regroup(catalog))
-        row(f"dedup: full regroup of {n:,}", full_s, None, "old grouping: quadratic", f"{grouped:,} grouped")
+        # New images as the workflow leaves them (triggers on: they keep the copies and the counts), near copies
+        # of indexed ones, then matched incrementally.
         with catalog.engine.begin() as conn:
-            conn.execute(text("SET LOCAL session_replication_role = replica"))
             for stmt in build_sql(n + 1, n + args.new, stages=not args.no_stages, offset=n + 1):
                 conn.execute(text(stmt))
         inc_s, summary = timed(lambda: dedup_new(catalog))
         again_s, _ = timed(lambda: dedup_new(catalog))
-        with catalog.session() as s:
-            s.execute(
-                text(
-                    "UPDATE images SET phash_indexed = false WHERE ingested_at >= (SELECT max(ingested_at) FROM images)"
-                )
-            )
-        full2_s, _ = timed(lambda: regroup(catalog))
         row(
             f"dedup: {args.new:,} new into {n:,}",
             inc_s,
-            full2_s,
-            f"full regroup of {n + args.new:,} (new index)",
+            None,
+            "",
             f"{summary.new_hashes:,} new, {summary.grouped_images:,} in touched groups; no-op rerun {again_s:.2f} s",
         )
+        n += args.new
         status_s, status = timed(lambda: curation_status(catalog))
-        base_s = None if args.no_baseline else timed(lambda: legacy_status(catalog))[0]
-        row("status", status_s, base_s, "per-stage queries (previous)", f"{sum(status.images.values()):,} images")
-        total = (n + args.new) // 10
+        base_s = None if args.no_baseline else timed(lambda: previous_status(catalog))[0]
+        row("status", status_s, base_s, "ledger aggregates (previous)", f"{sum(status.images.values()):,} images")
+        total = n // 10
         select_s, report = timed(lambda: select_images(settings, total, DEFAULT_MIX, name="bench"))
-        note = f"{report.selected:,} selected"
+        again_s, again = timed(lambda: select_images(settings, total, DEFAULT_MIX, name="bench"))
+        note = f"{report.selected:,} selected; the same again {again_s:.2f} s"
         base_s = None
         if not args.no_baseline:
-            base_s, legacy_ids = timed(lambda: legacy_select_ids(catalog, total, DEFAULT_MIX, "bench-legacy"))
-            note += "; same images as the previous path: " + ("yes" if legacy_ids == report.image_ids else "NO")
-        row(f"select: 10% ({total:,}) by mix", select_s, base_s, "rows into Python + ORM inserts", note)
+            base_s, previous_ids = timed(lambda: previous_select_ids(catalog, total, DEFAULT_MIX, "bench-previous"))
+            same = previous_ids == report.image_ids == again.image_ids
+            note += "; same images as the previous path: " + ("yes" if same else "NO")
+        row(f"select: 10% ({total:,}) by mix", select_s, base_s, "joined pool, all groups (previous)", note)
         ids_s, ids = timed(lambda: load_selection(catalog, "bench"))
         row("read a selection in rank order", ids_s, None, "", f"{len(ids):,} ids")
         select_images(settings, args.export_total, DEFAULT_MIX, name="bench-export")
@@ -227,9 +268,10 @@ def main() -> None:
             f"(projected {total:,}: {export_s / max(1, summary_x.rows) * total:.0f} s)",
         )
         with catalog.session() as s:
-            s.execute(delete(SelectionRow).where(SelectionRow.name.in_(["bench-legacy"])))
+            s.execute(delete(SelectionRow).where(SelectionRow.name.in_(["bench-previous"])))
     finally:
-        catalog.dispose()
+        if catalog is not None:
+            catalog.dispose()
         if not args.keep:
             with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
                 conn.execute(f'DROP DATABASE IF EXISTS "{args.db}" WITH (FORCE)')

@@ -111,7 +111,7 @@ def open_images(
         read += len(data)
         budget.check_bytes(read, field)
         try:
-            probe = open_image(
+            probe = resolver.raw(ref, data, item_field) or open_image(
                 data, field=item_field, formats=settings.image_formats, max_pixels=settings.max_image_pixels
             )
         except InvalidArgument as exc:

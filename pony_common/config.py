@@ -169,11 +169,31 @@ class SamplerSettings(Section):
     safety: str = "required"  # required: every image checked, safety down -> UNAVAILABLE | off
     max_batch_size: int = 4  # requests Triton's dynamic batcher hands the model at once
     batch_delay_us: int = 2000  # how long the batcher waits to fill a batch
+    instances: int = 1  # copies of each family's model Triton runs (instance_group count; each loads the pipeline)
+    max_queue: int = 32  # requests Triton queues per model and priority level; more are refused (RESOURCE_EXHAUSTED)
+    default_priority: int = 5  # Triton priority of a direct Generate call, 0 (lowest)..9; a job sends its own
     compile: bool = False  # torch.compile the transformer inside the Triton model
+    compile_mode: str = "reduce-overhead"  # torch.compile mode: reduce-overhead / max-autotune use CUDA graphs on CUDA
+    compile_shapes: str = ""  # shapes compiled and warmed at load, WxHxBATCH: "1024x1024x1,1024x1024x2"; others eager
+    fp8: bool = False  # torchao float8 (dynamic activations and weights) of the denoiser's Linear layers; CUDA only
+    fuse_qkv: bool = False  # fuse the denoiser's attention QKV projections (diffusers fuse_qkv_projections)
+    preview_every: int = 1  # a request that asks for previews gets one every k steps (made on the device)
+    encode_workers: int = 0  # threads encoding PNG/WebP off the event loop; 0 = min(4, CPUs)
     warmup: str = ""  # warm-up generations at load, e.g. "1024x1024x28,512x512x4"
     random_init: str = ""  # "full": random full-size weights instead of loading them (benchmarks)
     job_timeout_s: float = 600.0  # one generation job's GenerateStream deadline
     model_roots: tuple[str, ...] = ()  # LoadVersion may also name these folders/URL prefixes (besides models, runs)
+    families: tuple[str, ...] = ("pony_v7",)  # families served (Triton models): pony_v7 (AuraFlow), pony_v6 (SDXL)
+    default_model: str = "pony_v7"  # the family a request that names none goes to (one of `families`)
+    v6_model: str = ""  # SDXL pipeline folder or id loaded into Triton as pony_v6; empty = <models_dir>/sdxl
+    v6_default_width: int = 1024  # pony_v6's defaults (pony_v7's are the default_* settings above)
+    v6_default_height: int = 1024
+    v6_default_steps: int = 25
+    v6_default_guidance: float = 7.0
+    v6_negative_prompt: str = ""  # pony_v6's negative prompt when a request gives none
+    max_adapters: int = 4  # LoRA adapters one request may apply (GenerateRequest.adapters)
+    adapter_cache: int = 8  # LoRA adapters each Triton model instance keeps loaded (least recently used evicted)
+    http_port: int = 0  # KServe v2 HTTP endpoint of the sampler (services/sampler/kserve_http.py); 0 = off
 
 
 SECTIONS: dict[str, type[Section]] = {
@@ -259,6 +279,12 @@ class Settings:
     request_max_pixels: int = 128_000_000  # pixels one request may have decoded at once (summed from headers first)
     request_max_image_bytes: int = 256 * 2**20  # image bytes one request may read, inline and by reference together
     style_tag_format: str = "style_cluster_{n}"  # style cluster tags in captions, exports and prompts
+
+    # --- style-adherence evaluation (trainer controller; services/trainer/evaluation) ---
+    eval_seeds: int = 2  # seeds per grid cell of `ponyctl eval style-adherence` (the default grid)
+    eval_clusters: int = 4  # style clusters of the style tagger's set the default grid requests
+    eval_after_publish: bool = False  # evaluate every version the trainer publishes, and compare it with the last
+    eval_max_locking_regression: float = 0.0  # > 0: a published candidate whose locking regresses more is discarded
 
     # --- Celery ---
     worker_concurrency: int = 1  # processes per Celery worker

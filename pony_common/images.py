@@ -74,6 +74,30 @@ def load_image(probe: Image.Image, *, field: str = "image") -> Image.Image:
     return img
 
 
+def check_raw_size(width: int, height: int, size: int, *, field: str = "image.raw") -> None:
+    """A `pony.v1.RawImage`'s shape: width and height positive, `size` (len(pixels)) == width * height * 3.
+    InvalidArgument naming `field.width`, `field.height` or `field.pixels` otherwise."""
+    for name, value in (("width", width), ("height", height)):
+        if value <= 0:
+            raise InvalidArgument(f"{field}.{name}", f"must be positive, got {value}")
+    if size != width * height * 3:
+        raise InvalidArgument(
+            f"{field}.pixels",
+            f"{size} bytes for {width}x{height} RGB; expected width * height * 3 = {width * height * 3}",
+        )
+
+
+def raw_image(
+    width: int, height: int, pixels: bytes, *, field: str = "image", max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Image.Image:
+    """Row-major RGB uint8 pixels (a `pony.v1.RawImage`) as a PIL image, no file format parsed. The pixel limit is the
+    one `open_image` applies to encoded images; InvalidArgument naming `field.raw.*` for a bad shape."""
+    if width * height > max_pixels:
+        raise InvalidArgument(field, f"image is {width}x{height}, more than {max_pixels} pixels")
+    check_raw_size(width, height, len(pixels), field=f"{field}.raw")
+    return Image.frombytes("RGB", (width, height), pixels)
+
+
 def decode_image(
     data: bytes,
     *,

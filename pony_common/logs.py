@@ -165,6 +165,10 @@ def quiet_libraries() -> None:
         os.environ.setdefault(name, value)
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    # bitsandbytes (pulled in by diffusers' quantizer registry when a LoRA-capable pipeline class is imported) warns
+    # at import, on CPUs with AVX512-BF16, that an optional 4-bit CPU kernel package is missing: nothing here uses
+    # 4-bit layers, so only its errors are shown.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     after_import("transformers.utils.logging", _quiet_hf_library)
     after_import("diffusers.utils.logging", _quiet_hf_library)
     after_import("huggingface_hub.utils", lambda module: module.disable_progress_bars())

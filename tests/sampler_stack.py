@@ -1,6 +1,7 @@
 """The sampler stack every test that needs one shares (one per session, registered for the whole suite by
 tests/conftest.py): tritonserver (from the nvidia-pytriton wheel)
-serving the tiny AuraFlow as `pony_v7`, the safety service, and the sampler with a bearer token."""
+serving both model families from the tiny models (AuraFlow as `pony_v7`, the default; SDXL as `pony_v6`), the
+safety service, and the sampler with a bearer token."""
 
 from __future__ import annotations
 
@@ -58,6 +59,11 @@ def stack_settings(state: Path, models: Path) -> Settings:
         sampler_default_width=SIZE,
         sampler_default_height=SIZE,
         sampler_default_steps=STEPS,
+        sampler_families=("pony_v7", "pony_v6"),
+        sampler_default_model="pony_v7",
+        sampler_v6_default_width=SIZE,
+        sampler_v6_default_height=SIZE,
+        sampler_v6_default_steps=STEPS,
         sampler_max_batch_size=4,
         sampler_batch_delay_us=50_000,
         log_json=False,

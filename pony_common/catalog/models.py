@@ -53,6 +53,11 @@ class ImageRow(Base):
     is_duplicate: Mapped[bool] = mapped_column(Boolean, default=False)
     # The pHash has been matched against the near-duplicate index (only unindexed ones are matched on the next run).
     phash_indexed: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # Copies kept by database triggers (migration 0006): aesthetic_scores.score, safety_decisions.decision == allow,
+    # and "group, status or score changed since the near-duplicate group was resolved". Written by the triggers only.
+    score: Mapped[float | None] = mapped_column(Float)
+    safety_allowed: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    dup_stale: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     # ingested -> processing -> done | failed
     status: Mapped[str] = mapped_column(String(16), default="ingested", index=True)
     error: Mapped[str | None] = mapped_column(Text)
@@ -153,8 +158,8 @@ class ModelVersionRow(Base):
 
 
 class AdapterRow(Base):
-    """A published LoRA adapter (diffusers `pytorch_lora_weights.safetensors`) for a base model family, which the
-    sampler can apply per request; one row per training run that produced it."""
+    """A LoRA adapter (diffusers `pytorch_lora_weights.safetensors`) for a base model family, which the sampler can
+    apply per request: published by a training run (one row per run) or registered by RegisterAdapter."""
 
     __tablename__ = "adapters"
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -166,5 +171,31 @@ class AdapterRow(Base):
     sha256: Mapped[str] = mapped_column(String(64))  # of the weights file
     rank: Mapped[int] = mapped_column(Integer)
     alpha: Mapped[float] = mapped_column(Float)
-    run_id: Mapped[str] = mapped_column(String(64), unique=True)
+    run_id: Mapped[str | None] = mapped_column(String(64), unique=True)  # None: registered (RegisterAdapter)
+    created_at: Mapped[dt.datetime] = mapped_column(TS, default=utcnow)
+    # sha256 of the tensor data after the safetensors header (A1111's `Lora hashes`); None until first computed
+    tensor_sha256: Mapped[str | None] = mapped_column(String(64))
+    removed_at: Mapped[dt.datetime | None] = mapped_column(TS)  # RemoveAdapter; the version number stays taken
+
+
+class EvaluationRow(Base):
+    """A style-adherence evaluation of a model version (+ adapters) (services/trainer/evaluation): its summary
+    figures, and where the whole report (JSON, Parquet, HTML) is in the blob store."""
+
+    __tablename__ = "evaluations"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model: Mapped[str] = mapped_column(String(64), index=True)  # model_versions.name (family), e.g. pony_v7
+    version: Mapped[int | None] = mapped_column(Integer)  # model_versions.version evaluated
+    adapters: Mapped[list[Any]] = mapped_column(JSON, default=list)  # [{"name", "weight"}]
+    images: Mapped[int] = mapped_column(Integer, default=0)
+    seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    follow_rate: Mapped[float] = mapped_column(Float, default=0.0)
+    locking: Mapped[float] = mapped_column(Float, default=0.0)
+    summary: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # results.VersionSummary.to_dict()
+    json_uri: Mapped[str] = mapped_column(Text, default="")
+    parquet_uri: Mapped[str] = mapped_column(Text, default="")
+    html_uri: Mapped[str] = mapped_column(Text, default="")
+    # "" (a plain evaluation) | "promoted" | "blocked" (the promotion gate's verdict), and why
+    verdict: Mapped[str] = mapped_column(String(16), default="")
+    reason: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[dt.datetime] = mapped_column(TS, default=utcnow)

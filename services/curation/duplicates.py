@@ -12,12 +12,12 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from sqlalchemy import String, any_, bindparam, case, false, func, literal, select, text, true, update
+from sqlalchemy import String, any_, bindparam, case, false, func, literal, or_, select, text, true, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
 from pony_common.catalog.db import Catalog, catalog_for
-from pony_common.catalog.models import AestheticScoreRow, ImageRow
+from pony_common.catalog.models import ImageRow
 from pony_common.config import Settings
 from pony_common.errors import InvalidArgument
 from services.curation.hamming_index import pairs_between, pairs_within, parse_hex
@@ -307,7 +307,8 @@ def merge_pairs(catalog: Catalog, pairs: Iterable[tuple[str, str]]) -> DedupSumm
 
 def resolve_duplicates(catalog: Catalog, group: str | None = None, *, groups: Collection[str] | None = None) -> int:
     """In each group (or just `group`, or just `groups`), the best-scored member stays eligible and the rest are
-    is_duplicate: one ranked UPDATE in the database, not a loop over rows.
+    is_duplicate: one ranked UPDATE in the database, not a loop over rows. The resolved members are no longer
+    dup_stale (see `resolve_stale`).
 
     Failed images never win; unscored ones rank below scored ones; ties go to the smallest id (deterministic).
     Returns how many images of those groups are marked duplicate."""
@@ -317,8 +318,8 @@ def resolve_duplicates(catalog: Catalog, group: str | None = None, *, groups: Co
             # Images that left every group are eligible again.
             s.execute(
                 update(IMAGES)
-                .where(IMAGES.c.dup_group.is_(None), IMAGES.c.is_duplicate == true())
-                .values(is_duplicate=False)
+                .where(IMAGES.c.dup_group.is_(None), or_(IMAGES.c.is_duplicate == true(), IMAGES.c.dup_stale == true()))
+                .values(is_duplicate=False, dup_stale=False)
             )
             _rank_groups(s, None)
             return (
@@ -335,35 +336,67 @@ def resolve_duplicates(catalog: Catalog, group: str | None = None, *, groups: Co
         return marked
 
 
+def resolve_stale(catalog: Catalog) -> int:
+    """Resolves only the groups with a stale member: one whose group, status or score changed since its group was
+    last resolved (a database trigger sets images.dup_stale; migration 0006), and clears images that left every
+    group. What `select` runs before reading the pool; nothing to do costs one indexed lookup. Returns how many
+    groups were resolved.
+
+    Groups are only split by `regroup`, which resolves every group; every other change marks the changed row."""
+    with catalog.session() as s:
+        rows = s.execute(select(IMAGES.c.id, IMAGES.c.dup_group).where(IMAGES.c.dup_stale == true())).all()
+        groups = sorted({group for _, group in rows if group is not None})
+        loose = [image_id for image_id, group in rows if group is None]
+        for chunk in _chunks(loose):
+            s.execute(
+                update(IMAGES)
+                .where(IMAGES.c.id.in_(chunk), IMAGES.c.dup_group.is_(None))
+                .values(is_duplicate=False, dup_stale=False)
+            )
+    if len(groups) > _CHUNK:
+        resolve_duplicates(catalog)  # many groups (e.g. the first select after migration 0006): one pass over all
+    elif groups:
+        resolve_duplicates(catalog, groups=groups)
+    return len(groups)
+
+
 def binary_collation(dialect: str) -> str:
     """The byte-order collation of a dialect: ids ordered in SQL exactly as Python orders them."""
     return "C" if dialect == "postgresql" else "BINARY"
 
 
 def _rank_groups(session: Session, groups: Sequence[str] | None) -> None:
+    """is_duplicate of every member of `groups` (None: of every group) from its rank in the group, and dup_stale
+    cleared; a row changed by another transaction since this one's snapshot (status, score or group no longer the
+    ranked ones) is left as it is, still stale, for the next resolve."""
     rank = (
         func.row_number()
         .over(
-            partition_by=ImageRow.dup_group,
+            partition_by=IMAGES.c.dup_group,
             order_by=(
-                case((ImageRow.status == "failed", 1), else_=0),
-                func.coalesce(AestheticScoreRow.score, -1.0).desc(),
-                ImageRow.id.collate(binary_collation(session.get_bind().dialect.name)),
+                case((IMAGES.c.status == "failed", 1), else_=0),
+                func.coalesce(IMAGES.c.score, -1.0).desc(),
+                IMAGES.c.id.collate(binary_collation(session.get_bind().dialect.name)),
             ),
         )
         .label("rank")
     )
     ranked = (
-        select(ImageRow.id.label("image_id"), rank)
-        .outerjoin(AestheticScoreRow, AestheticScoreRow.image_id == ImageRow.id)
-        .where(ImageRow.dup_group.is_not(None) if groups is None else ImageRow.dup_group.in_(groups))
+        select(IMAGES.c.id.label("image_id"), IMAGES.c.dup_group, IMAGES.c.status, IMAGES.c.score, rank)
+        .where(IMAGES.c.dup_group.is_not(None) if groups is None else IMAGES.c.dup_group.in_(groups))
         .subquery()
     )
     duplicate = ranked.c.rank > 1
     session.execute(
         update(IMAGES)
-        .where(IMAGES.c.id == ranked.c.image_id, IMAGES.c.is_duplicate != duplicate)
-        .values(is_duplicate=duplicate)
+        .where(
+            IMAGES.c.id == ranked.c.image_id,
+            or_(IMAGES.c.is_duplicate != duplicate, IMAGES.c.dup_stale == true()),
+            IMAGES.c.dup_group == ranked.c.dup_group,
+            IMAGES.c.status == ranked.c.status,
+            IMAGES.c.score.is_not_distinct_from(ranked.c.score),
+        )
+        .values(is_duplicate=duplicate, dup_stale=False)
     )
 
 

@@ -28,6 +28,7 @@ import tarfile
 import tempfile
 from array import array
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,7 @@ log = logging.getLogger(__name__)
 
 SHARD_SIZE = 1000
 CHUNK = 500  # records loaded, and manifest rows written, at a time
+IO_THREADS = 8  # threads copying images and writing sidecars (file I/O; local disks and object stores alike)
 SHARD_FORMATS = ("png", "jpg")
 INFO_FILE = "export.json"
 METADATA_FILE = "metadata.jsonl"
@@ -237,6 +239,7 @@ class _Exporter:
         self.stats = TokenStats(budget.max_tokens if budget else family.max_tokens)
         self.skipped: dict[str, str] = {}
         self.missing_style = 0
+        self.io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="export-io")
 
     def records(self, ids: Sequence[str], *, assign: bool = False) -> Iterator[list[ImageRecord]]:
         """The records of `ids` in order, a chunk at a time; with `assign`, untagged ones are style-tagged first."""
@@ -270,6 +273,37 @@ class _Exporter:
             _write_whole(target, self.blobs.get(rec.blob_key))
         return target
 
+    def write_files(self, rec: ImageRecord, prompt: str) -> ValueError | None:
+        """The image and its prompt sidecar (`<id>.txt`), each written whole; the reason when the row is skipped."""
+        try:
+            image = self.copy_image(rec)
+        except ValueError as exc:
+            return exc
+        _write_whole(image.with_suffix(".txt"), prompt.encode())
+        return None
+
+    def _skip(self, rec: ImageRecord, exc: ValueError) -> None:
+        self.skipped[repr(rec.image_id)] = str(exc)
+        log.warning("export row skipped", extra={"image_id": repr(rec.image_id), "reason": str(exc)})
+
+    def _rows(
+        self, planned: list, futures: list, writer: pq.ParquetWriter, meta: io.TextIOBase, written: Written
+    ) -> None:
+        """The manifest rows and metadata lines of a chunk whose files are written (or skipped, with the reason)."""
+        rows = []
+        for (rec, fitted, row, name), future in zip(planned, futures, strict=True):
+            error = future.result()
+            if error is not None:
+                self._skip(rec, error)
+                continue
+            if fitted is not None:
+                self.stats.add(fitted)
+            meta.write(metadata_line(row, name) + "\n")
+            rows.append(row)
+            written.add(name, row["rank"], fitted.tokens if fitted is not None else -1)
+        if rows:
+            writer.write_table(pa.Table.from_pylist(rows, schema=SCHEMA))
+
     def write(self, ids: Sequence[str], manifest: Path, metadata: Path) -> Written:
         """Images, sidecars, the manifest and metadata.jsonl in rank order; what was written, compactly."""
         written = Written()
@@ -279,28 +313,27 @@ class _Exporter:
         try:
             with pq.ParquetWriter(tmp_manifest, SCHEMA) as writer, os.fdopen(fd, "w", encoding="utf-8") as meta:
                 rank = 0
+                pending: tuple[list, list] | None = None
                 for recs in self.records(ids, assign=self.assign):
                     self.missing_style += sum(r.style_version is None for r in recs)
-                    rows = []
+                    planned = []
                     for rec, fitted in zip(recs, self.fit(recs), strict=True):
                         rank += 1
                         try:
-                            image = self.copy_image(rec)
+                            name = export_name(rec)
                         except ValueError as exc:
-                            self.skipped[repr(rec.image_id)] = str(exc)
-                            log.warning(
-                                "export row skipped", extra={"image_id": repr(rec.image_id), "reason": str(exc)}
-                            )
+                            self._skip(rec, exc)
                             continue
-                        if fitted is not None:
-                            self.stats.add(fitted)
-                        row = manifest_row(rec, f"images/{image.name}", rank - 1, family=self.family, fitted=fitted)
-                        _write_whole(image.with_suffix(".txt"), row["prompt"].encode())
-                        meta.write(metadata_line(row, image.name) + "\n")
-                        rows.append(row)
-                        written.add(image.name, rank - 1, fitted.tokens if fitted is not None else -1)
-                    if rows:
-                        writer.write_table(pa.Table.from_pylist(rows, schema=SCHEMA))
+                        row = manifest_row(rec, f"images/{name}", rank - 1, family=self.family, fitted=fitted)
+                        planned.append((rec, fitted, row, name))
+                    # The chunk's files are written by threads (file I/O) while the next chunk is read from the
+                    # catalog; its rows are written once its files are, so everything stays in rank order.
+                    futures = [self.io.submit(self.write_files, p[0], p[2]["prompt"]) for p in planned]
+                    if pending is not None:
+                        self._rows(*pending, writer, meta, written)
+                    pending = (planned, futures)
+                if pending is not None:
+                    self._rows(*pending, writer, meta, written)
             os.replace(tmp_manifest, manifest)
             os.replace(tmp_metadata, metadata)
         finally:
@@ -410,7 +443,10 @@ def export_selection(
     (out / "images").mkdir(parents=True, exist_ok=True)
     run = _Exporter(settings, out, conv, budget, assign_missing_styles)
     manifest = out / "manifest.parquet"
-    written = run.write(ids, manifest, out / "images" / METADATA_FILE)
+    try:
+        written = run.write(ids, manifest, out / "images" / METADATA_FILE)
+    finally:
+        run.io.shutdown()
     stale = run.remove_stale(written)
     shards = run.shards(written, out / "shards", shard_size, seed, shard_format) if webdataset else []
     for file_name, data in dataloader_files(out, resolution).items():

@@ -12,16 +12,30 @@ import logging
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
-from sqlalchemy import Select, String, case, delete, false, func, insert, literal, select, text
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    String,
+    delete,
+    false,
+    func,
+    insert,
+    literal,
+    literal_column,
+    select,
+    text,
+    true,
+    union_all,
+)
 from sqlalchemy.orm import Session
 
 from pony_common.blobs import BlobStore
 from pony_common.catalog.db import Catalog, catalog_for
-from pony_common.catalog.models import TS, AestheticScoreRow, ImageRow, SafetyDecisionRow, utcnow
+from pony_common.catalog.models import TS, ImageRow, utcnow
 from pony_common.config import Settings
 from pony_common.errors import InvalidArgument
 from services.curation.categories import CATEGORIES, DEFAULT_MIX, normalize_category
-from services.curation.duplicates import binary_collation, resolve_duplicates
+from services.curation.duplicates import binary_collation, resolve_stale
 from services.curation.store import SelectionRow
 
 log = logging.getLogger(__name__)
@@ -171,51 +185,67 @@ def choose(
     return chosen, quotas, _apportion(total, mix)
 
 
+def _in_pool(min_score: float | None) -> list[ColumnElement[bool]]:
+    """The eligible pool as terms on `images` alone: processed, allowed by safety, not a near-duplicate, scored (the
+    score and the safety decision are copied onto images by triggers; migration 0006). The same terms as the
+    partial index `ix_images_pool` (category, score desc, id), literals included, so the index serves every query."""
+    terms = [
+        ImageRow.status == literal_column("'done'"),
+        ImageRow.is_duplicate == false(),
+        ImageRow.safety_allowed == true(),
+        ImageRow.score.is_not(None),
+    ]
+    if min_score is not None:
+        terms.append(ImageRow.score >= min_score)
+    return terms
+
+
 def _eligible(min_score: float | None) -> Select:
     """id, category and score of the eligible pool (the query `eligible_pool` reads)."""
-    query = (
-        select(ImageRow.id, func.coalesce(ImageRow.category, "other").label("category"), AestheticScoreRow.score)
-        .join(AestheticScoreRow, AestheticScoreRow.image_id == ImageRow.id)
-        .join(SafetyDecisionRow, SafetyDecisionRow.image_id == ImageRow.id)
-        .where(
-            ImageRow.status == "done",
-            ImageRow.is_duplicate == false(),
-            SafetyDecisionRow.decision == "allow",
-        )
-    )
-    if min_score is not None:
-        query = query.where(AestheticScoreRow.score >= min_score)
-    return query
+    return select(ImageRow.id, ImageRow.category.label("category"), ImageRow.score).where(*_in_pool(min_score))
 
 
-def _write_selection(s: Session, name: str, min_score: float | None, quotas: Mapping[str, int]) -> None:
+def pool_counts(session: Session, min_score: float | None = None) -> dict[str, int]:
+    """Eligible images per category (an index-only count of `ix_images_pool`)."""
+    query = select(ImageRow.category, func.count()).where(*_in_pool(min_score)).group_by(ImageRow.category)
+    return {c: n for c, n in session.execute(query)}
+
+
+def _write_selection(s: Session, name: str, min_score: float | None, quotas: Mapping[str, int]) -> list[str]:
     """Replaces selection `name` with the best `quotas[category]` of each category, ranked by score (ties: smaller
-    id), in one INSERT ... SELECT: no row of the pool travels to Python."""
+    id), in one INSERT ... SELECT: per category the first rows of `ix_images_pool` (no sort, nothing else read),
+    then one sort of the chosen rows for their rank. Returns the chosen ids in rank order."""
     ids = ImageRow.id.collate(binary_collation(s.get_bind().dialect.name))
-    pool = _eligible(min_score).add_columns(
-        func.row_number()
-        .over(
-            partition_by=func.coalesce(ImageRow.category, "other"),
-            order_by=(AestheticScoreRow.score.desc(), ids),
+    parts = []
+    for category in sorted((c for c, n in quotas.items() if n > 0), key=_rank):
+        best = (
+            select(ImageRow.id, ImageRow.category, ImageRow.score, ids.label("sort_id"))
+            .where(*_in_pool(min_score), ImageRow.category == category)
+            .order_by(ImageRow.score.desc(), ids)
+            .limit(quotas[category])
+            .subquery()
         )
-        .label("place"),
-        ids.label("sort_id"),
-    )
-    pool = pool.subquery()
-    wanted = {c: n for c, n in quotas.items() if n > 0}
-    quota = case(wanted, value=pool.c.category, else_=0) if wanted else literal(0)
-    rank = func.row_number().over(order_by=(pool.c.score.desc(), pool.c.sort_id)) - 1
-    chosen = select(
-        literal(name, String).label("name"),
-        pool.c.id,
-        rank.label("rank"),
-        pool.c.category,
-        literal(utcnow(), TS).label("created_at"),
-    ).where(pool.c.place <= quota)
-    if s.get_bind().dialect.name == "postgresql":
-        s.execute(text("SET LOCAL work_mem = '256MB'"))  # rank the pool in memory, not in temporary files
+        parts.append(select(best))  # each part its own subquery: SQLite allows no LIMIT inside a compound SELECT
     s.execute(delete(SelectionRow).where(SelectionRow.name == name))
-    s.execute(insert(SelectionRow).from_select(["name", "image_id", "rank", "category", "created_at"], chosen))
+    if not parts:
+        return []
+    chosen = (parts[0] if len(parts) == 1 else union_all(*parts)).subquery()
+    rank = func.row_number().over(order_by=(chosen.c.score.desc(), chosen.c.sort_id)) - 1
+    rows = select(
+        literal(name, String).label("name"),
+        chosen.c.id,
+        rank.label("rank"),
+        chosen.c.category,
+        literal(utcnow(), TS).label("created_at"),
+    )
+    if s.get_bind().dialect.name == "postgresql":
+        s.execute(text("SET LOCAL work_mem = '64MB'"))  # sort the chosen rows in memory, not in temporary files
+    back = s.execute(
+        insert(SelectionRow)
+        .from_select(["name", "image_id", "rank", "category", "created_at"], rows)
+        .returning(SelectionRow.image_id, SelectionRow.rank)
+    )
+    return [image_id for image_id, _ in sorted(back, key=lambda r: r[1])]
 
 
 def select_images(
@@ -226,24 +256,21 @@ def select_images(
     min_score: float | None = None,
     name: str = "default",
 ) -> SelectionReport:
-    """`ponyctl select`: writes selection `name` (replacing it) and returns target vs achieved mix. The pool is
-    counted and ranked in the database (a 10% selection of a 1M-image catalog stays interactive)."""
+    """`ponyctl select`: writes selection `name` (replacing it) and returns target vs achieved mix. Near-duplicate
+    groups changed since they were last resolved are resolved first; the pool is counted and ranked in the database
+    on one partial index (a 10% selection of a 1M-image catalog takes seconds)."""
     if total < 1:
         raise InvalidArgument("total", "must be at least 1")
     if min_score is not None and not 0.0 <= min_score <= 1.0:
         raise InvalidArgument("min_score", "must be in [0, 1]")
     mix = dict(mix or DEFAULT_MIX)
     catalog = catalog_for(settings.database_url)
-    resolve_duplicates(catalog)
+    resolve_stale(catalog)
     with catalog.session() as s:
-        pool = _eligible(min_score).subquery()
-        available = {c: n for c, n in s.execute(select(pool.c.category, func.count()).group_by(pool.c.category))}
+        available = pool_counts(s, min_score)
         quotas = plan_quotas(total, mix, available)
         targets = _apportion(total, mix)
-        _write_selection(s, name, min_score, quotas)
-        chosen = list(
-            s.scalars(select(SelectionRow.image_id).where(SelectionRow.name == name).order_by(SelectionRow.rank))
-        )
+        chosen = _write_selection(s, name, min_score, quotas)
     report = SelectionReport(name=name, total=total, selected=len(chosen), min_score=min_score, image_ids=chosen)
     for cat in sorted(mix, key=_rank):
         got = quotas.get(cat, 0)

@@ -7,7 +7,7 @@ import datetime as dt
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import ForeignKey, Integer, String, Text, bindparam, literal_column, select, update
+from sqlalchemy import BigInteger, ForeignKey, Integer, String, Text, bindparam, literal_column, select, update
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from pony_common.catalog.db import Catalog, bulk_upsert, id_in, insert_for, upsert
@@ -29,10 +29,24 @@ class StageRow(Base):
     finished_at: Mapped[dt.datetime | None] = mapped_column(TS)
 
 
+class StageCountRow(Base):
+    """Deltas of the ledger's (stage, status) counts, written by database triggers on `stages` (migration 0006);
+    a count is the sum of its key's rows. `status` reads them and compacts them."""
+
+    __tablename__ = "stage_counts"
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"), primary_key=True)
+    stage: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))
+    n: Mapped[int] = mapped_column(BigInteger)
+
+
 class SelectionRow(Base):
+    """An image of a named selection. No foreign key (migration 0006: its check locked every chosen image row): the
+    selection is written from `images` in one statement, and a trigger deletes an image's rows with the image."""
+
     __tablename__ = "selections"
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
-    image_id: Mapped[str] = mapped_column(ForeignKey(IMAGE_FK, ondelete="CASCADE"), primary_key=True)
+    image_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     rank: Mapped[int] = mapped_column(Integer)
     category: Mapped[str] = mapped_column(String(32))
     created_at: Mapped[dt.datetime] = mapped_column(TS, default=utcnow)

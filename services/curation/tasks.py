@@ -471,8 +471,8 @@ def persist_batch(task: Task, image_ids: Sequence[str]) -> dict:
                 )
             complete_batch(s, claimed, "persist")
         groups = sorted({images[i].dup_group for i in finish if images[i].dup_group})
-        for dup_group in groups:
-            resolve_duplicates(catalog, dup_group)
+        if groups:
+            resolve_duplicates(catalog, groups=groups)
         return {**_summary("persist", ids, finish, list(failed)), "waiting": len(ids) - len(ready)}
     except Exception as exc:
         return _after_error(task, exc, catalog, "persist", ids, claimed)

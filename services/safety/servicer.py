@@ -14,6 +14,7 @@ from pony_common.errors import InvalidArgument
 from pony_common.fields import check_id, check_image_ref, check_names, check_text
 from pony_common.grpc.auth import Role
 from pony_common.imagerefs import ImageResolver
+from pony_common.images import check_raw_size
 from pony_common.metrics import ITEM_FAILURES
 from services.safety.model import SERVICE
 from services.safety.policy import BLOCK, SafetyInput, SafetyVerdict
@@ -88,13 +89,18 @@ class SafetyServicer(safety_pb2_grpc.SafetyServicer):
     async def Check(self, request: safety_pb2.CheckRequest, context: aio.ServicerContext) -> safety_pb2.CheckResponse:
         """An item with an `embedding` is classified from it: its image is not read or decoded. An embedding of
         the wrong width fails the call (INVALID_ARGUMENT naming `items[i].embedding`): the caller's model is not
-        this one."""
+        this one. An item's image may be raw RGB pixels (`image.raw`: nothing to decode); pixels whose length is not
+        width * height * 3 fail the call (INVALID_ARGUMENT naming `items[i].image.raw.pixels`)."""
         self.service.check_request(len(request.items))
         embeddings = {
             i: self.service.check_embedding(item.embedding.values, f"items[{i}].embedding")
             for i, item in enumerate(request.items)
             if item.HasField("embedding")
         }
+        for i, item in enumerate(request.items):  # raw pixels whose size contradicts their shape: the caller's bug
+            if item.HasField("image") and item.image.WhichOneof("source") == "raw":
+                raw = item.image.raw
+                check_raw_size(raw.width, raw.height, len(raw.pixels), field=f"items[{i}].image.raw")
 
         def prepare() -> tuple[list[tuple[int, SafetyInput]], dict[int, common_pb2.ItemError]]:
             inputs: list[tuple[int, SafetyInput]] = []

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pony_common.cli.errors import UsageError
 from pony_common.config import Settings
+from services.sampler.families import KINDS
 from services.sampler.prompts import RATINGS, SOURCES
 
 
@@ -24,6 +25,9 @@ def _register_generate(sub: argparse._SubParsersAction) -> None:
         "parameters. With several images, FILE.png becomes FILE-0.png, FILE-1.png, ...",
     )
     p.add_argument("prompt", nargs="?", default=None, help="the prompt (special tags are added in front)")
+    p.add_argument(
+        "--model", default=None, help="model family: pony_v7 (AuraFlow) | pony_v6 (SDXL); default: the sampler's"
+    )
     p.add_argument("--out", "-o", help="PNG file to write")
     p.add_argument("--seed", type=int, default=None, help="image i uses seed + i (default: random)")
     p.add_argument("--negative", default=None, help="negative prompt")
@@ -32,13 +36,20 @@ def _register_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--images", type=int, default=None, help="number of images")
-    p.add_argument("--score", type=int, default=None, help="quality tag score_N (0..9): N or better")
+    p.add_argument("--score", type=int, default=None, help="score N or better (0..9), in the family's tag convention")
     p.add_argument("--style", type=int, action="append", default=[], help="style cluster id (repeatable)")
     p.add_argument("--source", choices=SOURCES, default=None)
     p.add_argument("--rating", choices=RATINGS, default=None)
     p.add_argument("--palette", action="append", default=[], help="palette colour, e.g. red, sky_blue (repeatable)")
     p.add_argument("--style-family", default=None, help="the {family} of a family-prefixed style tag format")
     p.add_argument("--raw", action="store_true", help="send the prompt as written (no special tags)")
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="NAME[:VERSION][=WEIGHT]",
+        help="a registered LoRA adapter (repeatable; version default: the newest, weight default: 1)",
+    )
     p.add_argument("--read", metavar="PNG", help="print the parameters stored in a generated PNG and exit")
     p.add_argument("--json", action="store_true", help="with --read: print the JSON parameters")
     p.add_argument("--timeout", type=float, default=None, help="seconds (default: PONY_SAMPLER_JOB_TIMEOUT_S)")
@@ -72,6 +83,8 @@ def _check(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise UsageError(f"--{name} must be a positive number, got {value}")
+    if args.model is not None and args.model.strip() not in KINDS:
+        raise UsageError(f"--model must be one of {', '.join(KINDS)}, got {args.model!r}")
     if args.seed is not None and args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
     if args.score is not None and not 0 <= args.score <= 9:
@@ -80,6 +93,13 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError(f"--guidance must be >= 0, got {args.guidance}")
     if any(s < 0 for s in args.style):
         raise UsageError("--style ids must be >= 0")
+    from services.sampler.client import lora_ref
+
+    for value in args.lora:
+        try:
+            lora_ref(value)
+        except ValueError as exc:
+            raise UsageError(f"--lora: {exc}") from None
 
 
 def _outputs(out: Path, count: int) -> list[Path]:
@@ -101,6 +121,7 @@ def _run_generate(args: argparse.Namespace, settings: Settings) -> int:
     if not out.parent.exists():
         raise UsageError(f"--out {args.out}: folder {out.parent} does not exist")
     options = {
+        "model": args.model,
         "negative_prompt": args.negative,
         "width": args.width,
         "height": args.height,
@@ -115,6 +136,7 @@ def _run_generate(args: argparse.Namespace, settings: Settings) -> int:
         "palette": args.palette,
         "style_family": args.style_family,
         "raw_prompt": args.raw or None,
+        "adapters": args.lora,
     }
     with SamplerClient(settings, timeout=args.timeout or settings.sampler.job_timeout_s) as client:
         try:

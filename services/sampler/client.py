@@ -3,6 +3,8 @@ asynchronous jobs and model versions.
 
 client = SamplerClient(settings)                  # settings.sampler_addr, bearer token, TLS, retries
 resp = client.generate("a pony in a meadow", seed=1, width=1024, height=1024, score=9, source="pony")
+resp = client.generate("a pony", model="pony_v6", score=7)  # another family (client.list_models() lists them)
+resp = client.generate("a pony", adapters=["style-a=0.8", ("style-b", 2, 1.0)])  # LoRAs: name[:version][=weight]
 open("out.png", "wb").write(resp.images[0].png)
 for event in client.stream("a pony", seed=1):     # Progress events, then the result
     ...
@@ -26,9 +28,9 @@ RATINGS = {"safe": 1, "questionable": 2, "explicit": 3}
 
 
 def build_request(prompt: str = "", **options: Any) -> Any:
-    """A GenerateRequest from keyword options: negative_prompt, width, height, steps, guidance, seed, num_images,
-    raw_prompt, preview, and the tags score, style_clusters, source, rating ("safe" | "questionable" | "explicit"),
-    palette (colour names) and style_family."""
+    """A GenerateRequest from keyword options: model (the family, e.g. "pony_v6"), model_version, negative_prompt,
+    width, height, steps, guidance, seed, num_images, raw_prompt, preview, and the tags score, style_clusters,
+    source, rating ("safe" | "questionable" | "explicit"), palette (colour names) and style_family."""
     tags = sampler_pb2.PromptTags()
     if options.get("score") is not None:
         tags.score = int(options.pop("score"))
@@ -37,12 +39,13 @@ def build_request(prompt: str = "", **options: Any) -> Any:
     tags.source = options.pop("source", None) or ""
     tags.palette.extend(options.pop("palette", None) or ())
     tags.style_family = options.pop("style_family", None) or ""
+    adapters = [lora_ref(a) for a in options.pop("adapters", None) or ()]
     rating = options.pop("rating", None)
     if rating:
         if rating not in RATINGS:
             raise ValueError(f"rating must be one of {', '.join(RATINGS)}, got {rating!r}")
         tags.rating = RATINGS[rating]
-    request = sampler_pb2.GenerateRequest(prompt=prompt, tags=tags)
+    request = sampler_pb2.GenerateRequest(prompt=prompt, tags=tags, adapters=adapters)
     for key, value in options.items():
         if value is None:
             continue
@@ -50,6 +53,31 @@ def build_request(prompt: str = "", **options: Any) -> Any:
             raise TypeError(f"unknown option {key!r}")
         setattr(request, key, value)
     return request
+
+
+def lora_ref(value: Any) -> Any:
+    """An AdapterRef from `"name[:version][=weight]"`, a (name, version[, weight]) tuple or an AdapterRef
+    (version 0 = the newest; no weight = 1.0). ValueError on a malformed one."""
+    if isinstance(value, sampler_pb2.AdapterRef):
+        return value
+    if isinstance(value, tuple | list):
+        name, version, *rest = value
+        ref = sampler_pb2.AdapterRef(name=str(name), version=int(version or 0))
+        if rest and rest[0] is not None:
+            ref.weight = float(rest[0])
+        return ref
+    text = str(value).strip()
+    head, has_weight, weight = text.partition("=")
+    name, _, version = head.partition(":")
+    try:
+        ref = sampler_pb2.AdapterRef(name=name.strip(), version=int(version) if version.strip() else 0)
+        if has_weight:
+            ref.weight = float(weight)
+    except ValueError:
+        raise ValueError(f"a LoRA is name[:version][=weight], e.g. style-a:2=0.8; got {text!r}") from None
+    if not ref.name or ref.version < 0:
+        raise ValueError(f"a LoRA is name[:version][=weight], e.g. style-a:2=0.8; got {text!r}")
+    return ref
 
 
 class SamplerClient(ServiceClient):
@@ -124,12 +152,49 @@ class SamplerClient(ServiceClient):
     def cancel_job(self, job_id: str) -> Any:
         return self.stub.CancelJob(sampler_pb2.CancelJobRequest(job_id=job_id), timeout=self.timeout).job
 
-    def load_version(self, uri: str, source_run_id: str = "", *, timeout: float | None = None) -> Any:
-        req = sampler_pb2.LoadVersionRequest(uri=uri, source_run_id=source_run_id)
+    def load_version(
+        self,
+        uri: str,
+        source_run_id: str = "",
+        *,
+        model: str = "",
+        candidate: bool = False,
+        timeout: float | None = None,
+    ) -> Any:
+        """The ModelVersion `uri` became: the next version of `model` (the family; empty = the default).
+        `candidate`: loaded beside the serving version, reached only by requests pinning `model_version` to it,
+        until `promote_version` or `discard_version` (admin)."""
+        req = sampler_pb2.LoadVersionRequest(uri=uri, source_run_id=source_run_id, model=model, candidate=candidate)
         return self.stub.LoadVersion(req, timeout=timeout or self.settings.sampler.triton_start_timeout_s).version
 
-    def list_versions(self) -> list[Any]:
-        return list(self.stub.ListVersions(sampler_pb2.ListVersionsRequest(), timeout=self.timeout).versions)
+    def promote_version(self, version: int, *, model: str = "", timeout: float | None = None) -> Any:
+        """The ModelVersion: candidate `version` of `model` now serving (admin)."""
+        req = sampler_pb2.PromoteVersionRequest(model=model, version=version)
+        return self.stub.PromoteVersion(req, timeout=timeout or self.settings.sampler.triton_start_timeout_s).version
+
+    def discard_version(self, version: int, *, model: str = "", reason: str = "", timeout: float | None = None) -> Any:
+        """The ModelVersion: candidate `version` of `model` unloaded and removed, never served (admin)."""
+        req = sampler_pb2.DiscardVersionRequest(model=model, version=version, reason=reason)
+        return self.stub.DiscardVersion(req, timeout=timeout or self.settings.sampler.triton_start_timeout_s).version
+
+    def list_versions(self, model: str = "") -> list[Any]:
+        """ModelVersion rows of `model` (empty: of every served family)."""
+        req = sampler_pb2.ListVersionsRequest(model=model)
+        return list(self.stub.ListVersions(req, timeout=self.timeout).versions)
+
+    def list_models(self) -> list[Any]:
+        """ModelFamily messages: every served family with its defaults, limits, versions, adapters, is_default."""
+        return list(self.stub.ListModels(sampler_pb2.ListModelsRequest(), timeout=self.timeout).models)
+
+    def register_adapter(self, name: str, uri: str, *, family: str = "", timeout: float | None = None) -> Any:
+        """The Adapter registered (admin): the next version of `name`, the LoRA file or folder at `uri`."""
+        req = sampler_pb2.RegisterAdapterRequest(name=name, family=family, uri=uri)
+        return self.stub.RegisterAdapter(req, timeout=timeout or self.timeout).adapter
+
+    def remove_adapter(self, name: str, version: int = 0) -> list[Any]:
+        """The Adapter versions removed (admin); version 0 = every version of `name`."""
+        req = sampler_pb2.RemoveAdapterRequest(name=name, version=version)
+        return list(self.stub.RemoveAdapter(req, timeout=self.timeout).removed)
 
 
 def is_invalid_argument(exc: BaseException) -> bool:

@@ -6,8 +6,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from services.sampler.families import KINDS, PONY_V7
+from services.sampler.lora import AdapterSpec
 from services.sampler.prompts import PromptTags
-from services.sampler.repository import MODEL_NAME
+
+
+@dataclass(frozen=True)
+class AdapterRequest:
+    """A LoRA adapter as a request names it: version 0 = the newest; weight None = 1.0."""
+
+    name: str
+    version: int = 0
+    weight: float | None = None
 
 
 @dataclass(frozen=True)
@@ -25,6 +35,9 @@ class GenerationInput:
     tags: PromptTags = field(default_factory=PromptTags)
     raw_prompt: bool = False
     preview: bool = False
+    model: str = ""  # the family; empty = the default
+    model_version: int = 0  # 0 = the version serving now
+    adapters: tuple[AdapterRequest, ...] = ()  # LoRA adapters for this request only
 
 
 @dataclass(frozen=True)
@@ -43,20 +56,31 @@ class GenerationSpec:
     tags: PromptTags = field(default_factory=PromptTags)
     raw_prompt: bool = False
     preview: bool = False
+    # The family (the Triton model it goes to) and the version the request pinned (0 = the one serving).
+    model: str = PONY_V7
+    model_version: int = 0
+    # LoRA adapters resolved from the registry (services/sampler/adapters.py): what Triton loads, in order.
+    adapters: tuple[AdapterSpec, ...] = ()
 
-    def parameters(self, seed: int, model_version: str) -> dict[str, object]:
-        """The parameters one image carries in its PNG."""
+    def parameters(self, seed: int, model_version: str, model_hash: str = "") -> dict[str, object]:
+        """The parameters one image carries in its PNG (`model_hash`: A1111's short hash of the weights)."""
+        extra: dict[str, object] = {"model_hash": model_hash} if model_hash else {}
+        if self.adapters:
+            extra["adapters"] = [
+                {"name": a.name, "version": a.version, "weight": a.weight, "hash": a.lora_hash} for a in self.adapters
+            ]
         return {
+            **extra,
             "prompt": self.prompt,
             "negative_prompt": self.negative_prompt,
             "user_prompt": self.user_prompt,
             "steps": self.steps,
-            "sampler": "Euler (flow matching)",
+            "sampler": KINDS[self.model].sampler_name,
             "guidance": self.guidance,
             "seed": seed,
             "width": self.width,
             "height": self.height,
-            "model": MODEL_NAME,
+            "model": self.model,
             "model_version": model_version,
             "raw_prompt": self.raw_prompt,
             "tags": {
@@ -119,3 +143,4 @@ class GenerationResult:
     batch_size: int
     safety_checked: bool
     safety_note: str = ""
+    model_hash: str = ""  # A1111's short hash of the weights (the PNGs' `Model hash`)

@@ -7,6 +7,9 @@ invisible characters removed, confusables folded to Latin, `_`/space/`-` as one)
 written (the caption) and its comma-separated pieces cut at any comma form, as those keys (the tags), so a blocked
 tag hidden behind a fullwidth comma, a zero-width space or a Cyrillic letter is what the rules see as the tag.
 
+Images go to the check as raw RGB pixels (`ImageRef.raw`): the safety service decodes nothing, and the PNG is
+encoded meanwhile (`encoding.py`), so a generated image is never decoded again.
+
 `PONY_SAMPLER_SAFETY=required` (the default) fails closed: a configured safety service that is down or errs
 makes the generation UNAVAILABLE, never unchecked. `off`, or an empty `PONY_SAFETY_ADDR`, skips the check and
 says so in every response and in the log."""
@@ -14,10 +17,12 @@ says so in every response and in the log."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import numpy as np
 
 from pony_common.config import ConfigError, Settings
 from pony_common.errors import DependencyUnavailable
@@ -67,18 +72,19 @@ class SafetyGate:
     async def aclose(self) -> None:
         await self.client.aclose()
 
-    def _items(self, prompt: str, pngs: list[bytes]) -> list[Any]:
-        """One SafetyItem per PNG (or one text-only item when there are none): the prompt and its tag keys."""
-        from pony.v1 import common_pb2, safety_pb2
+    def _items(self, prompt: str, images: Sequence[np.ndarray | bytes]) -> list[Any]:
+        """One SafetyItem per image (or one text-only item when there are none): the prompt and its tag keys. An
+        [H, W, 3] uint8 array goes as raw pixels (`ImageRef.raw`), bytes as an encoded image (`ImageRef.data`)."""
+        from pony.v1 import safety_pb2
 
         # A piece longer than a tag may be (a sentence without commas) is not a tag: the safety service would refuse
         # the item over it. The service still splits the caption (the prompt) itself, so every piece is matched.
         tags = [tag for tag in split_tags(prompt) if len(tag) <= NAME_MAX]
-        if not pngs:
+        if not images:
             return [safety_pb2.SafetyItem(caption=prompt, tags=tags, item_id="0")]
         return [
-            safety_pb2.SafetyItem(image=common_pb2.ImageRef(data=png), caption=prompt, tags=tags, item_id=str(i))
-            for i, png in enumerate(pngs)
+            safety_pb2.SafetyItem(image=image_ref(image), caption=prompt, tags=tags, item_id=str(i))
+            for i, image in enumerate(images)
         ]
 
     async def _check(self, items: list[Any], what: str, timeout: float | None) -> list[Verdict]:
@@ -119,8 +125,24 @@ class SafetyGate:
         (verdict,) = await self._check(self._items(prompt, []), "prompt", timeout)
         return verdict
 
-    async def check(self, pngs: list[bytes], prompt: str, timeout: float | None = None) -> list[Verdict]:
-        """One verdict per PNG. Raises DependencyUnavailable when the check cannot be made (fail closed)."""
+    async def check(
+        self, images: Sequence[np.ndarray | bytes], prompt: str, timeout: float | None = None
+    ) -> list[Verdict]:
+        """One verdict per image ([H, W, 3] uint8 pixels, sent raw; or encoded bytes). Raises DependencyUnavailable
+        when the check cannot be made (fail closed)."""
         if not self.enabled:
-            return [Verdict(True) for _ in pngs]
-        return await self._check(self._items(prompt, pngs), "images", timeout)
+            return [Verdict(True) for _ in images]
+        return await self._check(self._items(prompt, images), "images", timeout)
+
+
+def image_ref(image: np.ndarray | bytes) -> Any:
+    """A `pony.v1.ImageRef`: raw RGB pixels for an [H, W, 3] uint8 array (nothing to decode), data for bytes."""
+    from pony.v1 import common_pb2
+
+    if isinstance(image, bytes | bytearray):
+        return common_pb2.ImageRef(data=bytes(image))
+    pixels = np.ascontiguousarray(image, dtype=np.uint8)
+    if pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise ValueError(f"expected [H, W, 3] uint8 pixels, got shape {pixels.shape}")
+    height, width, _ = pixels.shape
+    return common_pb2.ImageRef(raw=common_pb2.RawImage(width=width, height=height, pixels=pixels.tobytes()))

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import threading
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from pony_common.access import confine_model_uri
@@ -16,6 +18,9 @@ from pony_common.catalog import catalog_for
 from pony_common.config import Settings
 from pony_common.errors import DependencyUnavailable, InvalidArgument
 from pony_common.metrics import BATCH_SIZE, ITEM_FAILURES, SAMPLER_COMPUTE, SAMPLER_QUEUE_WAIT
+from services.sampler.adapters import Adapter, AdapterRegistry
+from services.sampler.encoding import ImageEncoder
+from services.sampler.families import Family, resolve
 from services.sampler.generation import (
     BlockedOutput,
     Generated,
@@ -26,15 +31,23 @@ from services.sampler.generation import (
     Progress,
 )
 from services.sampler.model import SamplerModel, VersionInfo
-from services.sampler.pnginfo import encode_png
-from services.sampler.repository import MODEL_NAME
+from services.sampler.pnginfo import ModelHashes
 from services.sampler.safety_gate import SafetyGate
-from services.sampler.store import JobEvent, JobRecord, JobStore, VersionCatalog
+from services.sampler.store import MAX_PRIORITY, JobEvent, JobRecord, JobStore, VersionCatalog
 from services.sampler.validation import RequestValidator
 
 log = logging.getLogger(__name__)
 
 WATCH_POLL_S = 0.2  # how often a watch looks for new events once it has replayed the log (it misses none)
+
+
+@dataclass(frozen=True)
+class FamilyInfo:
+    """A served family as ListModels shows it: what it is, its defaults and limits, its versions."""
+
+    family: Family
+    versions: list[VersionInfo]
+    adapters: list[Any] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -52,24 +65,47 @@ class SamplerService:
         self.settings = settings
         self.model = model
         self.gate = gate
-        self.versions: VersionCatalog | None = None
+        self.catalogs: dict[str, VersionCatalog] = {}  # family -> its model_versions rows
         self._validator: RequestValidator | None = None
         self._jobs: JobStore | None = None
         self._blobs: BlobStore | None = None
+        self.encoder = ImageEncoder(settings.sampler.encode_workers)  # PNG encoding off the event loop
+        self._adapters: AdapterRegistry | None = None
+        # A1111 `Model hash` per version's weights, computed once (services/sampler/pnginfo.py ModelHashes).
+        self.model_hashes = ModelHashes(Path(settings.state_dir) / "model_hashes.json")
 
     # --- lifecycle ---
 
     def load(self) -> None:
-        """Catalog versions -> repository, the model (tokenizer, Triton), repository -> catalog; blocking."""
-        self.versions = VersionCatalog(catalog_for(self.settings.database_url))
-        self.versions.import_published(self.model.repository)
+        """Catalog versions -> repository, the model (tokenizers, Triton), repository -> catalog, for every served
+        family; blocking."""
+        catalog = catalog_for(self.settings.database_url)
+        self.catalogs = {name: VersionCatalog(catalog, name) for name in self.model.families}
+        self._adapters = AdapterRegistry(self.settings, catalog, lambda: tuple(self.model.families))
+        for name, versions in self.catalogs.items():
+            versions.import_published(self.model.repositories[name], self.model.candidates[name])
         self.model.load()
-        self.versions.record_repository(self.model.repository)
-        self._validator = RequestValidator(self.settings, self.model.tokenizer)
+        for name, versions in self.catalogs.items():
+            versions.record_repository(self.model.repositories[name])
+        self._validator = RequestValidator(self.settings, self.model.tokenizers)
         self.gate.announce()
+        self._hash_in_background([(name, r.latest()) for name, r in self.model.repositories.items()])
+
+    def _hash_in_background(self, versions: list[tuple[str, int]]) -> None:
+        """Computes the PNGs' `Model hash` of these (family, version)s now, so the first image does not wait on it."""
+
+        def work() -> None:
+            for family, version in versions:
+                try:
+                    self.model_hash(family, str(version))
+                except Exception:
+                    log.exception("model hash of %s version %s", family, version)
+
+        threading.Thread(target=work, name="model-hash", daemon=True).start()
 
     def close(self) -> None:
         self.model.teardown()
+        self.encoder.close()
 
     # --- generation ---
 
@@ -79,20 +115,26 @@ class SamplerService:
         self.model.require_ready()
         if self._validator is None:
             raise DependencyUnavailable("the sampler is still loading its model")
-        return self._validator.spec(given)
+        spec = self._validator.spec(given)
+        if given.adapters:  # LoRAs: resolved in the registry (versions, files, weights) or InvalidArgument
+            spec = replace(spec, adapters=self.adapters.resolve(given.adapters, spec.model))
+        return spec
 
     async def run(
-        self, spec: GenerationSpec, timeout: float | None = None
+        self, spec: GenerationSpec, timeout: float | None = None, priority: int | None = None
     ) -> AsyncIterator[Progress | GenerationResult]:
         """Progress events, then the GenerationResult (after the safety check). A prompt the safety rules block on
         its text alone is refused before any GPU work: a result with no images, every seed blocked with the rules'
-        reasons, as a blocked image is (so callers, jobs (state `blocked`) and the CLI read one shape)."""
+        reasons, as a blocked image is (so callers, jobs (state `blocked`) and the CLI read one shape). `priority`
+        0..9 orders Triton's queue (None: the direct-call default); a full queue is Overloaded (RESOURCE_EXHAUSTED)."""
+        if priority is not None and not 0 <= priority <= MAX_PRIORITY:
+            raise InvalidArgument("priority", f"must be in 0..{MAX_PRIORITY}, got {priority}")
         refusal = await self.gate.check_prompt(spec.prompt, timeout)
         if not refusal.allowed:
             yield self.refused(spec, refusal.reasons)
             return
         generated: Generated | None = None
-        async for event in self.model.stream(spec, timeout):
+        async for event in self.model.stream(spec, timeout, priority):
             if isinstance(event, Progress):
                 yield event
             else:
@@ -127,16 +169,15 @@ class SamplerService:
 
     async def finish(self, spec: GenerationSpec, generated: Generated, timeout: float | None) -> GenerationResult:
         BATCH_SIZE.labels("sampler", "triton").observe(generated.batch_size)
-        SAMPLER_COMPUTE.labels(MODEL_NAME).observe(generated.compute_s)
+        SAMPLER_COMPUTE.labels(spec.model).observe(generated.compute_s)
         # Queue wait as the sampler can see it: the request's time in Triton less the model's compute.
-        SAMPLER_QUEUE_WAIT.labels(MODEL_NAME).observe(max(0.0, generated.elapsed_s - generated.compute_s))
-        pngs = await asyncio.to_thread(
-            lambda: [
-                encode_png(image, spec.parameters(seed, generated.model_version))
-                for image, seed in zip(generated.images, generated.seeds, strict=True)
-            ]
+        SAMPLER_QUEUE_WAIT.labels(spec.model).observe(max(0.0, generated.elapsed_s - generated.compute_s))
+        # PNGs encoded in the encoder's worker pool while the safety service checks the raw pixels (no decode).
+        model_hash = await asyncio.to_thread(self.model_hash, spec.model, generated.model_version)
+        params = [spec.parameters(seed, generated.model_version, model_hash) for seed in generated.seeds]
+        pngs, verdicts = await asyncio.gather(
+            self.encoder.encode(generated.images, params), self.gate.check(generated.images, spec.prompt, timeout)
         )
-        verdicts = await self.gate.check(pngs, spec.prompt, timeout)
         images, blocked = [], []
         for png, image, seed, verdict in zip(pngs, generated.images, generated.seeds, verdicts, strict=True):
             if verdict.allowed:
@@ -162,7 +203,18 @@ class SamplerService:
             batch_size=generated.batch_size,
             safety_checked=self.gate.enabled,
             safety_note=self.gate.note,
+            model_hash=model_hash,
         )
+
+    def model_hash(self, family: str, version: str) -> str:
+        """A1111's short hash of the weights that served (`family`, `version`); "" when unknown. Blocking (the
+        first call per version hashes the weights)."""
+        repository = self.model.repositories.get(family)
+        if repository is None:
+            return ""
+        held = [*repository.versions(), *self.model.candidates[family].versions()]
+        found = next((v for v in held if str(v.version) == str(version)), None)
+        return self.model_hashes.get(found.uri) if found is not None else ""
 
     # --- jobs ---
 
@@ -230,23 +282,103 @@ class SamplerService:
 
     # --- versions ---
 
-    async def load_version(self, uri: str, source_run_id: str = "") -> VersionInfo:
-        """Triton loads the next version; the catalog records it as the active one. Only a pipeline under the model
-        roots (models_dir, the trainer's runs folder, PONY_SAMPLER_MODEL_ROOTS) is loaded; anything else is
+    def family(self, name: str) -> Family:
+        """A served family by name (empty = the default), or InvalidArgument("model")."""
+        return resolve(self.model.families, name)
+
+    async def load_version(
+        self, uri: str, source_run_id: str = "", family: str = "", *, candidate: bool = False
+    ) -> VersionInfo:
+        """Triton loads the next version of `family` (empty = the default); the catalog records it as the active
+        one. `candidate`: loaded beside the serving version instead (only requests pinning it reach it; its row is
+        not active) until `promote_version` or `discard_version`. Only a pipeline under the model roots
+        (models_dir, the trainer's runs folder, PONY_SAMPLER_MODEL_ROOTS) is loaded; anything else is
         InvalidArgument("uri") that does not say whether it exists."""
+        name = self.family(family).name
         self.model.require_ready()
         uri = confine_model_uri(self.settings, uri)
-        return await asyncio.to_thread(self._load_version, uri, source_run_id)
+        return await asyncio.to_thread(self._load_version, uri, source_run_id, name, candidate)
 
-    def _load_version(self, uri: str, source_run_id: str) -> VersionInfo:
-        info = self.model.load_version(uri)
-        if self.versions is not None:
-            source = next((v.source for v in self.model.repository.versions() if v.version == info.version), uri)
+    def _catalog_highest(self, family: str) -> int:
+        versions = self.catalogs.get(family)
+        if versions is None:
+            return 0
+        try:
+            return max(versions.rows(), default=0)
+        except Exception:
+            log.exception("model_versions of %s could not be read", family)
+            return 0
+
+    def _load_version(self, uri: str, source_run_id: str, family: str, candidate: bool = False) -> VersionInfo:
+        after = self._catalog_highest(family)  # a number the trainer wrote while no sampler ran is never reused
+        if candidate:
+            info = self.model.load_candidate(uri, family, after)
+            repository = self.model.candidates[family]
+        else:
+            info = self.model.load_version(uri, family, after)
+            repository = self.model.repositories[family]
+        self._hash_in_background([(family, info.version)])
+        versions = self.catalogs.get(family)
+        if versions is not None:
+            source = next((v.source for v in repository.versions() if v.version == info.version), uri)
             try:
-                self.versions.record(info.version, source, source_run_id, active=True)
+                versions.record(info.version, source, source_run_id, active=not candidate)
             except Exception:
-                log.exception("version %s is served but could not be recorded in model_versions", info.version)
+                log.exception("%s version %s is served but could not be recorded", family, info.version)
         return info
 
-    async def list_versions(self) -> list[VersionInfo]:
-        return await asyncio.to_thread(self.model.list_versions)
+    async def promote_version(self, family: str, version: int) -> VersionInfo:
+        """The candidate `version` of `family` becomes its serving version (the catalog row turns active)."""
+        name = self.family(family).name
+        self.model.require_ready()
+        if version <= 0:
+            raise InvalidArgument("version", "must be the candidate's version number")
+        info = await asyncio.to_thread(self.model.promote_version, name, version)
+        versions = self.catalogs.get(name)
+        if versions is not None:
+            try:
+                await asyncio.to_thread(versions.activate, version)
+            except Exception:
+                log.exception("%s version %s serves but could not be recorded active", name, version)
+        return info
+
+    async def discard_version(self, family: str, version: int, reason: str = "") -> VersionInfo:
+        """The candidate `version` of `family` is unloaded and removed; its row stays inactive, its number is kept
+        as discarded (the repository's ledger) so it is never served or reused."""
+        name = self.family(family).name
+        self.model.require_ready()
+        if version <= 0:
+            raise InvalidArgument("version", "must be the candidate's version number")
+        return await asyncio.to_thread(self.model.discard_version, name, version, reason.strip())
+
+    async def list_versions(self, family: str = "") -> list[VersionInfo]:
+        """One family's versions (empty: every served family's)."""
+        name = self.family(family).name if family else ""
+        return await asyncio.to_thread(self.model.list_versions, name)
+
+    async def list_models(self) -> list[FamilyInfo]:
+        """Every served family (the default marked) with its defaults, limits and versions."""
+        versions = await asyncio.to_thread(self.model.list_versions)
+        adapters = await asyncio.to_thread(self.adapters.list)
+        return [
+            FamilyInfo(family, [v for v in versions if v.model == name], [a for a in adapters if a.family == name])
+            for name, family in self.model.families.items()
+        ]
+
+    # --- adapters ---
+
+    @property
+    def adapters(self) -> AdapterRegistry:
+        if self._adapters is None:
+            catalog = catalog_for(self.settings.database_url)
+            self._adapters = AdapterRegistry(self.settings, catalog, lambda: tuple(self.model.families))
+        return self._adapters
+
+    async def register_adapter(self, name: str, uri: str, family: str = "") -> Adapter:
+        """The next version of LoRA `name` for `family` (empty: the default) from `uri` (under the model roots)."""
+        return await asyncio.to_thread(self.adapters.register, name, uri, family)
+
+    async def remove_adapter(self, name: str, version: int = 0) -> list[Adapter]:
+        """Removes one version (0: all) of `name`; requests naming it are then InvalidArgument. Triton drops the
+        loaded copies as its LRU cache turns over (a removed adapter is never activated again)."""
+        return await asyncio.to_thread(self.adapters.remove, name, version)

@@ -17,11 +17,11 @@ from pony.v1 import common_pb2, safety_pb2, sampler_pb2, sampler_pb2_grpc
 from pony_common.errors import InvalidArgument
 from pony_common.fields import NAME_MAX, URI_MAX, check_id, check_text
 from pony_common.grpc.auth import Role
-from services.sampler.generation import GenerationInput, GenerationResult, GenerationSpec, Progress
+from services.sampler.adapters import Adapter
+from services.sampler.generation import AdapterRequest, GenerationInput, GenerationResult, GenerationSpec, Progress
 from services.sampler.model import VersionInfo
 from services.sampler.prompts import PromptTags
-from services.sampler.repository import MODEL_NAME
-from services.sampler.service import Job, SamplerService
+from services.sampler.service import FamilyInfo, Job, SamplerService
 from services.sampler.store import BLOCKED, CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED
 
 RATING_NAMES = {common_pb2.RATING_SAFE: "safe", common_pb2.RATING_QUESTIONABLE: "questionable"}
@@ -49,6 +49,7 @@ def input_from_proto(req: sampler_pb2.GenerateRequest) -> GenerationInput:
     check_text(req.negative_prompt, "negative_prompt")
     check_text(req.tags.source, "tags.source", NAME_MAX, multiline=False)
     check_text(req.tags.style_family, "tags.style_family", NAME_MAX, multiline=False)
+    check_text(req.model, "model", NAME_MAX, multiline=False)
     if req.tags.rating and req.tags.rating not in RATING_NAMES:
         raise InvalidArgument("tags.rating", f"unknown rating {req.tags.rating}")
     tags = PromptTags(
@@ -71,6 +72,31 @@ def input_from_proto(req: sampler_pb2.GenerateRequest) -> GenerationInput:
         tags=tags,
         raw_prompt=req.raw_prompt,
         preview=req.preview,
+        model=req.model.strip(),
+        model_version=req.model_version,
+        adapters=tuple(adapters_from_proto(req.adapters)),
+    )
+
+
+def adapters_from_proto(refs: Any) -> list[AdapterRequest]:
+    out = []
+    for i, ref in enumerate(refs):
+        check_text(ref.name, f"adapters[{i}].name", NAME_MAX, multiline=False)
+        weight = ref.weight if ref.HasField("weight") else None
+        out.append(AdapterRequest(name=ref.name.strip(), version=ref.version, weight=weight))
+    return out
+
+
+def adapter_to_proto(adapter: Adapter) -> sampler_pb2.Adapter:
+    return sampler_pb2.Adapter(
+        name=adapter.name,
+        version=adapter.version,
+        family=adapter.family,
+        uri=adapter.uri,
+        sha256=adapter.sha256,
+        rank=adapter.rank,
+        alpha=adapter.alpha,
+        run_id=adapter.run_id,
     )
 
 
@@ -101,10 +127,13 @@ def result_to_proto(result: GenerationResult) -> sampler_pb2.GenerateResponse:
         steps=spec.steps,
         guidance=spec.guidance,
         seed=spec.seed,
-        provenance=common_pb2.Provenance(model=MODEL_NAME, model_version=result.model_version),
+        provenance=common_pb2.Provenance(model=spec.model, model_version=result.model_version),
         safety=sampler_pb2.SAFETY_STATUS_CHECKED if result.safety_checked else sampler_pb2.SAFETY_STATUS_NOT_CHECKED,
         safety_note=result.safety_note,
         batch_size=result.batch_size,
+        model=spec.model,
+        adapters=[sampler_pb2.AdapterRef(name=a.name, version=a.version, weight=a.weight) for a in spec.adapters],
+        model_hash=result.model_hash,
     )
 
 
@@ -119,12 +148,38 @@ def progress_to_proto(event: Progress) -> sampler_pb2.Progress:
 
 def version_to_proto(info: VersionInfo) -> sampler_pb2.ModelVersion:
     return sampler_pb2.ModelVersion(
-        model=MODEL_NAME,
+        model=info.model,
         version=info.version,
         uri=info.uri,
         state=VERSION_STATES.get(info.state, sampler_pb2.VERSION_STATE_UNSPECIFIED),
         active=info.active,
         reason=info.reason,
+        candidate=info.candidate,
+    )
+
+
+def family_to_proto(info: FamilyInfo) -> sampler_pb2.ModelFamily:
+    family, limits = info.family, info.family.limits
+    return sampler_pb2.ModelFamily(
+        name=family.name,
+        pipeline=family.pipeline,
+        prompt_convention=family.convention.name,
+        defaults=sampler_pb2.ModelDefaults(
+            width=limits.width,
+            height=limits.height,
+            steps=limits.steps,
+            guidance=limits.guidance,
+            negative_prompt=limits.negative_prompt,
+            max_width=limits.max_width,
+            max_height=limits.max_height,
+            max_steps=limits.max_steps,
+            max_guidance=limits.max_guidance,
+            max_images=limits.max_images,
+            max_prompt_tokens=limits.max_prompt_tokens,
+        ),
+        versions=[version_to_proto(v) for v in info.versions],
+        adapters=[adapter_to_proto(a) for a in info.adapters],
+        is_default=family.is_default,
     )
 
 
@@ -172,6 +227,8 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
         "ListVersions": Role.GENERATE,
         "ListModels": Role.GENERATE,
         "LoadVersion": Role.ADMIN,
+        "PromoteVersion": Role.ADMIN,
+        "DiscardVersion": Role.ADMIN,
         "RegisterAdapter": Role.ADMIN,
         "RemoveAdapter": Role.ADMIN,
     }
@@ -193,7 +250,8 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
 
     async def GenerateStream(self, request: sampler_pb2.GenerateStreamRequest, context: aio.ServicerContext) -> Any:
         spec = await self._spec(request.request)
-        async for event in self.service.run(spec, timeout=context.time_remaining()):
+        priority = request.priority if request.HasField("priority") else None
+        async for event in self.service.run(spec, timeout=context.time_remaining(), priority=priority):
             if isinstance(event, Progress):
                 yield sampler_pb2.GenerateStreamResponse(progress=progress_to_proto(event))
             else:
@@ -206,6 +264,8 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
         generate = sampler_pb2.GenerateRequest()
         generate.CopyFrom(request.request)
         generate.seed = spec.seed  # a retried job draws the same images
+        for ref, adapter in zip(generate.adapters, spec.adapters, strict=True):
+            ref.version = adapter.version  # and with the adapter versions resolved now
         priority = request.priority if request.HasField("priority") else None
         payload = json_format.MessageToDict(generate, preserving_proto_field_name=True)
         job = await self.service.submit_job(payload, priority)
@@ -234,9 +294,42 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServicer):
     async def LoadVersion(self, request: sampler_pb2.LoadVersionRequest, context: aio.ServicerContext) -> Any:
         check_text(request.uri, "uri", URI_MAX, multiline=False)
         check_id(request.source_run_id, "source_run_id")
-        info = await self.service.load_version(request.uri, request.source_run_id)
+        check_text(request.model, "model", NAME_MAX, multiline=False)
+        info = await self.service.load_version(
+            request.uri, request.source_run_id, request.model.strip(), candidate=request.candidate
+        )
         return sampler_pb2.LoadVersionResponse(version=version_to_proto(info))
 
+    async def PromoteVersion(self, request: sampler_pb2.PromoteVersionRequest, context: aio.ServicerContext) -> Any:
+        check_text(request.model, "model", NAME_MAX, multiline=False)
+        info = await self.service.promote_version(request.model.strip(), request.version)
+        return sampler_pb2.PromoteVersionResponse(version=version_to_proto(info))
+
+    async def DiscardVersion(self, request: sampler_pb2.DiscardVersionRequest, context: aio.ServicerContext) -> Any:
+        check_text(request.model, "model", NAME_MAX, multiline=False)
+        check_text(request.reason, "reason", URI_MAX)
+        info = await self.service.discard_version(request.model.strip(), request.version, request.reason)
+        return sampler_pb2.DiscardVersionResponse(version=version_to_proto(info))
+
     async def ListVersions(self, request: sampler_pb2.ListVersionsRequest, context: aio.ServicerContext) -> Any:
-        versions = await self.service.list_versions()
+        check_text(request.model, "model", NAME_MAX, multiline=False)
+        versions = await self.service.list_versions(request.model.strip())
         return sampler_pb2.ListVersionsResponse(versions=[version_to_proto(v) for v in versions])
+
+    async def ListModels(self, request: sampler_pb2.ListModelsRequest, context: aio.ServicerContext) -> Any:
+        families = await self.service.list_models()
+        return sampler_pb2.ListModelsResponse(models=[family_to_proto(f) for f in families])
+
+    # --- adapters ---
+
+    async def RegisterAdapter(self, request: sampler_pb2.RegisterAdapterRequest, context: aio.ServicerContext) -> Any:
+        check_text(request.name, "name", NAME_MAX, multiline=False)
+        check_text(request.family, "family", NAME_MAX, multiline=False)
+        check_text(request.uri, "uri", URI_MAX, multiline=False)
+        adapter = await self.service.register_adapter(request.name, request.uri, request.family)
+        return sampler_pb2.RegisterAdapterResponse(adapter=adapter_to_proto(adapter))
+
+    async def RemoveAdapter(self, request: sampler_pb2.RemoveAdapterRequest, context: aio.ServicerContext) -> Any:
+        check_text(request.name, "name", NAME_MAX, multiline=False)
+        removed = await self.service.remove_adapter(request.name, request.version)
+        return sampler_pb2.RemoveAdapterResponse(removed=[adapter_to_proto(a) for a in removed])

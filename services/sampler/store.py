@@ -1,8 +1,8 @@
 """The sampler's catalog reads and writes: generation jobs (`generation_jobs`, its own table; every state change is a
 conditional write, so a redelivered task, a late cancel or two watchers never disagree about a job's state), the
 jobs' event log (`job_events`, its own table: one row per state change or progress step, written in the same
-transaction, read back by id as a cursor), and the `pony_v7` rows of `model_versions` (shared with the trainer),
-kept in step with the Triton repository's folders."""
+transaction, read back by id as a cursor), and each family's rows of `model_versions` (`name` = the family:
+`pony_v7`, `pony_v6`; shared with the trainer), kept in step with that family's Triton repository folders."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 from pony_common.catalog import Catalog, upsert
 from pony_common.catalog.models import TS, Base, ModelVersionRow, utcnow
 from pony_common.errors import InvalidArgument, NotFound, PonyError
-from services.sampler.repository import MODEL_NAME, ModelRepository
+from services.sampler.repository import MODEL_NAME, CandidateRepository, ModelRepository
 
 log = logging.getLogger(__name__)
 
@@ -255,41 +255,54 @@ class JobStore:
 
 
 class VersionCatalog:
-    """Rows of model_versions for `pony_v7`: one per repository version folder, the served one active."""
+    """Rows of model_versions for one family (`name` = the family, default `pony_v7`): one per repository version
+    folder, the served one active."""
 
-    def __init__(self, catalog: Catalog) -> None:
+    def __init__(self, catalog: Catalog, family: str = MODEL_NAME) -> None:
         self.catalog = catalog
+        self.family = family
 
     def rows(self) -> dict[int, ModelVersionRow]:
         with self.catalog.session() as s:
-            found = s.scalars(select(ModelVersionRow).where(ModelVersionRow.name == MODEL_NAME)).all()
+            found = s.scalars(select(ModelVersionRow).where(ModelVersionRow.name == self.family)).all()
             return {row.version: row for row in found}
 
     def record(self, version: int, uri: str, source_run_id: str = "", *, active: bool = True) -> None:
         """Upserts the row (a trainer that recorded it first keeps its run id) and makes it the active one."""
         with self.catalog.session() as s:
-            values = {"name": MODEL_NAME, "version": version, "uri": uri, "active": active}
+            values = {"name": self.family, "version": version, "uri": uri, "active": active}
             if source_run_id:
                 values["source_run_id"] = source_run_id
             upsert(s, ModelVersionRow, values, keys=["name", "version"])
             if active:
                 s.execute(
                     update(ModelVersionRow)
-                    .where(ModelVersionRow.name == MODEL_NAME, ModelVersionRow.version != version)
+                    .where(ModelVersionRow.name == self.family, ModelVersionRow.version != version)
                     .values(active=False)
                 )
 
-    def import_published(self, repository: ModelRepository) -> None:
+    def activate(self, version: int) -> None:
+        """`version`'s row becomes the active one (a promoted candidate)."""
+        with self.catalog.session() as s:
+            s.execute(
+                update(ModelVersionRow)
+                .where(ModelVersionRow.name == self.family)
+                .values(active=ModelVersionRow.version == version)
+            )
+
+    def import_published(self, repository: ModelRepository, candidates: CandidateRepository | None = None) -> None:
         """Before the repository is rendered: versions published to the catalog while the sampler was away
-        (newer than every folder) become folders with the same numbers."""
+        (newer than every folder) become folders with the same numbers; a candidate's rows (loaded or discarded)
+        never do."""
         rows = self.rows()
         latest = repository.latest()
-        for version in sorted(v for v in rows if v > latest):
+        held = set() if candidates is None else {*candidates.discarded(), *(v.version for v in candidates.versions())}
+        for version in sorted(v for v in rows if v > latest and v not in held):
             try:
                 repository.add_version(rows[version].uri, version=version)
-                log.info("catalog version added to the repository", extra={"version": version})
+                log.info("catalog version added to the repository", extra={"model": self.family, "version": version})
             except (PonyError, OSError, ValueError) as exc:
-                log.error("catalog version %s cannot be served: %s", version, exc)
+                log.error("catalog version %s of %s cannot be served: %s", version, self.family, exc)
 
     def record_repository(self, repository: ModelRepository) -> None:
         """After rendering: folders the catalog lacks become rows; the newest folder is the active row."""

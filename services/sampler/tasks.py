@@ -63,7 +63,7 @@ def run_job(settings: Settings, store: JobStore, blobs: BlobStore, job_id: str) 
     stop = threading.Event()
     with channel(settings, "sampler") as ch:
         call = sampler_pb2_grpc.SamplerStub(ch).GenerateStream(
-            sampler_pb2.GenerateStreamRequest(request=request),
+            sampler_pb2.GenerateStreamRequest(request=request, priority=job.priority),  # Triton serves 9 first
             timeout=settings.sampler.job_timeout_s,
             metadata=[("x-request-id", f"job-{job_id}")],  # names the job in the sampler's and Triton's logs
         )

@@ -1,5 +1,6 @@
-"""Request validation: defaults from config, limits on size, steps, guidance, images, seed, prompt length and
-prompt tokens.
+"""Request validation: the model family (`model`, empty = the default; an unknown or unserved one is
+InvalidArgument("model")), then its defaults and limits on size, steps, guidance, images, seed, prompt length and
+prompt tokens (the family's tokenizer and budget: V7 256, V6 77), and the prompt assembled in its convention.
 
 Every violation raises InvalidArgument naming the request field, before any work reaches Triton. The prompt lengths
 are checked first, before any text is assembled, normalised or tokenized; tokenizing is CPU work, so the service runs
@@ -14,10 +15,11 @@ from typing import Any
 from pony_common.config import Settings
 from pony_common.errors import InvalidArgument
 from pony_common.prompts import V7
+from services.sampler.families import Family, resolve, served
 from services.sampler.generation import GenerationInput, GenerationSpec
 from services.sampler.prompts import assemble_prompt
 
-# The pipeline encodes at most this many text tokens (AuraFlow's max_sequence_length, the V7 convention's budget).
+# The most text tokens any family's pipeline encodes (AuraFlow's max_sequence_length, the V7 convention's budget).
 PIPELINE_MAX_TOKENS = V7.max_tokens
 MAX_SEED = 2**63 - 1
 SIZE_MULTIPLE = 16
@@ -26,17 +28,36 @@ MAX_STYLE_CLUSTERS = PIPELINE_MAX_TOKENS
 
 
 class RequestValidator:
-    """Turns a GenerationInput into a GenerationSpec, or raises InvalidArgument(field, reason)."""
+    """Turns a GenerationInput into a GenerationSpec, or raises InvalidArgument(field, reason).
 
-    def __init__(self, settings: Settings, tokenizer: Any) -> None:
+    `tokenizers`: family -> its tokenizer (a single tokenizer is the default family's)."""
+
+    def __init__(self, settings: Settings, tokenizers: dict[str, Any] | Any) -> None:
         self.settings = settings
-        self.tokenizer = tokenizer
-        limit = int(getattr(tokenizer, "model_max_length", PIPELINE_MAX_TOKENS) or PIPELINE_MAX_TOKENS)
-        self.token_limit = min(limit, PIPELINE_MAX_TOKENS)
+        self.families: dict[str, Family] = served(settings)
+        if not isinstance(tokenizers, dict):
+            tokenizers = {resolve(self.families, "").name: tokenizers}
+        self.tokenizers = tokenizers
+        self.token_limits = {}
+        for name, tokenizer in tokenizers.items():
+            budget = self.families[name].max_tokens if name in self.families else PIPELINE_MAX_TOKENS
+            limit = int(getattr(tokenizer, "model_max_length", budget) or budget)
+            self.token_limits[name] = min(limit, budget)
 
-    def count_tokens(self, text: str) -> int:
-        """Tokens the pipeline would encode, end-of-sequence token included."""
-        return len(self.tokenizer(text, truncation=False)["input_ids"])
+    @property
+    def tokenizer(self) -> Any:
+        """The default family's tokenizer."""
+        return self.tokenizers[resolve(self.families, "").name]
+
+    @property
+    def token_limit(self) -> int:
+        """The default family's prompt token budget."""
+        return self.token_limits[resolve(self.families, "").name]
+
+    def count_tokens(self, text: str, family: str = "") -> int:
+        """Tokens the family's pipeline would encode (start and end tokens included)."""
+        tokenizer = self.tokenizers[resolve(self.families, family).name]
+        return len(tokenizer(text, truncation=False)["input_ids"])
 
     def check_lengths(self, given: GenerationInput) -> None:
         """The texts within `max_prompt_chars` and the style clusters within what a prompt can hold: cheap checks
@@ -51,35 +72,51 @@ class RequestValidator:
         if clusters > MAX_STYLE_CLUSTERS:
             raise InvalidArgument("tags.style_clusters", f"{clusters} given; at most {MAX_STYLE_CLUSTERS}")
 
+    def family(self, given: GenerationInput) -> Family:
+        """The family the request names (empty = the default), or InvalidArgument("model")."""
+        return resolve(self.families, given.model)
+
     def spec(self, given: GenerationInput) -> GenerationSpec:
+        family = self.family(given)
         self.check_lengths(given)
         s = self.settings
-        width = given.width or s.sampler.default_width
-        height = given.height or s.sampler.default_height
-        for name, value, limit in (("width", width, s.sampler.max_width), ("height", height, s.sampler.max_height)):
+        lim = family.limits
+        width = given.width or lim.width
+        height = given.height or lim.height
+        for name, value, limit in (("width", width, lim.max_width), ("height", height, lim.max_height)):
             if value < SIZE_MULTIPLE or value % SIZE_MULTIPLE:
                 raise InvalidArgument(name, f"must be a multiple of {SIZE_MULTIPLE} (at least 16), got {value}")
             if value > limit:
                 raise InvalidArgument(name, f"must be at most {limit}, got {value}")
-        steps = given.steps or s.sampler.default_steps
-        if not 1 <= steps <= s.sampler.max_steps:
-            raise InvalidArgument("steps", f"must be in 1..{s.sampler.max_steps}, got {steps}")
-        guidance = s.sampler.default_guidance if given.guidance is None else float(given.guidance)
-        if not math.isfinite(guidance) or not 0.0 <= guidance <= s.sampler.max_guidance:
-            raise InvalidArgument("guidance", f"must be in 0..{s.sampler.max_guidance:g}, got {guidance:g}")
+        steps = given.steps or lim.steps
+        if not 1 <= steps <= lim.max_steps:
+            raise InvalidArgument("steps", f"must be in 1..{lim.max_steps}, got {steps}")
+        guidance = lim.guidance if given.guidance is None else float(given.guidance)
+        if not math.isfinite(guidance) or not 0.0 <= guidance <= lim.max_guidance:
+            raise InvalidArgument("guidance", f"must be in 0..{lim.max_guidance:g}, got {guidance:g}")
         num_images = given.num_images or 1
-        if not 1 <= num_images <= s.sampler.max_images:
-            raise InvalidArgument("num_images", f"must be in 1..{s.sampler.max_images}, got {num_images}")
+        if not 1 <= num_images <= lim.max_images:
+            raise InvalidArgument("num_images", f"must be in 1..{lim.max_images}, got {num_images}")
         seed = secrets.randbelow(2**32) if given.seed is None else int(given.seed)
         if not 0 <= seed <= MAX_SEED - num_images:
             raise InvalidArgument("seed", f"must be in 0..{MAX_SEED - num_images}, got {seed}")
         given.tags.validate()
-        prompt = assemble_prompt(given.prompt, given.tags, style_format=s.style_tag_format, raw=given.raw_prompt)
+        if given.model_version < 0:
+            raise InvalidArgument(
+                "model_version", f"must be 0 (the serving version) or a version, got {given.model_version}"
+            )
+        prompt = assemble_prompt(
+            given.prompt,
+            given.tags,
+            style_format=s.style_tag_format,
+            raw=given.raw_prompt,
+            convention=family.convention,
+        )
         if not prompt:
             raise InvalidArgument("prompt", "must not be empty (give a prompt or tags)")
-        self._check_tokens("prompt", prompt)
-        negative = given.negative_prompt.strip() or s.sampler.negative_prompt
-        self._check_tokens("negative_prompt", negative)
+        self._check_tokens("prompt", prompt, family.name)
+        negative = given.negative_prompt.strip() or lim.negative_prompt
+        self._check_tokens("negative_prompt", negative, family.name)
         return GenerationSpec(
             prompt=prompt,
             user_prompt=given.prompt,
@@ -93,10 +130,13 @@ class RequestValidator:
             tags=given.tags,
             raw_prompt=given.raw_prompt,
             preview=given.preview,
+            model=family.name,
+            model_version=given.model_version,
         )
 
-    def _check_tokens(self, name: str, text: str) -> None:
-        count = self.count_tokens(text)
-        if count > self.token_limit:
+    def _check_tokens(self, name: str, text: str, family: str) -> None:
+        count = self.count_tokens(text, family)
+        limit = self.token_limits[family]
+        if count > limit:
             what = "with its tags " if name == "prompt" else ""
-            raise InvalidArgument(name, f"is {count} tokens {what}long; the limit is {self.token_limit}")
+            raise InvalidArgument(name, f"is {count} tokens {what}long; the limit is {limit}")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AuraFlowPipeline
+from diffusers import AuraFlowPipeline, StableDiffusionXLPipeline
 from PIL import Image
 from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordLevel
@@ -23,12 +23,13 @@ from pony_common.models.auraflow import MAX_SEQUENCE_LENGTH, T5_SPECIAL_TOKENS, 
 from pony_common.models.clip import TINY_CLIP_PROJECTION_DIM, build_tiny_clip
 from pony_common.models.heads import NSFW_LABELS, Calibration, HeadInfo, MLPHead, save_head
 from pony_common.models.loading import model_load_lock
+from pony_common.models.sdxl import build_sdxl_components
 from services.captioner.model import IMAGE_TOKEN, TINY_VLM_MAX_LENGTH, TINY_VLM_SPECIAL_TOKENS, build_tiny_vlm
 
 logger = logging.getLogger(__name__)
 
 # Folder names under the output directory (keys of build_tiny_models' result).
-TINY_MODEL_DIRS = ("clip", "vlm", "auraflow", "heads/aesthetic", "heads/nsfw")
+TINY_MODEL_DIRS = ("clip", "vlm", "auraflow", "sdxl", "heads/aesthetic", "heads/nsfw")
 TINY_HEAD_HIDDEN = (32, 16, 16, 8)
 TINY_EMBEDDING_MODEL = "pony-tiny/clip"
 CLIP_MAX_LENGTH = 77
@@ -277,7 +278,8 @@ def _tiny_heads(clip_model: CLIPModel, processor: BaseImageProcessor, seed: int)
 def build_tiny_models(out_dir: Path, *, seed: int = 0) -> dict[str, Path]:
     """Write every tiny model under `out_dir` (replacing those folders); byte-identical for one seed.
 
-    Returns {"clip", "vlm", "auraflow", "heads/aesthetic", "heads/nsfw"} -> folder.
+    Returns {"clip", "vlm", "auraflow", "sdxl", "heads/aesthetic", "heads/nsfw"} -> folder (`auraflow`: Pony V7's
+    AuraFlowPipeline, `sdxl`: Pony V6's StableDiffusionXLPipeline, each in diffusers' save_pretrained layout).
     """
     with model_load_lock:
         return _build_tiny_models(Path(out_dir), seed)
@@ -302,6 +304,9 @@ def _build_tiny_models(out_dir: Path, seed: int) -> dict[str, Path]:
 
     components = build_auraflow_components(auraflow_tokenizer(), size="tiny", seed=seed + 2)
     AuraFlowPipeline(**components).save_pretrained(paths["auraflow"])
+
+    sdxl = build_sdxl_components(clip_tokenizer(), clip_tokenizer(), seed=seed + 4)
+    StableDiffusionXLPipeline(**sdxl).save_pretrained(paths["sdxl"])
 
     for name, (head, info) in _tiny_heads(clip_model, clip_processor.image_processor, seed + 3).items():
         save_head(paths[name], head, info)

@@ -1,4 +1,4 @@
-"""The trainer's ponyctl verbs: train submit|plan|get|list|cancel."""
+"""The trainer's ponyctl verbs: train submit|plan|get|list|cancel, and eval style-adherence (evaluation/cli.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,10 @@ from pony_common.errors import InvalidArgument
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from services.trainer.evaluation.cli import register as register_eval
+
     _register_train(sub)
+    register_eval(sub)  # `ponyctl eval style-adherence`
 
 
 def _register_train(sub: argparse._SubParsersAction) -> None:

@@ -7,6 +7,7 @@ import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from sqlalchemy import func, select
@@ -15,8 +16,12 @@ from sqlalchemy.exc import IntegrityError
 from pony_common.catalog.models import AdapterRow, ModelVersionRow
 from pony_common.config import Settings
 from services.sampler.client import SamplerClient
+from services.trainer.evaluation.gate import after_publish  # the promotion gate (PONY_EVAL_*)
 from services.trainer.spec import LORA_WEIGHTS
 from services.trainer.store import RunStore
+
+if TYPE_CHECKING:
+    from services.trainer.evaluation.engine import EvalRequest
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +37,9 @@ class Published:
     note: str = ""
 
 
-def load_in_sampler(settings: Settings, uri: str, run_id: str) -> tuple[int, bool] | None:
-    """Calls `pony.v1.Sampler/LoadVersion`; (version, active) it answered, or None when the sampler is not there.
+def load_in_sampler(settings: Settings, uri: str, run_id: str, *, candidate: bool = False) -> tuple[int, bool] | None:
+    """Calls `pony.v1.Sampler/LoadVersion` (`candidate`: beside the serving version, no traffic moved); (version,
+    active) it answered, or None when the sampler is not there.
 
     Errors other than "not reachable" propagate as grpc.RpcError.
     """
@@ -43,12 +49,30 @@ def load_in_sampler(settings: Settings, uri: str, run_id: str) -> tuple[int, boo
     client = SamplerClient(settings, timeout=timeout)
     if not client.reachable(CONNECT_TIMEOUT_S):
         return None
-    version = client.load_version(uri, run_id, timeout=timeout)
+    version = client.load_version(uri, run_id, candidate=candidate, timeout=timeout)
     return int(version.version), bool(version.active)
 
 
-def publish_run(settings: Settings, store: RunStore, run_id: str, uri: str) -> Published:
+class SamplerCandidates:
+    """The gate's `Candidates` over the sampler's PromoteVersion / DiscardVersion (admin token)."""
+
+    def __init__(self, settings: Settings) -> None:
+        timeout = max(settings.rpc_timeout_s, settings.sampler.triton_start_timeout_s)
+        self.client = SamplerClient(settings, timeout=timeout)
+
+    def promote(self, name: str, version: int) -> None:
+        self.client.promote_version(version, model=name)
+
+    def discard(self, name: str, version: int, reason: str) -> None:
+        self.client.discard_version(version, model=name, reason=reason)
+
+
+def publish_run(
+    settings: Settings, store: RunStore, run_id: str, uri: str, *, evaluation: EvalRequest | None = None
+) -> Published:
     """Makes the run's final pipeline the next `settings.trainer.publish_model` version (once per run).
+    With PONY_EVAL_AFTER_PUBLISH it is loaded as a candidate, evaluated (`evaluation`: the grid; default: the
+    default grid as low-priority jobs), then promoted or discarded (services/trainer/evaluation/gate.py).
 
     With a reachable sampler, its LoadVersion picks the version number and serves it; the catalog row is
     linked (or added, when the sampler keeps another catalog). Without one, the row is written here and the
@@ -61,8 +85,9 @@ def publish_run(settings: Settings, store: RunStore, run_id: str, uri: str) -> P
     if run.model_version is not None:
         return Published(name, run.model_version, run.checkpoint_uri or uri, False, "already published")
     note = ""
+    gated = settings.eval_after_publish  # a candidate first: evaluated, then promoted or discarded
     try:
-        loaded = load_in_sampler(settings, uri, run_id)
+        loaded = load_in_sampler(settings, uri, run_id, candidate=gated)
     except grpc.RpcError as exc:
         loaded = None
         note = f"sampler LoadVersion failed: {exc.code().name}: {exc.details()}"  # type: ignore[attr-defined]
@@ -75,8 +100,18 @@ def publish_run(settings: Settings, store: RunStore, run_id: str, uri: str) -> P
         version = store.publish(run_id, name, uri, version=version, active=active)
         if active:
             store.activate(name, version)
-        store.log(run_id, f"sampler loaded {name} version {version}")
-        return Published(name, version, uri, True)
+        if not gated:
+            store.log(run_id, f"sampler loaded {name} version {version}")
+            return Published(name, version, uri, True, "")
+        store.log(run_id, f"sampler loaded {name} version {version} as a candidate (not serving)")
+        gate_note = after_publish(settings, store, run_id, name, version, SamplerCandidates(settings), evaluation)
+        return Published(name, version, uri, True, gate_note)
+    if gated:  # a catalog row would serve unevaluated once a sampler starts (it imports rows newer than its folders)
+        note = (note or f"sampler at {settings.sampler_addr} not reachable") + (
+            ": not published (PONY_EVAL_AFTER_PUBLISH evaluates a candidate in the sampler first)"
+        )
+        store.log(run_id, note)
+        return Published(name, 0, uri, False, note)
     version = store.publish(run_id, name, uri)
     store.log(run_id, note or f"sampler at {settings.sampler_addr} not reachable: recorded in the catalog only")
     return Published(name, version, uri, False, note)

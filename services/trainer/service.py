@@ -171,6 +171,13 @@ class TrainerService(Model):
             self.executor.cancel(run, propagation)
         return self.store.get(run_id)
 
+    def evaluate(self, request: Any) -> Any:
+        """A style-adherence evaluation (services/trainer/evaluation/engine.py: EvalRequest -> EvalOutcome), stored
+        with the model version; blocking for as long as the grid takes."""
+        from services.trainer.evaluation.engine import Evaluator
+
+        return Evaluator(self.settings, self.catalog).run(request)
+
     def events(self, run_id: str, after_id: int = 0) -> list[RunEvent]:
         return self.store.events(run_id, after_id)
 

@@ -13,6 +13,7 @@ from grpc import aio
 from pony.v1 import trainer_pb2, trainer_pb2_grpc
 from pony_common.fields import SPEC_MAX, TOKEN_MAX, check_id, check_text
 from pony_common.grpc.auth import Role
+from services.trainer.evaluation import transport as eval_transport
 from services.trainer.service import TrainerService
 from services.trainer.store import Run, RunEvent
 
@@ -92,6 +93,8 @@ class TrainerControllerServicer(trainer_pb2_grpc.TrainerControllerServicer):
         "WatchRun": Role.WORKER,
         "SubmitRun": Role.ADMIN,
         "CancelRun": Role.ADMIN,
+        "EvaluateStyleAdherence": Role.ADMIN,
+        "GetEvaluation": Role.WORKER,
     }
 
     def __init__(self, service: TrainerService) -> None:
@@ -119,6 +122,20 @@ class TrainerControllerServicer(trainer_pb2_grpc.TrainerControllerServicer):
         propagation = PROPAGATION.get(request.propagation, "unknown")
         run = await asyncio.to_thread(self.service.cancel, request.run_id, propagation)
         return trainer_pb2.CancelRunResponse(run=run_to_pb(run))
+
+    async def EvaluateStyleAdherence(
+        self, request: trainer_pb2.EvaluateStyleAdherenceRequest, context: aio.ServicerContext
+    ) -> trainer_pb2.EvaluateStyleAdherenceResponse:
+        eval_request = eval_transport.request_from_pb(request)
+        outcome = await asyncio.to_thread(self.service.evaluate, eval_request)
+        return eval_transport.response_to_pb(outcome)
+
+    async def GetEvaluation(
+        self, request: trainer_pb2.GetEvaluationRequest, context: aio.ServicerContext
+    ) -> trainer_pb2.GetEvaluationResponse:
+        eval_transport.check_get(request)
+        service = self.service
+        return await asyncio.to_thread(eval_transport.get_evaluation, service.catalog, service.settings, request)
 
     async def WatchRun(
         self, request: trainer_pb2.WatchRunRequest, context: aio.ServicerContext

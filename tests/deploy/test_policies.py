@@ -684,6 +684,26 @@ def test_the_trainer_reaches_the_sampler_to_publish(prod):
     assert not traffic_allowed(prod, labels_of(prod, "scorer"), sampler, 50056)
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_app_backends_reach_the_sampler_on_grpc_and_kserve_http_and_never_triton(rendered, overlay):
+    """The sampler's KServe v2 HTTP port (PONY_SAMPLER_HTTP_PORT) is a container port, a Service port, and open to
+    the app namespaces exactly as the gRPC port is; Triton (whose sibling `_sync` models skip the sampler's checks)
+    stays reachable from the sampler alone."""
+    objs = rendered[overlay]
+    http_port = overlay_settings(objs).sampler.http_port
+    assert http_port == 8080
+    assert {"name": "http", "containerPort": http_port} in _container(objs, "sampler")["ports"]
+    service_ports = {p["port"] for p in find(objs, "Service", "sampler")["spec"]["ports"]}
+    assert service_ports == {50056, http_port}
+    ingress = find(objs, "NetworkPolicy", "sampler-from-apps")["spec"]["ingress"]
+    apps = {"namespaceSelector": {"matchLabels": {"pony.ai/sampler-client": "true"}}}
+    assert [rule["from"] for rule in ingress] == [[apps]]
+    assert {p["port"] for rule in ingress for p in rule["ports"]} == service_ports
+    triton = find(objs, "NetworkPolicy", "triton-from-sampler")["spec"]["ingress"]
+    sampler = {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "sampler"}}}
+    assert [rule["from"] for rule in triton] == [[sampler]]
+
+
 # --- blob store -------------------------------------------------------------------------------------
 
 

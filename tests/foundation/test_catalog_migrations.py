@@ -73,3 +73,46 @@ def test_stage_ledger_completes_exactly_once(catalog: Catalog) -> None:
     with catalog.session() as s:
         row = s.scalar(select(StageRow))
     assert (row.status, row.writes, row.attempts) == ("done", 1, 1)
+
+
+def test_upgrading_a_sqlite_catalog_keeps_the_rows_that_reference_images(tmp_path: Path) -> None:
+    """Adding a column to `images` must not copy and drop the table on SQLite: with foreign keys on, the drop
+    would cascade into every table that references an image (migration 0005 once emptied aesthetic_scores)."""
+    from sqlalchemy import func, text
+
+    from pony_common.catalog.models import AestheticScoreRow
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    upgrade(url, "0004")
+    old = Catalog(url, migrate=False)
+    image_id = "a" * 64
+    with old.session() as s:
+        s.execute(
+            text(
+                "INSERT INTO images (id, blob_key, category, tags, characters, is_duplicate, status, ingested_at, "
+                "updated_at) VALUES (:id, 'k.png', 'pony', '[]', '[]', 0, 'done', '2026-01-01', '2026-01-01')"
+            ),
+            {"id": image_id},
+        )
+        upsert(
+            s,
+            AestheticScoreRow,
+            {
+                "image_id": image_id,
+                "raw": 1.0,
+                "score": 0.75,
+                "score_tag": "score_7",
+                "model": "m",
+                "model_version": "1",
+                "head_version": "h",
+            },
+            keys=("image_id",),
+        )
+    old.dispose()
+    catalog = Catalog(url)  # migrates to head
+    try:
+        with catalog.session() as s:
+            assert s.scalar(select(func.count()).select_from(AestheticScoreRow)) == 1
+            assert s.get(ImageRow, image_id).score == 0.75
+    finally:
+        catalog.dispose()

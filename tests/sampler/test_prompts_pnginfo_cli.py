@@ -72,8 +72,8 @@ def test_png_parameters_round_trip_as_json_and_as_a1111_text() -> None:
     assert text.splitlines() == [
         PARAMS["prompt"],
         "Negative prompt: blurry, lowres",
-        "Steps: 28, Sampler: Euler (flow matching), CFG scale: 3.5, Seed: 1234, Size: 1024x768, Model: pony_v7, "
-        "Model version: 3",
+        "Steps: 28, Sampler: Euler, Schedule type: Simple, CFG scale: 3.5, Seed: 1234, Size: 1024x768, "
+        "Model: pony_v7, Model version: 3",  # A1111's name for the flow-matching Euler (pnginfo.A1111_SAMPLERS)
     ]
     assert parse_a1111(text) == {k: v for k, v in PARAMS.items()}
     assert parse_a1111(a1111_text({**PARAMS, "sampler": "a, b"}))["sampler"] == "a, b"
@@ -139,7 +139,8 @@ def test_ponyctl_generate_writes_a_png_that_ponyctl_reads_back(sampler_stack, mo
     assert Image.open(out).size == (64, 64)
     assert main(["generate", "--read", str(out)]) == 0
     text = capsys.readouterr().out
-    assert text.startswith("score_9, a pony\n") and "Seed: 3, Size: 64x64, Model: pony_v7" in text
+    assert text.startswith("score_9, a pony\n") and "Seed: 3, Size: 64x64, Model hash: " in text
+    assert ", Model: pony_v7" in text  # after A1111's `Model hash`
     assert main(["generate", "--read", str(out), "--json"]) == 0
     params = json.loads(capsys.readouterr().out)
     assert (params["seed"], params["steps"], params["user_prompt"]) == (3, 2, "a pony")

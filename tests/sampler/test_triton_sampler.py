@@ -1,4 +1,5 @@
-"""The sampler against a real tritonserver serving the tiny AuraFlow: bit-identity with a direct diffusers call,
+"""The sampler against a real tritonserver serving the tiny AuraFlow as `pony_v7` (the default family; `pony_v6`
+is served beside it, tests/sampler/test_families.py): bit-identity with a direct diffusers call,
 dynamic batching, streaming order, cancellation and deadlines reaching the model, validation, auth, safety."""
 
 from __future__ import annotations
@@ -69,10 +70,14 @@ def wait_for_log(stack: SamplerStack, pattern: str, timeout: float = 60) -> re.M
     raise AssertionError(f"no {pattern!r} in the Triton log")
 
 
-def test_generate_through_triton_equals_the_direct_pipeline_pixel_for_pixel(client, pipe, record_property) -> None:
+def test_generate_through_triton_equals_the_direct_pipeline_pixel_for_pixel(
+    client, pipe, record_property, sampler_stack: SamplerStack
+) -> None:
     resp = client.generate("a pony in a meadow", seed=7, steps=STEPS, guidance=3.5, score=9, source="pony")
     assert resp.prompt == "score_9, source_pony, a pony in a meadow"
-    assert resp.provenance.model == "pony_v7" and resp.provenance.model_version == "1"
+    # The version serving now (earlier tests of the session may have swapped in copies of the same weights).
+    serving = sampler_stack.model.repositories["pony_v7"].latest()
+    assert resp.provenance.model == "pony_v7" and resp.provenance.model_version == str(serving)
     assert resp.safety == sampler_pb2.SAFETY_STATUS_CHECKED and not resp.blocked
     (image,) = resp.images
     assert (image.width, image.height, image.seed) == (SIZE, SIZE, 7)
@@ -83,7 +88,11 @@ def test_generate_through_triton_equals_the_direct_pipeline_pixel_for_pixel(clie
     assert np.array_equal(got, want)
     params = read_parameters(image.png)
     assert params["prompt"] == resp.prompt and params["seed"] == 7 and params["model_version"] == "1"
-    assert params["parameters"].splitlines()[-1].startswith("Steps: 4, Sampler: Euler (flow matching), CFG scale: 3.5")
+    assert (
+        params["parameters"]
+        .splitlines()[-1]
+        .startswith("Steps: 4, Sampler: Euler, Schedule type: Simple, CFG scale: 3.5")
+    )
 
 
 def test_concurrent_requests_are_batched_and_stay_within_one_level_of_the_unbatched_image(
@@ -257,7 +266,7 @@ def test_versions_swap_under_load_without_failing_a_request(sampler_stack: Sampl
 
     checkpoint = Path(runs_root(sampler_stack.settings)) / "swap" / "final"  # LoadVersion reads the model roots
     AuraFlowPipeline(**build_auraflow_components(auraflow_tokenizer(), seed=11)).save_pretrained(checkpoint)
-    before = {v.version for v in client.list_versions()}
+    before = {v.version for v in client.list_versions(model="pony_v7")}
     stop = threading.Event()
     results: list[tuple[str, object]] = []
 
@@ -293,7 +302,7 @@ def test_versions_swap_under_load_without_failing_a_request(sampler_stack: Sampl
     # The old version finishes its requests and is unloaded (its memory freed), not left half-unloaded.
     deadline = time.monotonic() + 60
     while True:
-        versions = {v.version: v for v in client.list_versions()}
+        versions = {v.version: v for v in client.list_versions(model="pony_v7")}
         if versions[new - 1].state == sampler_pb2.VERSION_STATE_UNLOADED or time.monotonic() > deadline:
             break
         time.sleep(0.5)
@@ -315,7 +324,7 @@ def sampler_model_info() -> dict[str, str]:
 
 
 def test_the_model_info_metric_names_the_version_that_serves(client) -> None:
-    (active,) = [v for v in client.list_versions() if v.active]
+    (active,) = [v for v in client.list_versions(model="pony_v7") if v.active]
     info = sampler_model_info()
     assert info["model"] == "pony_v7" and info["version"] == str(active.version) and info["uri"], info
 
@@ -339,12 +348,12 @@ def test_a_checkpoint_that_fails_to_load_is_refused_and_the_served_version_stays
     shutil.copytree(tiny_models / "auraflow", broken)
     for weights in (broken / "transformer").glob("*.safetensors"):
         weights.write_bytes(b"not safetensors")
-    before = [(v.version, v.active) for v in client.list_versions()]
+    before = [(v.version, v.active) for v in client.list_versions(model="pony_v7")]
     with pytest.raises(grpc.RpcError) as err:
         client.load_version(str(broken), timeout=300)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "failed to load" in err.value.details()
-    assert [(v.version, v.active) for v in client.list_versions()] == before
+    assert [(v.version, v.active) for v in client.list_versions(model="pony_v7")] == before
     served = max(v for v, active in before if active)
     assert client.generate("a pony", seed=1, steps=1).provenance.model_version == str(served)
 

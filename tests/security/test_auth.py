@@ -213,6 +213,14 @@ def test_sampler_load_version_is_admin_only_and_generation_is_for_app_backends(
             for token in (GENERATE, WORKER):
                 assert code_of(stub.LoadVersion, load, metadata=bearer(token)) == grpc.StatusCode.PERMISSION_DENIED
             assert code_of(stub.LoadVersion, load) == grpc.StatusCode.UNAUTHENTICATED
+            promote = sampler_pb2.PromoteVersionRequest(version=999)
+            discard = sampler_pb2.DiscardVersionRequest(version=999)
+            for token in (GENERATE, WORKER):
+                for method, req in ((stub.PromoteVersion, promote), (stub.DiscardVersion, discard)):
+                    assert code_of(method, req, metadata=bearer(token)) == grpc.StatusCode.PERMISSION_DENIED
+            # Past auth for admin: no such candidate.
+            assert code_of(stub.PromoteVersion, promote, metadata=bearer(ADMIN)) == grpc.StatusCode.FAILED_PRECONDITION
+            assert code_of(stub.DiscardVersion, discard, metadata=bearer(ADMIN)) == grpc.StatusCode.FAILED_PRECONDITION
             # Past auth for admin: the sampler itself refuses a folder that holds no pipeline.
             assert code_of(stub.LoadVersion, load, metadata=bearer(ADMIN)) not in (
                 grpc.StatusCode.PERMISSION_DENIED,
@@ -398,6 +406,8 @@ def test_the_admin_methods_are_admin_only() -> None:
     }  # fmt: skip
     assert {
         ("pony.v1.Sampler", "LoadVersion"),
+        ("pony.v1.Sampler", "PromoteVersion"),
+        ("pony.v1.Sampler", "DiscardVersion"),
         ("pony.v1.Scorer", "FitHead"),
         ("pony.v1.StyleTagger", "FitClusters"),
         ("pony.v1.TrainerController", "SubmitRun"),
@@ -410,7 +420,8 @@ def test_the_admin_methods_are_admin_only() -> None:
 
 def test_a_servicer_missing_a_role_does_not_build() -> None:
     class Partial(trainer_pb2_grpc.TrainerControllerServicer):
-        ROLES = {"GetRun": Role.WORKER, "ListRuns": Role.WORKER, "SubmitRun": Role.ADMIN, "CancelRun": Role.ADMIN}
+        ROLES = {"GetRun": Role.WORKER, "ListRuns": Role.WORKER, "SubmitRun": Role.ADMIN, "CancelRun": Role.ADMIN,
+                 "EvaluateStyleAdherence": Role.ADMIN, "GetEvaluation": Role.WORKER}  # fmt: skip
 
     with pytest.raises(ValueError, match=r"pony.v1.TrainerController: .*without one: \['WatchRun'\]"):
         service_definition(

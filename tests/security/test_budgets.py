@@ -292,7 +292,7 @@ def test_health_is_answered_while_a_long_prompt_is_being_validated(sampler_stack
     model = SamplerModel(settings)
     model.load()  # before the service builds its validator over model.tokenizer
     tokenizer = GatedTokenizer(model.tokenizer)
-    model.tokenizer = tokenizer
+    model.tokenizers[model.default] = tokenizer  # the default family's (the service's validator reads this table)
     try:
         server = sampler_stack.start_sampler(settings, model=model)
     except BaseException:

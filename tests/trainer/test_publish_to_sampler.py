@@ -22,11 +22,13 @@ def test_a_finished_run_becomes_the_samplers_served_version(sampler_stack: Sampl
     # The stack's catalog, address and token; the manifest lives in this test's own state folder: a trainer root.
     settings = sampler_stack.settings.replace(trainer_executor="local", trainer_roots=(str(manifest.parent),))
     with SamplerClient(settings, timeout=120) as client:
-        before = max(v.version for v in client.list_versions())
+        # The next number of the family: above every version listed and every candidate number discarded.
+        expected = sampler_stack.model.next_version("pony_v7")
+        assert expected > max(v.version for v in client.list_versions(model="pony_v7"))
         run = train_locally(settings, demo_spec(manifest, steps=2), timeout_s=300)
         assert run.state == "Succeeded", run.reason
-        assert run.model_version == before + 1
-        versions = {v.version: v for v in client.list_versions()}
+        assert run.model_version == expected
+        versions = {v.version: v for v in client.list_versions(model="pony_v7")}
         served = versions[run.model_version]
         assert served.active and served.state == sampler_pb2.VERSION_STATE_READY
         resp = client.generate("a red square", seed=1, steps=2)

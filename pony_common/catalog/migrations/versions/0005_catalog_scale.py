@@ -17,8 +17,9 @@ depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("images", schema=None) as batch_op:
-        batch_op.add_column(sa.Column("phash_indexed", sa.Boolean(), server_default=sa.false(), nullable=False))
+    # A plain ADD COLUMN (SQLite takes one with a constant default): batch mode would copy `images` and drop the old
+    # table on SQLite, and with foreign keys on that drop cascades into every table that references an image.
+    op.add_column("images", sa.Column("phash_indexed", sa.Boolean(), server_default=sa.false(), nullable=False))
     op.create_index("ix_images_phash", "images", ["phash"])
     op.create_index(
         "ix_images_phash_unindexed",

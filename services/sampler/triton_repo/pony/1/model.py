@@ -1,11 +1,14 @@
-"""Triton Python-backend model `pony_v7`: a diffusers AuraFlowPipeline behind Triton's dynamic batcher.
+"""The Triton Python-backend model of every model family: the config's `family` parameter picks the diffusers
+pipeline (`pony_v7`: AuraFlowPipeline, `pony_v6`: StableDiffusionXLPipeline) and how it is called; one file serves
+both, each family a Triton model of its own name behind Triton's dynamic batcher.
 
-Decoupled: every request gets progress responses (step i of n, optionally a small latent preview) and then
-exactly one final response with its images, or one final error. Requests that share width, height, steps and
-guidance run as one pipeline batch (one seeded generator per image, so each image equals its unbatched run up
-to float rounding); a cancelled request stops receiving work between steps; a failure answers the requests of
-its own batch with an error and never the other batches. The pipeline loads in `initialize()`, never at import.
-This file is copied into every version folder of the repository (`<repo>/pony_v7/<N>/model.py`).
+Decoupled: every request gets progress responses (step i of n, optionally a small latent preview) and then exactly
+one final response with its images, or one final error. Requests that share width, height, steps, guidance and LoRA
+set (the optional ADAPTERS input, services/sampler/lora.py) run as one pipeline batch (one seeded generator per
+image, so each image equals its unbatched run up to float rounding); a cancelled request stops receiving work
+between steps; a failure answers the requests of its own batch with an error and never the other batches. The
+pipeline loads in `initialize()`, never at import.
+This file is copied into every version folder of every family (`<repo>/<family>/<N>/model.py`).
 """
 
 from __future__ import annotations
@@ -23,12 +26,8 @@ import triton_python_backend_utils as pb_utils
 
 # A version folder may name its own weights here ({"uri": "/path/to/pipeline"}); else `pipeline_path`.
 VERSION_FILE = "pipeline.json"
-# Cheap latent -> RGB projection of the SDXL-family VAE latents AuraFlow uses (for previews only).
-_LATENT_RGB = np.array(
-    [[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068], [0.1076, 0.1111, -0.0362], [-0.3165, -0.2492, -0.2188]],
-    dtype=np.float32,
-)
-_LATENT_RGB_BIAS = np.array([0.1084, -0.0175, -0.0011], dtype=np.float32)
+# Families and their pipeline loaders (pony_common.models.<module>.load_pipeline).
+PIPELINE_MODULES = {"pony_v7": "pony_common.models.auraflow", "pony_v6": "pony_common.models.sdxl"}
 
 
 class _AllCancelled(Exception):
@@ -51,17 +50,22 @@ class _Job:
     num_images: int
     preview: bool
     done: bool = False
+    model: str = ""  # the family (Triton model name), for log lines
+    adapters: tuple[Any, ...] = ()  # services.sampler.lora.AdapterSpec, from the optional ADAPTERS input
 
     @property
-    def key(self) -> tuple[int, int, int, float]:
-        return (self.width, self.height, self.steps, self.guidance)
+    def key(self) -> tuple[Any, ...]:
+        """Requests run in one pipeline batch only when this is equal (the LoRA set included)."""
+        from services.sampler.lora import batch_key
+
+        return (self.width, self.height, self.steps, self.guidance, batch_key(self.adapters))
 
     def cancel(self, step: int) -> None:  # step: steps done before the cancel was seen
         """Answers a request the client cancelled (the client no longer listens; Triton needs the final flag)."""
         if self.done:
             return
         rid = self.request.request_id()
-        pb_utils.Logger.log_info(f"pony_v7 request {rid} cancelled after step {step} of {self.steps}")
+        pb_utils.Logger.log_info(f"{self.model} request {rid} cancelled after step {step} of {self.steps}")
         self.fail("cancelled", pb_utils.TritonError.CANCELLED)
 
     def fail(self, message: str, code: Any = None) -> None:
@@ -94,15 +98,22 @@ class TritonPythonModel:
 
     def initialize(self, args: dict[str, Any]) -> None:
         _extend_sys_path()
-        import torch
+        from services.sampler.fastpath import utf8_locale
 
-        from pony_common.models.auraflow import build_auraflow_components, load_pipeline
+        utf8_locale()  # the stub's C locale breaks torch.compile: UTF-8 before diffusers (and inductor) import
+        import importlib
+
+        import torch
 
         self.torch = torch
         config = json.loads(args["model_config"])
-        if not pb_utils.using_decoupled_model_transaction_policy(config):
-            raise pb_utils.TritonModelException("pony_v7 must be decoupled (model_transaction_policy.decoupled)")
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        self.family = params.get("family", "") or args.get("model_name", "pony_v7")
+        if self.family not in PIPELINE_MODULES:
+            raise pb_utils.TritonModelException(f"unknown family {self.family!r}; known: {', '.join(PIPELINE_MODULES)}")
+        if not pb_utils.using_decoupled_model_transaction_policy(config):
+            raise pb_utils.TritonModelException(f"{self.family} must be decoupled (model_transaction_policy.decoupled)")
+        load_pipeline = importlib.import_module(PIPELINE_MODULES[self.family]).load_pipeline
         self.version = int(args["model_version"])
         version_dir = Path(args["model_repository"]) / args["model_version"]
         pipeline_path = params.get("pipeline_path", "")
@@ -121,20 +132,32 @@ class TritonPythonModel:
         self.max_images = int(params.get("max_images", "4"))
         self.max_batch_images = max(1, int(params.get("max_batch_images", "8")))
 
-        if params.get("random_init", "") == "full":
+        if params.get("random_init", "") == "full" and self.family == "pony_v7":
             # Benchmarks: the full-size architecture with random weights, built on the device in `dtype`.
             from diffusers import AuraFlowPipeline
             from transformers import AutoTokenizer
+
+            from pony_common.models.auraflow import build_auraflow_components
 
             tokenizer = AutoTokenizer.from_pretrained(str(Path(pipeline_path) / "tokenizer"))
             components = build_auraflow_components(tokenizer, size="full", device=device, dtype=dtype)
             self.pipe = AuraFlowPipeline(**components)
             self.pipe.set_progress_bar_config(disable=True)
         else:
+            if params.get("random_init", "") == "full":
+                pb_utils.Logger.log_warn(f"{self.family}: random_init=full is V7 only; loading {pipeline_path}")
             self.pipe = load_pipeline(pipeline_path, device, dtype)
         self.device = device
-        if params.get("compile", "false").lower() == "true":
-            self.pipe.transformer = torch.compile(self.pipe.transformer)
+        from services.sampler.lora import AdapterCache
+
+        # LoRA adapters per request (services/sampler/lora.py), loaded on first use, least recently used evicted.
+        self.adapters = AdapterCache(self.pipe, capacity=int(params.get("adapter_cache", "") or 8))
+        from services.sampler.fastpath import FastPathOptions, prepare
+
+        try:
+            fast_options = FastPathOptions.from_params(params)
+        except ValueError as exc:
+            raise pb_utils.TritonModelException(str(exc)) from None
         for spec in filter(None, (s.strip() for s in params.get("warmup", "").split(","))):
             width, height, steps = (int(x) for x in spec.split("x"))
             with torch.inference_mode():
@@ -146,7 +169,13 @@ class TritonPythonModel:
                     generator=torch.Generator().manual_seed(0),
                     output_type="np",
                 )
-        pb_utils.Logger.log_info(f"pony_v7 version {self.version} loaded from {pipeline_path} on {device}")
+        # GPU fast path: fused QKV, fp8, torch.compile (CUDA graphs on CUDA) warmed on the configured shapes.
+        try:
+            self.fast = prepare(self.pipe, fast_options, device)
+        except ValueError as exc:
+            raise pb_utils.TritonModelException(str(exc)) from None
+        self.preview_every = fast_options.preview_every
+        pb_utils.Logger.log_info(f"{self.family} version {self.version} loaded from {pipeline_path} on {device}")
 
     # --- requests ---
 
@@ -163,6 +192,8 @@ class TritonPythonModel:
             seed=int(_scalar(request, "SEED")),
             num_images=int(_scalar(request, "NUM_IMAGES")),
             preview=bool(_scalar(request, "PREVIEW")),
+            model=self.family,
+            adapters=_adapters(request),
         )
         for name, value, limit in (("width", job.width, self.max_width), ("height", job.height, self.max_height)):
             if value <= 0 or value % 16 or value > limit:
@@ -194,7 +225,7 @@ class TritonPythonModel:
     def _batches(self, jobs: list[_Job]) -> list[list[_Job]]:
         """Compatible requests (same size, steps, guidance) together, in arrival order, at most
         `max_batch_images` images per batch (a larger single request runs alone)."""
-        groups: dict[tuple[int, int, int, float], list[list[_Job]]] = {}
+        groups: dict[tuple[Any, ...], list[list[_Job]]] = {}
         for job in jobs:
             chunks = groups.setdefault(job.key, [[]])
             current = chunks[-1]
@@ -222,50 +253,59 @@ class TritonPythonModel:
         batch_size = np.array([[len(live)]], dtype=np.int32)
         started = time.perf_counter()
 
-        def on_step(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-            latents = kwargs["latents"]
+        from services.sampler.fastpath import PreviewQueue, step_callback, to_uint8
+
+        previews = PreviewQueue(self.preview_every) if any(j.preview for j in live) else None
+
+        def progress(step: int, ready: list[Any]) -> None:  # step: 1-based, the steps done
+            preview = ready[-1].images if ready else None  # the newest preview whose copy has completed
             offset = 0
             running = False
             for job in live:
                 if not job.done and job.request.is_cancelled():
-                    job.cancel(step + 1)
+                    job.cancel(step)
                 if not job.done:
                     running = True
                     outputs = [
-                        pb_utils.Tensor("STEP", np.array([[step + 1]], dtype=np.int32)),
+                        pb_utils.Tensor("STEP", np.array([[step]], dtype=np.int32)),
                         pb_utils.Tensor("TOTAL", np.array([[total]], dtype=np.int32)),
                     ]
-                    if job.preview:
-                        part = latents[offset : offset + job.num_images]
-                        outputs.append(pb_utils.Tensor("PREVIEW", _preview(part)[None]))
+                    if job.preview and preview is not None:
+                        part = np.ascontiguousarray(preview[offset : offset + job.num_images])
+                        outputs.append(pb_utils.Tensor("PREVIEW", part[None]))
                     job.sender.send(pb_utils.InferenceResponse(output_tensors=outputs))
                 offset += job.num_images
             if not running:
                 raise _AllCancelled()
-            return {}
+
+        on_step = step_callback(self.fast, previews, progress)
+        images_in_batch = len(prompts)
+
+        from services.sampler.lora import AdapterError
 
         try:
-            with torch.inference_mode():
+            self.adapters.activate(first.adapters)  # the batch's LoRA set (none: the plain pipeline)
+        except AdapterError as exc:  # a file gone or changed since it was registered, a fused model
+            pb_utils.Logger.log_error(f"{self.family} batch of {len(live)}: adapters: {exc}")
+            for job in live:
+                job.fail(f"failed_precondition: {exc}")
+            return
+        try:
+            with torch.inference_mode(), self.fast.running(first.width, first.height, images_in_batch, first.guidance):
                 result = self.pipe(
-                    prompt=prompts,
-                    negative_prompt=negatives,
-                    width=first.width,
-                    height=first.height,
-                    num_inference_steps=total,
-                    guidance_scale=first.guidance,
-                    generator=generators,
-                    output_type="np",
-                    callback_on_step_end=on_step,
+                    **self._pipeline_kwargs(first, prompts, negatives, generators), callback_on_step_end=on_step
                 )
         except _AllCancelled:
             return
         except Exception as exc:
-            pb_utils.Logger.log_error(f"pony_v7 batch of {len(live)} failed: {exc!r}")
+            pb_utils.Logger.log_error(f"{self.family} batch of {len(live)} failed: {exc!r}")
             for job in live:
                 job.fail(f"internal: generation failed: {type(exc).__name__}: {exc}")
             return
-        # Exactly what the pipeline's PIL output does: round(x * 255) as uint8.
-        images = (np.asarray(result.images) * 255).round().astype(np.uint8)
+        if previews is not None:
+            previews.drain()  # the images follow: previews still in flight are not sent
+        # Exactly what the pipeline's PIL output does: round(x * 255) as uint8, computed on the device, one copy.
+        images = to_uint8(result.images)
         compute = np.array([[time.perf_counter() - started]], dtype=np.float32)
         offset = 0
         for job in live:
@@ -287,13 +327,31 @@ class TritonPythonModel:
                 pb_utils.InferenceResponse(output_tensors=outputs), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
             )
 
+    def _pipeline_kwargs(self, first: _Job, prompts: list[str], negatives: list[str], generators: list[Any]) -> dict:
+        """The pipeline call of a batch (`first`: its settings). Both families take the same arguments: one prompt,
+        negative prompt (an empty one is encoded, as A1111 does, never zeroed) and seeded generator per image."""
+        return {
+            "prompt": prompts,
+            "negative_prompt": negatives,
+            "width": first.width,
+            "height": first.height,
+            "num_inference_steps": first.steps,
+            "guidance_scale": first.guidance,
+            "generator": generators,
+            "output_type": "pt",  # [n, 3, H, W] on the device: to uint8 there (fastpath.to_uint8), then one copy
+        }
+
     def finalize(self) -> None:
-        pb_utils.Logger.log_info(f"pony_v7 version {getattr(self, 'version', '?')} unloading")
+        pb_utils.Logger.log_info(f"{getattr(self, 'family', '?')} version {getattr(self, 'version', '?')} unloading")
         self.pipe = None
 
 
-def _preview(latents: Any) -> np.ndarray:
-    """[n, 4, h, w] latents -> [n, h, w, 3] uint8 RGB via a fixed linear projection (1/8 of the image size)."""
-    lat = latents.detach().float().cpu().numpy()
-    rgb = np.einsum("nchw,cr->nhwr", lat, _LATENT_RGB) + _LATENT_RGB_BIAS
-    return np.ascontiguousarray(((rgb + 1.0) * 127.5).clip(0, 255).astype(np.uint8))
+def _adapters(request: Any) -> tuple[Any, ...]:
+    """The optional ADAPTERS input (JSON list of {name, version, uri, sha256, weight}); absent or empty: none."""
+    from services.sampler.lora import parse_adapters
+
+    tensor = pb_utils.get_input_tensor_by_name(request, "ADAPTERS")
+    if tensor is None:
+        return ()
+    values = tensor.as_numpy().reshape(-1)
+    return parse_adapters(values[0]) if values.size else ()
