@@ -262,3 +262,35 @@ def test_the_command_prints_the_cost_and_where_the_report_is_and_names_regressio
     assert {"report.json", "judgements.parquet", "aggregates.parquet", "report.html", "comparison.json"} <= names
     report = Report.from_dict(json.loads((out / "report.json").read_text()))
     assert len(report.cells) == 20 and report.summary.model == "pony_v7"
+
+
+def test_an_evaluation_runs_on_every_family_and_with_a_lora(
+    eval_stack: EvalStack, sampler_stack: SamplerStack, tiny_models: Path
+) -> None:
+    """The small grid on pony_v6 (SDXL), and on pony_v7 with a registered LoRA: the LoRA changes every image, and
+    at weight 0 the images are the plain run's."""
+    from services.sampler.client import SamplerClient
+    from services.trainer.evaluation.results import Adapter
+    from tests.sampler.test_adapters import make_lora
+
+    folder = make_lora(tiny_models, tiny_models / "loras_eval" / "style", "pony_v7", seed=31, scale=30.0)
+    with SamplerClient(sampler_stack.settings, timeout=120) as sampler:
+        sampler.register_adapter("eval-style", str(folder))
+
+    def images(report: Report) -> dict[str, bytes]:
+        """Each cell's pixels (the PNGs differ anyway: their parameters name the adapters)."""
+        from PIL import Image
+
+        return {j.cell_id: Image.open(j.image_uri).convert("RGB").tobytes() for j in report.judgements}
+
+    run = Evaluator(eval_stack.settings).run
+    v6 = run(dataclasses.replace(SMALL, model="pony_v6", direct=True)).report
+    assert v6.model == "pony_v6" and len(v6.cells) == 6 and len(images(v6)) == 6
+    plain = run(dataclasses.replace(SMALL, direct=True)).report
+    lora = run(dataclasses.replace(SMALL, direct=True, adapters=(Adapter("eval-style", 1.0),))).report
+    zero = run(dataclasses.replace(SMALL, direct=True, adapters=(Adapter("eval-style", 0.0),))).report
+    assert [a.name for a in lora.adapters] == ["eval-style"]
+    assert images(plain).keys() == images(lora).keys() == images(zero).keys()
+    assert all(images(lora)[cell] != pixels for cell, pixels in images(plain).items())
+    assert images(zero) == images(plain)
+    assert images(v6) != images(plain)
