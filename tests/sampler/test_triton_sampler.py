@@ -87,7 +87,7 @@ def test_generate_through_triton_equals_the_direct_pipeline_pixel_for_pixel(
     assert got.shape == (SIZE, SIZE, 3)
     assert np.array_equal(got, want)
     params = read_parameters(image.png)
-    assert params["prompt"] == resp.prompt and params["seed"] == 7 and params["model_version"] == "1"
+    assert params["prompt"] == resp.prompt and params["seed"] == 7 and params["model_version"] == str(serving)
     assert (
         params["parameters"]
         .splitlines()[-1]
