@@ -5,12 +5,16 @@ safety service, and the sampler with a bearer token."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
+import numpy as np
 import pytest
+from PIL import Image
 
 from pony_common.config import Settings
 from pony_common.grpc.client import channel
@@ -86,3 +90,25 @@ def sampler_stack(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -
             yield SamplerStack(settings, model, servers)
     finally:
         model.teardown()
+
+
+def pixels(png: bytes) -> np.ndarray:
+    """A PNG's RGB pixels."""
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+def direct(pipe: Any, resp: Any, seed: int) -> np.ndarray:
+    """What the family's diffusers pipeline (AuraFlowPipeline, StableDiffusionXLPipeline) gives when called directly
+    with a GenerateResponse's assembled prompt, seed and settings."""
+    import torch
+
+    image = pipe(
+        resp.prompt,
+        negative_prompt=resp.negative_prompt,
+        width=resp.width,
+        height=resp.height,
+        num_inference_steps=resp.steps,
+        guidance_scale=resp.guidance,
+        generator=torch.Generator().manual_seed(seed),
+    ).images[0]
+    return np.asarray(image)

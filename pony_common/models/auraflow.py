@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Literal
 
 import torch
@@ -10,9 +9,7 @@ from diffusers import AuraFlowPipeline, AuraFlowTransformer2DModel, AutoencoderK
 from transformers import UMT5Config, UMT5EncoderModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from pony_common.models.loading import model_load_lock
-
-logger = logging.getLogger(__name__)
+from pony_common.models.loading import load_diffusers_pipeline, model_load_lock
 
 SCHEDULER_SHIFT = 1.73
 # Text tokens the pipeline encodes (its max_sequence_length) and the tokenizer's model_max_length.
@@ -122,9 +119,4 @@ def build_auraflow_components(
 
 def load_pipeline(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> AuraFlowPipeline:
     """`AuraFlowPipeline.from_pretrained` (a local folder or a hub id) on `device`, progress bar off."""
-    logger.info("loading AuraFlow pipeline %s on %s (%s)", path, device, dtype)
-    with model_load_lock:
-        pipe = AuraFlowPipeline.from_pretrained(path, dtype=dtype)
-    pipe = pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load_diffusers_pipeline(AuraFlowPipeline, path, device, dtype)

@@ -8,6 +8,23 @@ loads a shared tower inside it does not deadlock."""
 
 from __future__ import annotations
 
+import logging
 import threading
+from typing import Any, TypeVar
+
+logger = logging.getLogger(__name__)
 
 model_load_lock = threading.RLock()
+
+PipelineT = TypeVar("PipelineT")
+
+
+def load_diffusers_pipeline(pipeline_class: type[PipelineT], path: str, device: str, dtype: Any) -> PipelineT:
+    """`pipeline_class.from_pretrained(path)` (a local folder or a hub id) under the load lock, moved to `device`,
+    progress bar off: how every family's pipeline loads (pony_common.models.auraflow / sdxl `load_pipeline`)."""
+    logger.info("loading %s %s on %s (%s)", pipeline_class.__name__, path, device, dtype)
+    with model_load_lock:
+        pipe = pipeline_class.from_pretrained(path, dtype=dtype)  # type: ignore[attr-defined]
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

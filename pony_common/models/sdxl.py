@@ -8,7 +8,6 @@ with `addition_embed_type="text_time"` (the pooled text embedding and the six si
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -16,9 +15,7 @@ from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPi
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from pony_common.models.loading import model_load_lock
-
-logger = logging.getLogger(__name__)
+from pony_common.models.loading import load_diffusers_pipeline, model_load_lock
 
 # Text tokens one CLIP chunk holds (start and end tokens included): SDXL's tokenizers' model_max_length.
 MAX_SEQUENCE_LENGTH = 77
@@ -105,9 +102,4 @@ def build_sdxl_components(
 
 def load_pipeline(path: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> StableDiffusionXLPipeline:
     """`StableDiffusionXLPipeline.from_pretrained` (a local folder or a hub id) on `device`, progress bar off."""
-    logger.info("loading SDXL pipeline %s on %s (%s)", path, device, dtype)
-    with model_load_lock:
-        pipe = StableDiffusionXLPipeline.from_pretrained(path, dtype=dtype)
-    pipe = pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load_diffusers_pipeline(StableDiffusionXLPipeline, path, device, dtype)

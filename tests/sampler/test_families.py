@@ -5,15 +5,12 @@ V6 convention and its 77-token budget, ListModels lists both, and V6 versions lo
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-import torch
-from PIL import Image
 
 from pony.v1 import sampler_pb2
 from pony_common.access import runs_root
@@ -27,7 +24,7 @@ from services.sampler.pnginfo import read_parameters
 from services.sampler.prompts import PromptTags
 from services.sampler.repository import ModelRepository
 from services.sampler.validation import RequestValidator
-from tests.sampler_stack import SIZE, STEPS, SamplerStack
+from tests.sampler_stack import SIZE, STEPS, SamplerStack, direct, pixels
 
 V6_UP = "score_7_up, score_6_up, score_5_up, score_4_up"
 
@@ -41,24 +38,6 @@ def sdxl(tiny_models: Path):
 def client(sampler_stack: SamplerStack):
     with SamplerClient(sampler_stack.settings, timeout=120) as c:
         yield c
-
-
-def pixels(png: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
-
-
-def direct(pipe, resp: sampler_pb2.GenerateResponse, seed: int) -> np.ndarray:
-    """What StableDiffusionXLPipeline gives when called directly with the same prompt, seed and settings."""
-    image = pipe(
-        resp.prompt,
-        negative_prompt=resp.negative_prompt,
-        width=resp.width,
-        height=resp.height,
-        num_inference_steps=resp.steps,
-        guidance_scale=resp.guidance,
-        generator=torch.Generator().manual_seed(seed),
-    ).images[0]
-    return np.asarray(image)
 
 
 # --- through Triton (the session's sampler stack serves pony_v7, the default, and pony_v6) ---

@@ -14,7 +14,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from pony.v1 import common_pb2, sampler_pb2, sampler_pb2_grpc
@@ -22,7 +21,7 @@ from pony_common.access import runs_root
 from pony_common.models.auraflow import load_pipeline
 from services.sampler.client import SamplerClient, build_request
 from services.sampler.pnginfo import read_parameters
-from tests.sampler_stack import SIZE, STEPS, SamplerStack
+from tests.sampler_stack import SIZE, STEPS, SamplerStack, direct, pixels
 
 pytestmark = pytest.mark.triton
 
@@ -36,24 +35,6 @@ def pipe(tiny_models: Path):
 def client(sampler_stack: SamplerStack):
     with SamplerClient(sampler_stack.settings, timeout=120) as c:
         yield c
-
-
-def pixels(png: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
-
-
-def direct(pipe, resp: sampler_pb2.GenerateResponse, seed: int) -> np.ndarray:
-    """What AuraFlowPipeline gives when called directly with the same assembled prompt, seed and settings."""
-    image = pipe(
-        resp.prompt,
-        negative_prompt=resp.negative_prompt,
-        width=resp.width,
-        height=resp.height,
-        num_inference_steps=resp.steps,
-        guidance_scale=resp.guidance,
-        generator=torch.Generator().manual_seed(seed),
-    ).images[0]
-    return np.asarray(image)
 
 
 def triton_log(stack: SamplerStack) -> str:
